@@ -1,0 +1,41 @@
+"""The per-block steps every Block-AP schedule shares: move a stream through a block, build the
+student of a block, finish (pack) a trained student, rebuild a finished block from its checkpoint."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..models.blocks import BlockCall, run_block
+from ..models.quantize import packed_skeleton, to_fake_quant, to_packed
+from ..quant import QuantConfig
+from .checkpoint import load_block
+
+
+@torch.no_grad()
+def advance(block: nn.Module, source, target, call: BlockCall, batch_size: int, amp_dtype=None) -> None:
+    """target[i] = block(source[i]) for every row; source and target may be the same store."""
+    device_type = next(block.parameters()).device.type
+    for start in range(0, len(source), batch_size):
+        idx = list(range(start, min(start + batch_size, len(source))))
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            target.put(idx, run_block(block, source.get(idx), call))
+
+
+def make_student(fp_block: nn.Module, cfg: QuantConfig, device) -> nn.Module:
+    """A fake-quantized float32 copy of the block on `device` (min/max initialised)."""
+    return to_fake_quant(copy.deepcopy(fp_block).float(), cfg).to(device)
+
+
+def finish_student(student: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """Replace the trained weights by their quantized values: pack the block (float32 scales, so the
+    stream computed from it is bit-identical to one computed from a reloaded checkpoint)."""
+    return to_packed(student.cpu(), cfg, dtype=torch.float32)
+
+
+def restore_block(fp_block: nn.Module, cfg: QuantConfig, folder, index: int) -> tuple[nn.Module, dict]:
+    """A finished block rebuilt from its checkpoint file, and its training report."""
+    block = packed_skeleton(copy.deepcopy(fp_block).float(), cfg, dtype=torch.float32)
+    report = load_block(folder, index, block)
+    return block, report

@@ -1,0 +1,176 @@
+"""Block-AP for one block (algorithm only: no ranks, no files).
+
+Train every parameter of a fake-quantized block (weights, step sizes, zero points, and the norms)
+to reproduce the full-precision block's output: MSE loss, AdamW with one learning rate for the
+quantization parameters and one for the weights, cosine decay per step to lr / min_lr_factor.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.blocks import BlockCall, run_block
+from ..models.quantize import quant_linears
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class BlockAPSettings:
+    epochs: int = 2
+    batch_size: int = 2
+    quant_lr: float = 1e-4
+    weight_lr: float = 1e-5  # the paper: 2e-5 at 2 bits, 1e-5 at 3/4 bits (see default_weight_lr)
+    min_lr_factor: float = 20.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    train_norms: bool = True  # the official code trains every parameter named "weight", norms included
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None = train in the stores' dtype
+    seed: int = 0
+
+
+def default_weight_lr(bits: int) -> float:
+    return 2e-5 if bits <= 2 else 1e-5
+
+
+@dataclass
+class BlockReport:
+    index: int
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    train_loss_first: float = float("nan")
+    train_loss_last: float = float("nan")
+    val_losses: list = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_mem_mib: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def param_groups(block: nn.Module, settings: BlockAPSettings) -> list[dict]:
+    quant_params, weights = [], []
+    qlinears = quant_linears(block)
+    for lin in qlinears.values():
+        quant_params += [lin.scale, lin.zero]
+        weights.append(lin.weight)
+        if lin.bias is not None:
+            lin.bias.requires_grad_(False)  # biases stay as they are (as in the official code)
+    linear_params = {id(p) for lin in qlinears.values() for p in lin.parameters()}
+    for p in block.parameters():
+        if id(p) not in linear_params:
+            p.requires_grad_(settings.train_norms)
+            if settings.train_norms:
+                weights.append(p)
+    return [{"params": quant_params, "lr": settings.quant_lr, "name": "quant"},
+            {"params": weights, "lr": settings.weight_lr, "name": "weight"}]
+
+
+def cosine_factor(step: int, total: int, min_lr_factor: float) -> float:
+    floor = 1.0 / min_lr_factor
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def _batches(count: int, batch_size: int):
+    return [list(range(s, min(s + batch_size, count))) for s in range(0, count, batch_size)]
+
+
+@torch.no_grad()
+def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype) -> float:
+    total, n = 0.0, 0
+    device_type = next(block.parameters()).device.type
+    for idx in _batches(len(inputs), batch_size):
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = run_block(block, inputs.get(idx), call)
+        total += nn.functional.mse_loss(out.float(), targets.get(idx).float(), reduction="sum").item()
+        n += out.numel()
+    return total / max(n, 1)
+
+
+def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
+                settings: BlockAPSettings, device: torch.device, log=None, progress=None) -> BlockReport:
+    """Train `block` (its linears already QuantLinear, on `device`) in place.
+
+    inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
+    empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps.
+    """
+    report = BlockReport(index)
+    device = torch.device(device)
+    amp = settings.amp_dtype
+    amp_on = amp is not None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_on and amp == torch.float16)
+    groups = param_groups(block, settings)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    batches = _batches(len(inputs), settings.batch_size)
+    total = settings.epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total, settings.min_lr_factor))
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
+    trainable = [p for g in groups for p in g["params"]]
+    has_val = len(val_inputs) > 0
+    check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
+    report.loss_before = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start, tokens, step = time.perf_counter(), 0, 0
+    block.train()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(inputs), generator=gen).tolist()
+        for batch in _batches(len(inputs), settings.batch_size):
+            idx = [order[i] for i in batch]
+            x, y = inputs.get(idx), targets.get(idx)
+            with torch.autocast(device.type, dtype=amp, enabled=amp_on):
+                out = run_block(block, x, call)
+            loss = nn.functional.mse_loss(out.float(), y.float())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"Block-AP: non-finite loss ({loss.item()}) at block {index}, epoch {epoch}, step {step}. "
+                    "Finished blocks are saved; lower --quant-lr/--weight-lr or use --dtype float32, then run "
+                    "the same command again to resume.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            tokens += x.shape[0] * x.shape[1]
+            value = loss.item()
+            if step == 0:
+                report.train_loss_first = value
+            report.train_loss_last = value
+            if log:
+                log("train_loss", value, step)
+                log("grad_norm", float(grad_norm), step)
+                for name, lr in lrs.items():
+                    log(f"lr_{name}", lr, step)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(block=index, loss=f"{value:.3g}")
+            step += 1
+        if has_val:
+            val = eval_loss(block, val_inputs, val_targets, call, settings.batch_size, amp)
+            report.val_losses.append(val)
+            if log:
+                log("val_loss", val, epoch)
+    block.eval()
+    report.steps = step
+    report.seconds = time.perf_counter() - start
+    report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0
+    report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+    if device.type == "cuda":
+        report.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+        report.peak_mem_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return report

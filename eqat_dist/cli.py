@@ -1,0 +1,180 @@
+"""`eqat-dist` / `launch/run.py`: parse, validate before any work, then wire the phases together."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .quant import QuantConfig, QuantConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UsageError(ValueError):
+    """Bad arguments: reported as one clear line before any work starts."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqat-dist", description="EfficientQAT (Block-AP) quantization to 2-8 bits.")
+    p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_'); flags override it")
+    p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
+    p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
+    p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
+    p.add_argument("--overwrite", action="store_true", help="wipe an existing output folder first")
+    # Block-AP (official code's names, kebab-case)
+    p.add_argument("--epochs", type=int, default=2, help="Block-AP epochs per block (0 = round-to-nearest only)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--train-size", type=int, default=4096, help="calibration windows for training")
+    p.add_argument("--val-size", type=int, default=64, help="calibration windows for validation")
+    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens")
+    p.add_argument("--quant-lr", type=float, default=1e-4)
+    p.add_argument("--weight-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 at 3/4/8 bits")
+    p.add_argument("--min-lr-factor", type=float, default=20.0, help="cosine decays to lr / this factor")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
+    p.add_argument("--calib-dataset", default="boolq",
+                   help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
+    p.add_argument("--student-input", default="student", choices=["student", "teacher"],
+                   help="student: the paper's scheme (quantized stream); teacher: full-precision stream")
+    p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
+                   help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
+    p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="training precision: auto = bf16 autocast on GPU, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--single-gpu", action="store_true", help="the paper's single-GPU mode (one process)")
+    p.add_argument("--seed", type=int, default=0)
+    # Evaluation and export
+    p.add_argument("--eval-datasets", default="wiki,news", help="comma list: wiki, news (bundled), wikitext2, c4 (hub)")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--eval-max-windows", type=int, default=None, help="cap on windows per dataset (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the full-precision model")
+    p.add_argument("--export-dtype", default="float16", choices=list(DTYPES),
+                   help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the export")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return p
+
+
+def _load_config_file(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        known = {a.dest for a in parser._actions}
+        values = _load_config_file(pre.config)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UsageError(f"--config {pre.config}: unknown settings {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA device is available; use --device cpu")
+    return device
+
+
+def validate(args) -> None:
+    """Every check that needs no model weights, so bad input fails in seconds."""
+    if not args.model:
+        raise UsageError("--model is required (a hub id, a folder, a .gguf file or smollm2-135m)")
+    if not args.output:
+        raise UsageError("--output is required")
+    try:
+        args.qcfg = QuantConfig(args.wbits, args.group_size)
+    except QuantConfigError as err:
+        raise UsageError(str(err)) from err
+    for name in ("epochs", "train_size", "val_size"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("batch_size", "seqlen", "eval_seqlen", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.epochs > 0 and args.train_size < 1:
+        raise UsageError("--train-size must be >= 1 when --epochs > 0")
+    if args.min_lr_factor < 1:
+        raise UsageError("--min-lr-factor must be >= 1 (the cosine ends at lr / factor)")
+    from .models.loading import BUNDLED, _looks_like_path
+    if args.model not in BUNDLED and _looks_like_path(args.model) and not Path(args.model).expanduser().exists():
+        raise UsageError(f"--model {args.model}: no such file or folder")
+    from .models.loading import check_layers_early
+    try:
+        check_layers_early(args.model, args.qcfg)
+    except QuantConfigError as err:
+        raise UsageError(str(err)) from err
+    args.device = resolve_device(args.device)
+    if args.activations is None:
+        args.activations = "cpu"
+    if args.activations == "gpu" and args.device.type != "cuda":
+        raise UsageError("--activations gpu needs a CUDA device; use --activations cpu or disk")
+    if args.dtype == "auto":
+        args.amp_dtype = torch.bfloat16 if args.device.type == "cuda" else None
+    else:
+        args.amp_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
+    if args.weight_lr is None:
+        from .blockap.trainer import default_weight_lr
+        args.weight_lr = default_weight_lr(args.wbits)
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        manifest = out / "blockap" / "manifest.json"
+        if (out / "results.json").exists():
+            raise UsageError(f"--output {out} already holds a finished run; pass --overwrite to redo it or "
+                             "choose another folder")
+        if not manifest.exists():
+            raise UsageError(f"--output {out} exists and is not empty; pass --overwrite or choose another folder")
+        args.resuming = True  # our own unfinished run: continue it (settings are checked against it)
+    else:
+        args.resuming = False
+
+
+def run_settings(args) -> dict:
+    """What must match for finished blocks to be reused."""
+    return {"model": args.model, "wbits": args.wbits, "group_size": args.group_size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "train_size": args.train_size, "val_size": args.val_size,
+            "seqlen": args.seqlen, "quant_lr": args.quant_lr, "weight_lr": args.weight_lr,
+            "min_lr_factor": args.min_lr_factor, "max_grad_norm": args.max_grad_norm,
+            "train_norms": not args.no_train_norms, "calib_dataset": args.calib_dataset,
+            "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        print(f"eqat-dist: error: {err}", file=sys.stderr)
+        return 2
+    from .runner import run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

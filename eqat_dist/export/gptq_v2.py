@@ -1,0 +1,123 @@
+"""Save and load a quantized model as a Hugging Face folder in the GPTQ v2 format:
+config.json with `quantization_config` (gptq, asymmetric, no act-order, checkpoint_format gptq_v2),
+safetensors with per-layer qweight / qzeros / scales (fp16) / g_idx, and the tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..models.blocks import decoder_layers
+from ..models.quantize import packed_linears, packed_skeleton
+from ..quant import QuantConfig
+
+EXPORT_DTYPE = torch.float16  # GPTQ kernels expect fp16 scales
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def quantization_config(cfg: QuantConfig) -> dict:
+    return {
+        "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": False,
+        "desc_act": False, "checkpoint_format": "gptq_v2", "true_sequential": False, "damp_percent": 0.0,
+        "quantizer": ["eqat-dist"],
+    }
+
+
+def _g_idx(layer) -> torch.Tensor:
+    group = layer.cfg.effective_group(layer.in_features)
+    return (torch.arange(layer.in_features) // group).to(torch.int32)
+
+
+def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantConfig) -> Path:
+    """Write the model (its blocks' linears already PackedLinear) as an HF GPTQ-v2 folder, atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = _block_prefix(model, i)
+        for name, layer in packed_linears(block).items():
+            state[f"{prefix}{name}.scales"] = state[f"{prefix}{name}.scales"].to(EXPORT_DTYPE)
+            state[f"{prefix}{name}.g_idx"] = _g_idx(layer)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    model.save_pretrained(tmp, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config["quantization_config"] = quantization_config(cfg)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(cfg), indent=2))  # AutoGPTQ-style
+    if out_dir.exists():
+        for item in tmp.iterdir():  # keep the user's other files (results, logs) in the output folder
+            target = out_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        tmp.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _block_prefix(model, index: int) -> str:
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return f"{name}.{index}."
+    raise RuntimeError("decoder blocks not found among the model's modules")
+
+
+def _read_state(path: Path) -> dict:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no .safetensors weights.")
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{f} is corrupt or truncated ({err}); re-export the model.") from err
+    return state
+
+
+def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model with PackedLinear blocks, tokenizer) from a folder written by `save_packed_model`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qc = config.quantization_config
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("checkpoint_format") != "gptq_v2" or qc.get("sym") or qc.get("desc_act"):
+        raise CheckpointError(f"{path}: only asymmetric GPTQ v2 checkpoints without act-order are supported.")
+    cfg = QuantConfig(qc["bits"], qc["group_size"])
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for block in decoder_layers(model):
+        packed_skeleton(block, cfg, dtype)
+    state = _read_state(path)
+    for i, block in enumerate(decoder_layers(model)):
+        prefix = _block_prefix(model, i)
+        for name, layer in packed_linears(block).items():
+            g_idx = state.pop(f"{prefix}{name}.g_idx", None)
+            if g_idx is not None and not torch.equal(g_idx.to(torch.int32), _g_idx(layer)):
+                raise CheckpointError(f"{path}: layer {prefix}{name} uses a reordered g_idx (act-order), "
+                                      "which is not supported.")
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its config: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}.")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval(), AutoTokenizer.from_pretrained(path)

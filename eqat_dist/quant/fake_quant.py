@@ -1,0 +1,129 @@
+"""The EfficientQAT quantizer: uniform asymmetric per-group fake quantization with learnable
+step size `s` and zero point `z`, straight-through rounding (reference doc, section 1).
+
+    W_int = clamp(round(W / s) + round(z), 0, 2^N - 1)
+    W_hat = (W_int - round(z)) * s
+
+`s` is kept in [1e-4, 1e4] and `z` in [0, 2^N - 1] by straight-through clamps; the clamp of
+`W_int` is a plain clamp, so clipped elements pass no gradient to `W`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+
+SCALE_MIN, SCALE_MAX = 1e-4, 1e4
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ClampSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() in the forward pass (exactly), identity in the backward pass."""
+    return _RoundSTE.apply(x)
+
+
+def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp() in the forward pass (exactly), identity in the backward pass."""
+    return _ClampSTE.apply(x, lo, hi)
+
+
+def grouped(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """[out, in] -> [out, in/group, group] (a view)."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features, in_features // group, group)
+
+
+def minmax_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's initialisation per group: s = (max - min) / (2^N - 1), z = round(-min / s).
+
+    Returns float32 `s` and `z` of shape [out, groups]. min is capped at 0 and max floored at 0
+    (the range always holds zero, as in the official code), so z lies in [0, 2^N - 1].
+    """
+    w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
+    w_min = w.amin(dim=-1).clamp(max=0)
+    w_max = w.amax(dim=-1).clamp(min=0)
+    scale = ((w_max - w_min) / cfg.qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zero = (-w_min / scale).round().clamp(0, cfg.qmax)
+    return scale, zero
+
+
+def quantize_to_int(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig):
+    """Integer codes and rounded zero points (no gradient): what gets packed.
+
+    Shapes: weight [out, in], scale/zero [out, groups] -> codes [out, in] int32, zeros [out, groups] int32.
+    Uses exactly the forward arithmetic of `fake_quantize`, so packing is bit-exact with training.
+    """
+    with torch.no_grad():
+        group = cfg.effective_group(weight.shape[1])
+        s = scale.float().clamp(SCALE_MIN, SCALE_MAX).unsqueeze(-1)
+        z = zero.float().clamp(0, cfg.qmax).round().unsqueeze(-1)
+        codes = ((grouped(weight.float(), group) / s).round() + z).clamp(0, cfg.qmax)
+        return codes.reshape(weight.shape).to(torch.int32), z.squeeze(-1).to(torch.int32)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    """(W_int - z) * s for codes [out, in], scale/zero [out, groups] -> float [out, in] in scale's dtype."""
+    s = scale.unsqueeze(-1)
+    w = (grouped(codes, group).to(s.dtype) - zero.unsqueeze(-1).to(s.dtype)) * s
+    return w.reshape(codes.shape)
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Differentiable fake quantization (see module docstring). Returns a tensor like `weight`."""
+    group = cfg.effective_group(weight.shape[1])
+    s = clamp_ste(scale, SCALE_MIN, SCALE_MAX).unsqueeze(-1)
+    z = round_ste(clamp_ste(zero, 0, cfg.qmax)).unsqueeze(-1)
+    w = grouped(weight, group)
+    codes = (round_ste(w / s) + z).clamp(0, cfg.qmax)
+    return ((codes - z) * s).reshape(weight.shape)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer trained with fake-quantized weights (Block-AP): `weight`, `scale` and `zero`
+    are all parameters. The float bias, if any, is kept as is."""
+
+    def __init__(self, linear: nn.Linear, cfg: QuantConfig, name: str = "linear"):
+        super().__init__()
+        cfg.check_layer(name, linear.in_features, linear.out_features)
+        self.cfg = cfg
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
+        scale, zero = minmax_init(self.weight, cfg)
+        self.scale = nn.Parameter(scale)
+        self.zero = nn.Parameter(zero)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.scale, self.zero, self.cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def to_int(self):
+        """(codes [out, in] int32, zeros [out, groups] int32, scales [out, groups] float32)."""
+        codes, zeros = quantize_to_int(self.weight, self.scale, self.zero, self.cfg)
+        return codes, zeros, self.scale.detach().float().clamp(SCALE_MIN, SCALE_MAX)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.cfg.tag()}"

@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(arch: str = "llama", layers: int = 2, vocab: int = 256):
+    """A small random decoder of each supported family (dims divisible by 32 for every bit width)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)  # q/k/v biases
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=16)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                   layer_types=["sliding_attention", "full_attention"] * (layers // 2) +
+                                   ["sliding_attention"] * (layers % 2))
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0, vocab: int = 256):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, vocab), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

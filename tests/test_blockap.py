@@ -1,0 +1,237 @@
+"""Block-AP: the trainer on one block and the single-process schedule."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from eqat_dist.blockap import trainer as trainer_mod
+from eqat_dist.blockap.checkpoint import ResumeError, block_path
+from eqat_dist.blockap.steps import make_student
+from eqat_dist.blockap.stores import ActivationStore
+from eqat_dist.blockap.trainer import BlockAPSettings, NonFiniteLossError, train_block
+from eqat_dist.models import decoder_layers, embed, record_block_calls, run_block
+from eqat_dist.models.quantize import packed_linears, quant_linears, to_fake_quant, to_packed
+from eqat_dist.pipelines import local
+from eqat_dist.pipelines.local import StreamSpec, run_blockap_local
+from eqat_dist.quant import QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = QuantConfig(2, 32)
+FAST = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+
+
+def _stores(tensors):
+    out = []
+    for t in tensors:
+        s = ActivationStore(len(t), t.shape[1], t.shape[2], torch.float32, "cpu", torch.device("cpu"))
+        s.put(list(range(len(t))), t)
+        out.append(s)
+    return out
+
+
+def _block_setup(seed=0):
+    model = tiny_model("llama", layers=2, seed=seed)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(seed))
+    _, calls = record_block_calls(model, ids[:1])
+    x = embed(model, ids)
+    fp_block = decoder_layers(model)[0]
+    with torch.no_grad():
+        y = run_block(fp_block, x, calls[0])
+    return fp_block, calls[0], x, y
+
+
+def test_training_lowers_the_loss_and_moves_weights_steps_and_zero_points():
+    fp_block, call, x, y = _block_setup()
+    student = make_student(fp_block, CFG, "cpu")
+    before = {n: (q.weight.clone(), q.scale.clone(), q.zero.clone()) for n, q in quant_linears(student).items()}
+    xs, ys, vx, vy = _stores([x[:6], y[:6], x[6:], y[6:]])
+    report = train_block(student, 0, xs, ys, vx, vy, call, BlockAPSettings(epochs=8, batch_size=2, quant_lr=1e-3,
+                                                                           weight_lr=1e-4), "cpu")
+    assert report.loss_after < 0.85 * report.loss_before
+    assert report.train_loss_last < report.train_loss_first
+    assert len(report.val_losses) == 8
+    for name, q in quant_linears(student).items():
+        w0, s0, z0 = before[name]
+        assert not torch.equal(q.weight, w0), name
+        assert not torch.equal(q.scale, s0), name
+        assert not torch.equal(q.zero, z0), name
+
+
+def test_gradient_clipping_is_applied_before_each_step():
+    fp_block, call, x, y = _block_setup()
+    student = make_student(fp_block, CFG, "cpu")
+    norms = []
+    orig_step = torch.optim.AdamW.step
+
+    def spying_step(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.norm(torch.stack([g.norm() for g in grads])).item())
+        return orig_step(self, *a, **k)
+
+    xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spying_step)
+        train_block(student, 0, xs, ys, vx, vy, call, BlockAPSettings(epochs=1, max_grad_norm=1e-3), "cpu")
+    assert norms and max(norms) <= 1e-3 * (1 + 1e-4)
+
+
+def test_non_finite_loss_stops_with_block_and_step():
+    fp_block, call, x, y = _block_setup()
+    x = x.clone()
+    x[3] = float("nan")
+    xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
+    student = make_student(fp_block, CFG, "cpu")
+    with pytest.raises(NonFiniteLossError, match=r"block 5, epoch 0, step \d"):
+        train_block(student, 5, xs, ys, vx, vy, call, BlockAPSettings(epochs=1, batch_size=2), "cpu")
+
+
+def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None):
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+    return run_blockap_local(model, CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
+                             StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor,
+                             log=lambda *a: None)
+
+
+def _packed_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
+    """Block 1 must be trained on the output of the *quantized* block 0, not of the fp block 0."""
+    seen = {}
+    real = local.train_block
+
+    def spy(block, index, inputs, *rest, **kw):
+        seen[index] = inputs.get(list(range(len(inputs)))).clone()
+        return real(block, index, inputs, *rest, **kw)
+
+    monkeypatch.setattr(local, "train_block", spy)
+    model = tiny_model("llama", layers=2)
+    fp_model = copy.deepcopy(model)
+    _run(model, tmp_path)
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
+    _, calls = record_block_calls(fp_model, ids[:1])
+    x0 = embed(fp_model, ids)
+    with torch.no_grad():
+        via_quantized = run_block(decoder_layers(model)[0], x0, calls[0])
+        via_fp = run_block(decoder_layers(fp_model)[0], x0, calls[0])
+    assert torch.equal(seen[1], via_quantized)
+    assert not torch.allclose(seen[1], via_fp, atol=1e-3)
+
+
+def test_teacher_mode_trains_every_block_on_the_fp_stream(tmp_path, monkeypatch):
+    seen = {}
+    real = local.train_block
+
+    def spy(block, index, inputs, *rest, **kw):
+        seen[index] = inputs.get(list(range(len(inputs)))).clone()
+        return real(block, index, inputs, *rest, **kw)
+
+    monkeypatch.setattr(local, "train_block", spy)
+    model = tiny_model("llama", layers=2)
+    fp_model = copy.deepcopy(model)
+    _run(model, tmp_path, student_input="teacher")
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
+    _, calls = record_block_calls(fp_model, ids[:1])
+    with torch.no_grad():
+        expected = run_block(decoder_layers(fp_model)[0], embed(fp_model, ids), calls[0])
+    assert torch.equal(seen[1], expected)
+
+
+def test_disk_and_cpu_stores_give_identical_models(tmp_path):
+    a, b = tiny_model("llama", layers=2), tiny_model("llama", layers=2)
+    _run(a, tmp_path / "cpu", "cpu")
+    _run(b, tmp_path / "disk", "disk")
+    sa, sb = _packed_state(a), _packed_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not list((tmp_path / "disk" / "acts").glob("*.bin"))  # temporary files removed
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    reference = tiny_model("llama", layers=3)
+    _run(reference, tmp_path / "ref")
+    real = local.train_block
+
+    def dies_at_block_2(block, index, *a, **k):
+        if index == 2:
+            raise KeyboardInterrupt("killed")
+        return real(block, index, *a, **k)
+
+    monkeypatch.setattr(local, "train_block", dies_at_block_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model("llama", layers=3), tmp_path / "run")
+    assert block_path(tmp_path / "run" / "ckpt", 1).exists() and not block_path(tmp_path / "run" / "ckpt", 2).exists()
+    monkeypatch.setattr(local, "train_block", real)
+    trained = []
+    monkeypatch.setattr(local, "train_block", lambda b, i, *a, **k: trained.append(i) or real(b, i, *a, **k))
+    resumed = tiny_model("llama", layers=3)
+    _run(resumed, tmp_path / "run")
+    assert trained == [2]  # blocks 0 and 1 were reused
+    sa, sb = _packed_state(reference), _packed_state(resumed)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_other_settings_are_refused_on_resume(tmp_path):
+    from eqat_dist.blockap.checkpoint import open_run
+    open_run(tmp_path, {"wbits": 2, "epochs": 2})
+    with pytest.raises(ResumeError, match="epochs: was 2, now 3"):
+        open_run(tmp_path, {"wbits": 2, "epochs": 3})
+
+
+def test_tensorboard_gets_losses_lrs_and_block_figures(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from eqat_dist.utils.monitor import Monitor
+
+    monitor = Monitor(tmp_path / "tb")
+    _run(tiny_model("llama", layers=2), tmp_path, monitor=monitor)
+    monitor.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("block_000/train_loss", "block_001/val_loss", "block_000/grad_norm", "blockap/lr_quant",
+                "blockap/lr_weight", "blockap_blocks/loss_after", "blockap_blocks/seconds",
+                "blockap_blocks/tokens_per_s", "blockap_blocks/peak_mem_mib"):
+        assert tag in tags, tag
+    lrs = [e.value for e in acc.Scalars("block_000/lr_quant")]
+    assert lrs[0] == pytest.approx(FAST.quant_lr) and lrs[-1] < lrs[0]  # cosine decay within the block
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real SIGKILL of `launch/run.py`, then the same command again."""
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", layers=4, vocab=49152).save_pretrained(model_dir)
+    from transformers import AutoTokenizer  # a real tokenizer is needed for calibration text
+    AutoTokenizer.from_pretrained(str(_bundled_dir())).save_pretrained(model_dir)
+
+    def command(out):
+        return [sys.executable, str(ROOT / "launch" / "run.py"), "--model", str(model_dir), "--wbits", "2",
+                "--group-size", "32", "--output", str(out), "--epochs", "2", "--train-size", "8", "--val-size", "2",
+                "--seqlen", "32", "--eval-datasets", "news", "--eval-seqlen", "32", "--eval-max-windows", "2",
+                "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--skip-fp-eval", "--no-tensorboard"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command(tmp_path / "ref"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(command(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not block_path(tmp_path / "run" / "blockap", 1).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "results.json").exists()
+    subprocess.run(command(tmp_path / "run"), check=True, env=env, capture_output=True)
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bundled_dir():
+    from eqat_dist.models.loading import bundled_model_dir
+    return bundled_model_dir()

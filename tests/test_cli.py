@@ -1,0 +1,69 @@
+"""The command line: bad input fails early and clearly; the RTN path runs on the real model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eqat_dist.cli import UsageError, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(tmp_path, *extra):
+    return ["--model", "smollm2-135m", "--output", str(tmp_path / "out"), *extra]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--wbits", "5"], "--wbits 5 is not supported; use one of 2, 3, 4, 8"),
+    (["--group-size", "128"], "--group-size 128 does not divide the input width 576 .*--group-size 32 or 64"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--activations", "gpu", "--device", "cpu"], "--activations gpu needs a CUDA device"),
+])
+def test_bad_arguments_fail_before_any_work(tmp_path, extra, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(_args(tmp_path, *extra))
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(UsageError, match="no such file or folder"):
+        parse_args(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+
+
+def test_non_empty_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="exists and is not empty; pass --overwrite"):
+        parse_args(_args(tmp_path))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_config_file_with_flag_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("wbits: 3\ngroup-size: 32\nepochs: 1\n")
+    args = parse_args(_args(tmp_path, "--config", str(cfg), "--epochs", "0"))
+    assert (args.wbits, args.group_size, args.epochs) == (3, 32, 0)
+
+
+def test_cli_exits_with_one_line_message(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *_args(tmp_path, "--wbits", "7")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("eqat-dist: error: --wbits 7 is not supported")
+
+
+@pytest.mark.slow
+def test_rtn_run_on_the_real_model_writes_export_and_results(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
+                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--eval-datasets", "wiki",
+                    "--eval-seqlen", "256", "--eval-max-windows", "3", "--no-tensorboard"], check=True,
+                   capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    fp, q = results["fp"]["wiki"]["ppl"], results["quantized"]["wiki"]["ppl"]
+    assert 5 < fp < 60 and fp < q < 3 * fp  # 4-bit RTN: worse than fp, far from broken
+    assert results["settings"]["wbits"] == 4 and results["method"] == "rtn"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    assert (out / "tokenizer.json").exists()

@@ -1,0 +1,43 @@
+"""Bundled real text: present, decontaminated, windowed as the protocol says."""
+import torch
+
+from eqat_dist.data.text import _ngrams, boolq_passages, news_articles, wiki_articles
+from eqat_dist.data.windows import calibration_windows, eval_windows
+from eqat_dist.models.loading import bundled_model_dir
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+
+
+def test_bundled_texts_are_real_and_calibration_is_disjoint_from_evaluation():
+    wiki, news, calib = wiki_articles(), news_articles(), boolq_passages()
+    assert len(wiki) > 90 and sum(map(len, wiki)) > 2_000_000
+    assert len(news) == 300 and len(calib) > 2500
+    assert "[[" not in wiki[1] and "{{" not in wiki[1]  # markup stripped
+    eval_grams = set().union(*(_ngrams(a) for a in wiki))
+    assert not any(_ngrams(p) & eval_grams for p in calib[:500])
+
+
+def test_eval_windows_are_consecutive_non_overlapping_slices():
+    tok = _tokenizer()
+    windows = eval_windows(tok, "news", 128, max_windows=5)
+    stream = tok("\n\n".join(news_articles()), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert windows.shape == (5, 128) and torch.equal(windows.reshape(-1), stream[:640])
+
+
+def test_calibration_windows_are_seeded_and_split():
+    tok = _tokenizer()
+    a_train, a_val = calibration_windows(tok, "boolq", 64, 6, 2, seed=3)
+    b_train, _ = calibration_windows(tok, "boolq", 64, 6, 2, seed=3)
+    c_train, _ = calibration_windows(tok, "boolq", 64, 6, 2, seed=4)
+    assert a_train.shape == (6, 64) and a_val.shape == (2, 64)
+    assert torch.equal(a_train, b_train) and not torch.equal(a_train, c_train)
+
+
+def test_local_text_file_as_calibration_data(tmp_path):
+    from eqat_dist.data.text import load_texts
+    f = tmp_path / "mine.txt"
+    f.write_text("First document.\n\nSecond document\nstill second.\n")
+    assert load_texts(str(f)) == ("First document.", "Second document\nstill second.")

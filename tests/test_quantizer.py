@@ -1,0 +1,124 @@
+"""The quantizer against the reference formulas (reference doc, section 1)."""
+import pytest
+import torch
+
+from eqat_dist.quant import QuantConfig, QuantConfigError, QuantLinear, fake_quantize, minmax_init, quantize_to_int
+from eqat_dist.quant.fake_quant import dequantize
+
+
+def reference_fake_quant(w, s, z, bits, group):
+    """Plain formula, no autograd tricks: clamp(round(W/s) + round(z), 0, qmax) - round(z)) * s."""
+    qmax = 2**bits - 1
+    wg = w.reshape(w.shape[0], -1, group)
+    s = s.clamp(1e-4, 1e4).unsqueeze(-1)
+    z = z.clamp(0, qmax).round().unsqueeze(-1)
+    return ((torch.clamp(torch.round(wg / s) + z, 0, qmax) - z) * s).reshape(w.shape)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 16), (3, 32), (4, 64), (8, 16), (4, -1)])
+def test_forward_matches_reference_and_minmax_init(bits, group):
+    torch.manual_seed(bits)
+    w = torch.randn(24, 64)
+    cfg = QuantConfig(bits, group)
+    s, z = minmax_init(w, cfg)
+    g = cfg.effective_group(64)
+    wg = w.reshape(24, -1, g)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    assert torch.allclose(s, (hi - lo) / (2**bits - 1))
+    assert torch.equal(z, torch.round(-lo / s))
+    assert torch.equal(fake_quantize(w, s, z, cfg), reference_fake_quant(w, s, z, bits, g))
+    # min/max init reproduces each group's extremes to within half a step
+    err = (fake_quantize(w, s, z, cfg) - w).reshape(24, -1, g).abs().amax(-1)
+    assert (err <= s / 2 + 1e-6).all()
+
+
+def test_gradients_match_reference_formulas():
+    """dW_hat/ds = round(W/s) - W/s (unclipped) or q_clip - z (clipped); dW_hat/dz = -s only where
+    clipped; dW_hat/dW = 1 inside the range, 0 outside."""
+    torch.manual_seed(0)
+    bits, group = 3, 16
+    cfg = QuantConfig(bits, group)
+    w = torch.randn(8, 32)
+    s0, z0 = minmax_init(w, cfg)
+    s0 = s0 * 0.6  # shrink the step so that some elements clip on both sides
+    z0 = z0 + 0.3  # a non-integer zero point, rounded in the forward
+    w_, s_, z_ = (t.clone().requires_grad_(True) for t in (w, s0, z0))
+    out = fake_quantize(w_, s_, z_, cfg)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+
+    wg, s, zr = w.reshape(8, -1, group), s0.unsqueeze(-1), z0.round().unsqueeze(-1)
+    raw = torch.round(wg / s) + zr
+    qmax = 2**bits - 1
+    clipped = (raw < 0) | (raw > qmax)
+    assert clipped.any() and (~clipped).any()
+    q_clip = raw.clamp(0, qmax)
+    up = upstream.reshape(wg.shape)
+    ds = torch.where(clipped, q_clip - zr, torch.round(wg / s) - wg / s)
+    dz = torch.where(clipped, -s.expand_as(wg), torch.zeros_like(wg))
+    dw = torch.where(clipped, 0.0, 1.0)
+    torch.testing.assert_close(s_.grad, (ds * up).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_.grad, (dz * up).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w_.grad, (dw * up).reshape(w.shape))
+
+
+def test_scale_gradient_matches_finite_differences_between_rounding_jumps():
+    """With the integer codes held fixed, W_hat is linear in s: the STE gradient of the
+    dequantization step must equal central finite differences of (W_int - z) * s."""
+    torch.manual_seed(1)
+    cfg = QuantConfig(4, 16)
+    w = torch.randn(4, 32, dtype=torch.float64)
+    s, z = minmax_init(w, cfg)
+    codes, zeros = quantize_to_int(w, s, z, cfg)
+    s64 = s.double().requires_grad_(True)
+    loss_fn = lambda scale: (dequantize(codes, scale, zeros, 16) ** 2).sum()
+    loss_fn(s64).backward()
+    eps = 1e-6
+    fd = torch.zeros_like(s64)
+    for idx in range(s64.numel()):
+        d = torch.zeros(s64.numel(), dtype=torch.float64)
+        d[idx] = eps
+        d = d.reshape(s64.shape)
+        fd.view(-1)[idx] = (loss_fn(s64.detach() + d) - loss_fn(s64.detach() - d)) / (2 * eps)
+    torch.testing.assert_close(s64.grad, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_scale_and_zero_are_kept_in_range_with_straight_through_gradients():
+    cfg = QuantConfig(2, 8)
+    w = torch.randn(2, 8)
+    s = torch.full((2, 1), 1e-6, requires_grad=True)  # below the 1e-4 floor
+    z = torch.full((2, 1), 9.0, requires_grad=True)  # above qmax = 3
+    out = fake_quantize(w, s, z, cfg)
+    ref = reference_fake_quant(w, s.detach(), z.detach(), 2, 8)
+    assert torch.equal(out, ref)
+    out.sum().backward()
+    assert s.grad.abs().sum() > 0 and z.grad is not None  # straight-through: gradients still flow
+
+
+def test_quant_linear_integers_reproduce_its_forward_bit_exactly():
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 32)
+    q = QuantLinear(lin, QuantConfig(3, 32))
+    with torch.no_grad():
+        q.scale.mul_(1.1)
+        q.zero.add_(0.4)
+    codes, zeros, scales = q.to_int()
+    assert codes.dtype == torch.int32 and codes.min() >= 0 and codes.max() <= 7
+    assert torch.equal(dequantize(codes, scales, zeros, 32), q.quantized_weight().detach())
+
+
+@pytest.mark.parametrize("bits,group,msg", [(5, 64, "--wbits 5"), (1, 64, "--wbits 1"), (4, 0, "--group-size 0"),
+                                            (4, 33, "--group-size 33")])
+def test_bad_settings_are_refused(bits, group, msg):
+    with pytest.raises(QuantConfigError, match=msg):
+        QuantConfig(bits, group)
+
+
+def test_group_that_does_not_divide_the_layer_is_refused_with_a_hint():
+    with pytest.raises(QuantConfigError, match="does not divide the input width 576.*--group-size 32 or 64"):
+        QuantConfig(4, 128).check_layer("layers.0.q_proj", 576, 576)
+
+
+def test_bits_per_weight_matches_paper():
+    assert QuantConfig(2, 64).bits_per_weight(4096) == pytest.approx(2.28125)
+    assert QuantConfig(4, 128).bits_per_weight(4096) == pytest.approx(4.15625)
