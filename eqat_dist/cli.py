@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--student-input", default="student", choices=["student", "teacher"],
-                   help="student: the paper's scheme (quantized stream); teacher: full-precision stream")
+    p.add_argument("--student-input", default=None, choices=["student", "teacher"],
+                   help="student: the paper's scheme (quantized stream); teacher: full-precision stream "
+                        "(blocks train concurrently). Default: student on one rank, teacher on several")
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")

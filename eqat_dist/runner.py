@@ -1,23 +1,26 @@
-"""The job: load, evaluate fp, quantize (RTN or Block-AP), export, evaluate the export, report."""
+"""The job on every rank: Block-AP (or RTN) over the ranks, then on rank 0 export and evaluation."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .blockap.checkpoint import ResumeError
+from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .cli import DTYPES, run_settings
 from .data.windows import calibration_windows, eval_windows
+from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
 from .export import load_packed_model, save_packed_model
 from .models import load_model
-from .models.quantize import check_model, quantize_rtn
-from .pipelines.local import StreamSpec, run_blockap_local
+from .models.lazy import LazyModel
+from .models.quantize import check_model, to_fake_quant, to_packed
+from .pipelines.round_robin import Progress, StreamSpec, assemble, run_blockap
 from .utils.monitor import Monitor, summary_table
 
 
@@ -33,30 +36,63 @@ def evaluate(model, tokenizer, args, device, label: str) -> dict:
     return out
 
 
+def _rank_device(args, transport) -> torch.device:
+    if args.device.type == "cuda" and transport.world > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", transport.rank)) % torch.cuda.device_count())
+    return args.device
+
+
 def run(args) -> int:
+    transport = make_transport() if not args.single_gpu else LocalTransport()
+    progress = Progress()
     out = Path(args.output)
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        transport.barrier()  # every rank validated the output folder before anyone writes to it
+        if transport.rank == 0:
+            if args.overwrite and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+        transport.barrier()
+        return _run(args, transport, progress, out)
+    except (NonFiniteLossError, ResumeError) as err:
+        transport.fail(f"eqat-dist: error (rank {transport.rank}): {err}")
+    except PeerFailure as err:
+        transport.fail(f"eqat-dist: rank {transport.rank} stopping at block {progress.block} ({progress.phase}): {err}. "
+                       f"Finished blocks are kept in {out / 'blockap'}; run the same command again to resume.")
+    except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
+        traceback.print_exc()
+        transport.fail(f"eqat-dist: rank {transport.rank} failed at block {progress.block} ({progress.phase}): "
+                       f"{type(err).__name__}: {err}. Finished blocks are kept in {out / 'blockap'}; run the same "
+                       "command again to resume.")
+    return 1
+
+
+def _run(args, transport, progress, out: Path) -> int:
+    from transformers import AutoTokenizer
+
     torch.manual_seed(args.seed)
-    device = args.device
+    if args.student_input is None:
+        args.student_input = "teacher" if transport.world > 1 else "student"
+    device = _rank_device(args, transport)
     t_start = time.time()
-    model, tokenizer = load_model(args.model)
-    check_model(model, args.qcfg)
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        print(f"eqat-dist: error: the tokenizer of {args.model} has {len(tokenizer)} tokens but the model's "
-              f"embedding only {model.get_input_embeddings().num_embeddings}; they do not belong together.")
-        return 2
-    monitor = None if args.no_tensorboard else Monitor(out / "tb")
-    results = {"settings": {k: v for k, v in run_settings(args).items()} | {
-        "eval_datasets": args.eval_datasets, "eval_seqlen": args.eval_seqlen,
-        "eval_max_windows": args.eval_max_windows, "bits_per_weight": args.qcfg.bits_per_weight(
-            model.config.hidden_size)}}
-    if not args.skip_fp_eval:
-        results["fp"] = evaluate(model, tokenizer, args, device, "fp")
+    source = LazyModel(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    check_model(source.model, args.qcfg)  # shapes only: the blocks are still on the meta device
+    if len(tokenizer) > source.model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"the tokenizer of {args.model} has {len(tokenizer)} tokens but the model's embedding "
+                         f"only {source.model.get_input_embeddings().num_embeddings}; they do not belong together")
+    log_dir = None if args.no_tensorboard else (out / "tb" if transport.world == 1 else out / "tb" / f"rank{transport.rank}")
+    monitor = Monitor(log_dir) if log_dir else None
+    results = {"settings": run_settings(args) | {
+        "eval_datasets": args.eval_datasets, "eval_seqlen": args.eval_seqlen, "eval_max_windows": args.eval_max_windows,
+        "bits_per_weight": args.qcfg.bits_per_weight(source.config.hidden_size), "ranks": transport.world,
+        "transport": transport.kind}}
     if args.epochs == 0:
-        quantize_rtn(model, args.qcfg)
-        results["method"] = "rtn"
+        if transport.rank != 0:
+            return 0
+        for i in range(source.num_blocks):  # round-to-nearest with the min/max initialisation
+            source.set_block(i, to_packed(to_fake_quant(source.block(i), args.qcfg), args.qcfg))
+        model, results["method"] = source.model, "rtn"
     else:
         train_ids, val_ids = calibration_windows(tokenizer, args.calib_dataset, args.seqlen, args.train_size,
                                                  args.val_size, args.seed)
@@ -66,30 +102,44 @@ def run(args) -> int:
                                    amp_dtype=args.amp_dtype, seed=args.seed)
         streams = StreamSpec(args.activations, torch.float32 if args.amp_dtype is None else args.amp_dtype,
                              Path(args.activations_dir) if args.activations_dir else out / "acts")
-        print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {args.seqlen} tokens from "
-              f"'{args.calib_dataset}', {args.epochs} epochs, batch {args.batch_size}, {args.qcfg.tag()}, "
-              f"student input: {args.student_input}")
-        try:
-            reports = run_blockap_local(model, args.qcfg, train_ids, val_ids, settings, out / "blockap",
-                                        run_settings(args), device, streams, args.student_input, monitor)
-        except (NonFiniteLossError, ResumeError) as err:
-            print(f"eqat-dist: error: {err}")
-            return 1
+        if transport.rank == 0:
+            print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {args.seqlen} tokens from "
+                  f"'{args.calib_dataset}', {args.epochs} epochs, batch {args.batch_size}, {args.qcfg.tag()}, "
+                  f"student input: {args.student_input}, {transport.world} rank(s) over {transport.kind}", flush=True)
+        t_blockap = time.time()
+        run_blockap(source, args.qcfg, train_ids, val_ids, settings, out / "blockap", run_settings(args), device,
+                    streams, args.student_input, transport, monitor, progress=progress)
+        progress.block, progress.phase = None, "waiting for the other ranks"
+        transport.barrier()
+        results["blockap_wall_s"] = time.time() - t_blockap  # all ranks done
+        if monitor:
+            monitor.close()
+        if transport.rank != 0:
+            return 0
+        progress.phase = "assembling the model"
+        model, reports = assemble(source, args.qcfg, out / "blockap")
         print(summary_table(reports))
-        results["method"] = "block-ap"
-        results["blocks"] = reports
-    model = model.to(DTYPES[args.export_dtype]) if args.export_dtype != "float32" else model
+        results["method"], results["blocks"] = "block-ap", reports
+    progress.phase = "export"
+    model = model.to(DTYPES[args.export_dtype])
     save_packed_model(model, tokenizer, out, args.qcfg)
-    del model
+    del model, source
+    progress.phase = "evaluation"
     packed, _ = load_packed_model(out)  # evaluate what was written, not what is in memory
     results["quantized"] = evaluate(packed, tokenizer, args, device, args.qcfg.tag())
+    del packed
+    if not args.skip_fp_eval:
+        fp_model, _ = load_model(args.model)
+        results["fp"] = evaluate(fp_model, tokenizer, args, device, "fp")
+        del fp_model
     results["seconds"] = time.time() - t_start
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")
-    if monitor:
+    if monitor and monitor.writer is not None:
+        writer = Monitor(out / "tb" / "eval")
         for name, r in results["quantized"].items():
-            monitor.scalar(f"eval/{name}_ppl", r["ppl"], 0)
-        monitor.close()
+            writer.scalar(f"eval/{name}_ppl", r["ppl"], 0)
+        writer.close()
     print(f"[done] {out} ({results['seconds']:.0f} s); results in {out / 'results.json'}")
     return 0

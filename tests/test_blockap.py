@@ -18,8 +18,9 @@ from eqat_dist.blockap.stores import ActivationStore
 from eqat_dist.blockap.trainer import BlockAPSettings, NonFiniteLossError, train_block
 from eqat_dist.models import decoder_layers, embed, record_block_calls, run_block
 from eqat_dist.models.quantize import packed_linears, quant_linears, to_fake_quant, to_packed
-from eqat_dist.pipelines import local
-from eqat_dist.pipelines.local import StreamSpec, run_blockap_local
+from eqat_dist.models.lazy import LazyModel
+from eqat_dist.pipelines import round_robin as local
+from eqat_dist.pipelines.round_robin import StreamSpec, assemble, run_blockap
 from eqat_dist.quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,11 +93,22 @@ def test_non_finite_loss_stops_with_block_and_step():
         train_block(student, 5, xs, ys, vx, vy, call, BlockAPSettings(epochs=1, batch_size=2), "cpu")
 
 
+def _folder(tmp, layers):
+    folder = Path(tmp) / f"model{layers}"
+    if not folder.exists():
+        tiny_model("llama", layers=layers).save_pretrained(folder)
+    return folder
+
+
 def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None):
+    """Block-AP on a saved copy of `model` (a tiny Llama of seed 0); returns the assembled quantized model."""
+    layers = len(decoder_layers(model))
+    folder = _folder(tmp, layers)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
-    return run_blockap_local(model, CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
-                             StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor,
-                             log=lambda *a: None)
+    run_blockap(LazyModel(str(folder)), CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
+                StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor=monitor, log=lambda *a: None)
+    quantized, _ = assemble(LazyModel(str(folder)), CFG, tmp / "ckpt")
+    return quantized
 
 
 def _packed_state(model):
@@ -113,9 +125,8 @@ def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
         return real(block, index, inputs, *rest, **kw)
 
     monkeypatch.setattr(local, "train_block", spy)
-    model = tiny_model("llama", layers=2)
-    fp_model = copy.deepcopy(model)
-    _run(model, tmp_path)
+    fp_model = tiny_model("llama", layers=2)
+    model = _run(fp_model, tmp_path)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
     _, calls = record_block_calls(fp_model, ids[:1])
     x0 = embed(fp_model, ids)
@@ -135,9 +146,8 @@ def test_teacher_mode_trains_every_block_on_the_fp_stream(tmp_path, monkeypatch)
         return real(block, index, inputs, *rest, **kw)
 
     monkeypatch.setattr(local, "train_block", spy)
-    model = tiny_model("llama", layers=2)
-    fp_model = copy.deepcopy(model)
-    _run(model, tmp_path, student_input="teacher")
+    fp_model = tiny_model("llama", layers=2)
+    _run(fp_model, tmp_path, student_input="teacher")
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
     _, calls = record_block_calls(fp_model, ids[:1])
     with torch.no_grad():
@@ -146,17 +156,15 @@ def test_teacher_mode_trains_every_block_on_the_fp_stream(tmp_path, monkeypatch)
 
 
 def test_disk_and_cpu_stores_give_identical_models(tmp_path):
-    a, b = tiny_model("llama", layers=2), tiny_model("llama", layers=2)
-    _run(a, tmp_path / "cpu", "cpu")
-    _run(b, tmp_path / "disk", "disk")
+    a = _run(tiny_model("llama", layers=2), tmp_path / "cpu", "cpu")
+    b = _run(tiny_model("llama", layers=2), tmp_path / "disk", "disk")
     sa, sb = _packed_state(a), _packed_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not list((tmp_path / "disk" / "acts").glob("*.bin"))  # temporary files removed
 
 
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
-    reference = tiny_model("llama", layers=3)
-    _run(reference, tmp_path / "ref")
+    reference = _run(tiny_model("llama", layers=3), tmp_path / "ref")
     real = local.train_block
 
     def dies_at_block_2(block, index, *a, **k):
@@ -171,8 +179,7 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setattr(local, "train_block", real)
     trained = []
     monkeypatch.setattr(local, "train_block", lambda b, i, *a, **k: trained.append(i) or real(b, i, *a, **k))
-    resumed = tiny_model("llama", layers=3)
-    _run(resumed, tmp_path / "run")
+    resumed = _run(tiny_model("llama", layers=3), tmp_path / "run")
     assert trained == [2]  # blocks 0 and 1 were reused
     sa, sb = _packed_state(reference), _packed_state(resumed)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -235,3 +242,14 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 def _bundled_dir():
     from eqat_dist.models.loading import bundled_model_dir
     return bundled_model_dir()
+
+
+def test_bf16_autocast_on_cpu_trains_with_bf16_stores(tmp_path):
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+    settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, amp_dtype=torch.bfloat16)
+    source = LazyModel(str(_folder(tmp_path, 2)))
+    reports = run_blockap(source, CFG, ids[:4], ids[4:], settings, tmp_path / "ckpt", {}, "cpu",
+                          StreamSpec("cpu", torch.bfloat16), "student", log=lambda *a: None)
+    assert all(torch.isfinite(torch.tensor([r["loss_before"], r["loss_after"]])).all() for r in reports)
+    model, _ = assemble(source, CFG, tmp_path / "ckpt")
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())  # fp32 master weights

@@ -95,11 +95,13 @@ def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtyp
 
 
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
-                settings: BlockAPSettings, device: torch.device, log=None, progress=None) -> BlockReport:
+                settings: BlockAPSettings, device: torch.device, log=None, progress=None,
+                on_step=None) -> BlockReport:
     """Train `block` (its linears already QuantLinear, on `device`) in place.
 
     inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
-    empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps.
+    empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
+    `on_step()` is called after every step (the pipeline lets its transfers progress there).
     """
     report = BlockReport(index)
     device = torch.device(device)
@@ -152,6 +154,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 log("grad_norm", float(grad_norm), step)
                 for name, lr in lrs.items():
                     log(f"lr_{name}", lr, step)
+            if on_step is not None:
+                on_step()
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(block=index, loss=f"{value:.3g}")

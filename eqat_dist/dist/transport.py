@@ -1,0 +1,164 @@
+"""Point-to-point tensor transport between ranks, one interface, three implementations:
+
+- `LocalTransport`: one process (the paper's single-GPU mode);
+- `MPITransport`: mpi4py buffer-based Isend/Recv, when the ranks form an MPI world
+  (mpiexec/mpirun, or `deepspeed --launcher mpich|openmpi`);
+- `TorchTransport`: torch.distributed isend/recv (gloo), under the plain `deepspeed` launcher,
+  where each process sees an MPI world of size 1.
+
+Tensors travel as raw bytes (any dtype, bf16 included). Sends are non-blocking: the caller keeps
+the tensor unchanged until `wait_sends()`. The pipeline calls `poll()` between training steps so
+that MPI rendezvous transfers progress while a rank computes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died or failed; this rank stops."""
+
+
+class Transport:
+    rank: int = 0
+    world: int = 1
+    kind: str = "local"
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        raise NotImplementedError
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        pass
+
+    def wait_sends(self) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+    def fail(self, message: str) -> None:
+        """Report a fatal error of this rank and bring the whole job down quickly."""
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
+class LocalTransport(Transport):
+    pass
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("transport buffers must be contiguous CPU tensors")
+    return tensor.view(torch.uint8).reshape(-1)
+
+
+class MPITransport(Transport):
+    kind = "mpi"
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm or MPI.COMM_WORLD
+        self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+        self._pending = []  # (request, tensor kept alive)
+
+    def send(self, tensor, dst, tag):
+        buf = _bytes(tensor).numpy()
+        self._pending.append((self.comm.Isend([buf, self.MPI.BYTE], dest=dst, tag=tag), tensor))
+
+    def recv(self, tensor, src, tag):
+        buf = _bytes(tensor).numpy()
+        self.comm.Recv([buf, self.MPI.BYTE], source=src, tag=tag)
+
+    def poll(self):
+        if self._pending:
+            self.MPI.Request.Testall([r for r, _ in self._pending])
+            self._pending = [(r, t) for r, t in self._pending if r != self.MPI.REQUEST_NULL]
+
+    def wait_sends(self):
+        if self._pending:
+            self.MPI.Request.Waitall([r for r, _ in self._pending])
+            self._pending = []
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def fail(self, message):
+        print(message, file=sys.stderr, flush=True)
+        self.comm.Abort(1)  # every rank stops now, not at a timeout
+
+
+class TorchTransport(Transport):
+    kind = "torch.distributed"
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            dist.init_process_group("gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._pending = []
+
+    def send(self, tensor, dst, tag):
+        try:
+            self._pending.append((self.dist.isend(_bytes(tensor), dst=dst, tag=tag), tensor, dst))
+        except RuntimeError as err:
+            raise PeerFailure(f"lost rank {dst} while sending to it ({str(err).splitlines()[0][:200]})") from err
+
+    def recv(self, tensor, src, tag):
+        try:
+            self.dist.recv(_bytes(tensor), src=src, tag=tag)
+        except RuntimeError as err:
+            raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
+
+    def wait_sends(self):
+        for work, _, dst in self._pending:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise PeerFailure(f"lost rank {dst} while sending to it ({str(err).splitlines()[0][:200]})") from err
+        self._pending = []
+
+    def barrier(self):
+        try:
+            self.dist.barrier()
+        except RuntimeError as err:
+            raise PeerFailure(f"a peer rank failed before the barrier ({str(err).splitlines()[0][:200]})") from err
+
+    def fail(self, message):
+        print(message, file=sys.stderr, flush=True)
+        os._exit(1)  # peers blocked on us see the connection drop and stop too
+
+
+def mpi_world_size() -> int:
+    """Size of the MPI world this process was launched in (1 without an MPI launcher)."""
+    if not any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+        return 1
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_size()
+
+
+def make_transport() -> Transport:
+    """MPI when launched by an MPI launcher, torch.distributed under the plain deepspeed/torchrun
+    launcher (WORLD_SIZE > 1), else one local process."""
+    if mpi_world_size() > 1:
+        transport = MPITransport()
+        # DeepSpeed/torch code later in the run reads these; keep all traffic on loopback by default.
+        os.environ.setdefault("RANK", str(transport.rank))
+        os.environ.setdefault("WORLD_SIZE", str(transport.world))
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", str(transport.rank)))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        return transport
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return TorchTransport()
+    return LocalTransport()

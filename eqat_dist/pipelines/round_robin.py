@@ -1,0 +1,231 @@
+"""Block-AP over N ranks (N = 1: the paper's single-GPU mode, same code).
+
+Block i is trained by rank i mod N. The full-precision ("teacher") stream flows from rank to rank in
+chunks: the owner of block i runs the fp block on each chunk of its input as it arrives and sends the
+result on to the owner of block i+1 at once (non-blocking), so every rank starts early.
+
+student_input="teacher": block i's student input is the fp stream; blocks train concurrently.
+student_input="student": the paper's scheme; the quantized stream is handed on after each block is
+                         trained (sequential in time, memory spread over ranks).
+Streams are updated in place where the schedule allows, so a rank holds two stores per split.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blockap.checkpoint import finished_blocks, open_run, save_block
+from ..blockap.steps import advance, finish_student, make_student, restore_block
+from ..blockap.stores import ActivationStore, describe_memory
+from ..blockap.trainer import BlockAPSettings, train_block
+from ..dist.transport import LocalTransport, Transport
+from ..models.lazy import LazyModel
+from ..quant import QuantConfig
+from ..utils.monitor import Monitor
+
+STUDENT_INPUTS = ("student", "teacher")
+SPLITS = ("train", "val")
+
+
+@dataclass
+class StreamSpec:
+    placement: str = "cpu"  # gpu | cpu | disk
+    dtype: torch.dtype = torch.float32
+    disk_dir: Path | None = None
+
+
+@dataclass
+class Progress:
+    """Where this rank is: read by the error handler to name the block in its message."""
+    block: int | None = None
+    phase: str = "starting"
+
+
+def _tag(block: int, stream: int, split: int) -> int:
+    return (block * 2 + stream) * 2 + split  # stream 0 = fp, 1 = student; per-pair FIFO keeps chunk order
+
+
+def _chunks(count: int, rows: int):
+    return [(a, min(a + rows, count)) for a in range(0, count, rows)]
+
+
+class _Rank:
+    """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
+
+    def __init__(self, source: LazyModel, cfg, splits, settings, ckpt_dir, device, streams, student_input,
+                 transport, monitor, progress):
+        self.source, self.cfg, self.splits, self.settings = source, cfg, splits, settings
+        self.ckpt_dir, self.device, self.streams, self.mode = Path(ckpt_dir), torch.device(device), streams, student_input
+        self.t, self.monitor, self.progress = transport, monitor, progress
+        self.L = source.num_blocks
+        self.bs = settings.batch_size
+        self.chunk_rows = self.bs * 4
+        seqlen = next(iter(splits.values())).shape[1]
+        hidden = source.config.hidden_size
+
+        def store(n, name):
+            return ActivationStore(n, seqlen, hidden, streams.dtype, streams.placement, self.device,
+                                   streams.disk_dir, f"{name}-r{transport.rank}")
+
+        other = "q" if self.mode == "student" else "fp-out"
+        self.fp = {k: store(len(v), f"fp-{k}") for k, v in splits.items()}
+        self.other = {k: store(len(v), f"{other}-{k}") for k, v in splits.items()}
+        self.start = time.time()
+        self.wait_s = 0.0
+
+    def memory_line(self) -> str:
+        return describe_memory({f"fp_{k}": s for k, s in self.fp.items()} |
+                               {f"{self.mode}_{k}": s for k, s in self.other.items()})
+
+    def _recv_into(self, store: ActivationStore, a: int, b: int, src: int, tag: int) -> None:
+        buf = torch.empty(b - a, *store.shape, dtype=store.dtype)
+        t0 = time.time()
+        self.t.recv(buf, src, tag)
+        self.wait_s += time.time() - t0
+        store.put(list(range(a, b)), buf)
+
+    def _send_from(self, store: ActivationStore, a: int, b: int, dst: int, tag: int) -> None:
+        self.t.send(store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
+
+    def teacher_stream(self, i: int, fp_block, call) -> None:
+        """fp input of block i (embedded, received, or already here) -> fp output, sent on chunk by chunk."""
+        remote_in, remote_out = self.t.world > 1 and i > 0, self.t.world > 1 and i + 1 < self.L
+        src, dst = (i - 1) % self.t.world, (i + 1) % self.t.world
+        for s, (k, ids) in enumerate(self.splits.items()):
+            fp_in = self.fp[k]
+            fp_out = self.fp[k] if self.mode == "student" else self.other[k]
+            for a, b in _chunks(len(ids), self.chunk_rows):
+                if i == 0:
+                    for c, d in _chunks(b - a, self.bs):
+                        fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
+                    if self.mode == "student":  # the student stream starts from the same embeddings
+                        self.other[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
+                elif remote_in:
+                    self._recv_into(fp_in, a, b, src, _tag(i, 0, s))
+                for c, d in _chunks(b - a, self.bs):
+                    idx = list(range(a + c, a + d))
+                    with torch.no_grad(), torch.autocast(self.device.type, dtype=self.settings.amp_dtype,
+                                                         enabled=self.settings.amp_dtype is not None):
+                        from ..models.blocks import run_block
+                        fp_out.put(idx, run_block(fp_block, fp_in.get(idx), call))
+                if remote_out:
+                    self._send_from(fp_out, a, b, dst, _tag(i + 1, 0, s))
+                self.t.poll()
+
+    def student_stream_in(self, i: int) -> None:
+        if self.mode != "student" or i == 0 or self.t.world == 1:
+            return  # block 0: the embeddings; one rank: the stream is already in place
+        for s, (k, ids) in enumerate(self.splits.items()):
+            for a, b in _chunks(len(ids), self.chunk_rows):
+                self._recv_into(self.other[k], a, b, (i - 1) % self.t.world, _tag(i, 1, s))
+
+    def student_stream_out(self, i: int, packed, call) -> None:
+        if self.mode != "student":
+            return
+        packed_dev = packed.to(self.device)
+        for s, k in enumerate(self.splits):
+            advance(packed_dev, self.other[k], self.other[k], call, self.bs, self.settings.amp_dtype)
+            if self.t.world > 1 and i + 1 < self.L:
+                for a, b in _chunks(len(self.splits[k]), self.chunk_rows):
+                    self._send_from(self.other[k], a, b, (i + 1) % self.t.world, _tag(i + 1, 1, s))
+        packed.cpu()
+
+    def timeline(self, block: int) -> None:
+        if self.monitor:  # which block this rank trains when (-1: not training): shows pipeline bubbles
+            self.monitor.scalar("timeline/training_block", block, int((time.time() - self.start) * 10))
+
+    def train_or_restore(self, i: int, call, steps_bar) -> dict:
+        if i in self.done:
+            packed, report = restore_block(self.source.block(i), self.cfg, self.ckpt_dir, i)
+            return packed, report
+        inputs = self.other if self.mode == "student" else self.fp
+        targets = self.fp if self.mode == "student" else self.other
+        student = make_student(self.source.block(i), self.cfg, self.device)
+        steps_bar.reset(total=self.settings.epochs * -(-len(self.splits["train"]) // self.bs))
+        self.timeline(i)
+        t0 = time.time()
+        rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
+                          self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
+                          progress=steps_bar, on_step=self.t.poll)
+        self.timeline(-1)
+        packed = finish_student(student, self.cfg)
+        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.t.rank, "wait_s": self.wait_s}
+        save_block(self.ckpt_dir, i, packed, report)
+        if self.monitor:
+            for tag in ("loss_before", "loss_after", "seconds", "tokens_per_s", "peak_mem_mib", "wait_s"):
+                self.monitor.scalar(f"blockap_blocks/{tag}", report[tag], i)
+        return packed, report
+
+    def run(self, calls) -> list[dict]:
+        self.done = finished_blocks(self.ckpt_dir, self.L)
+        mine = list(range(self.t.rank, self.L, self.t.world))
+        reports = []
+        bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.t.rank}", unit="block", disable=None)
+        steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
+        for i in mine:
+            self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
+            self.t.wait_sends()  # the stores are about to be rewritten
+            call = calls[i].to(self.device)
+            self.progress.phase = "full-precision stream"
+            fp_block = self.source.block(i).to(self.device)
+            self.teacher_stream(i, fp_block, call)
+            fp_block.cpu()
+            self.progress.phase = "waiting for the student stream"
+            self.student_stream_in(i)
+            self.progress.phase = "training"
+            packed, report = self.train_or_restore(i, call, steps_bar)
+            reports.append(report)
+            self.progress.phase = "student stream"
+            self.student_stream_out(i, packed, call)
+            if self.mode == "teacher" and self.t.world == 1:
+                self.fp, self.other = self.other, self.fp  # block i's output is block i+1's input
+            self.source.release(i)
+            bar.update(1)
+        self.progress.phase = "finishing sends"
+        self.t.wait_sends()
+        steps_bar.close()
+        bar.close()
+        for s in list(self.fp.values()) + list(self.other.values()):
+            s.close()
+        return reports
+
+
+def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
+                settings: BlockAPSettings, ckpt_dir: Path, run_settings: dict, device, streams: StreamSpec,
+                student_input: str = "student", transport: Transport | None = None,
+                monitor: Monitor | None = None, log=print, progress: Progress | None = None) -> list[dict]:
+    """Train this rank's blocks (all of them with one rank); each finished block is saved to
+    `ckpt_dir` and reused on a restart, whatever the number of ranks. Returns this rank's reports."""
+    if student_input not in STUDENT_INPUTS:
+        raise ValueError(f"--student-input {student_input!r}: use one of {', '.join(STUDENT_INPUTS)}")
+    transport = transport or LocalTransport()
+    progress = progress or Progress()
+    ckpt_dir = Path(ckpt_dir)
+    if transport.rank == 0:
+        open_run(ckpt_dir, run_settings)
+    transport.barrier()
+    if transport.rank != 0:
+        open_run(ckpt_dir, run_settings)  # checks the manifest rank 0 wrote or found
+    calls = source.calls(train_ids[:1])
+    rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
+                 student_input, transport, monitor, progress)
+    log(f"[rank {transport.rank}/{transport.world}] blocks {list(range(transport.rank, source.num_blocks, transport.world))}; "
+        + rank.memory_line())
+    return rank.run(calls)
+
+
+def assemble(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path) -> tuple[torch.nn.Module, list[dict]]:
+    """The quantized model (every block restored from its checkpoint) and all blocks' reports."""
+    missing = sorted(set(range(source.num_blocks)) - finished_blocks(Path(ckpt_dir), source.num_blocks))
+    if missing:
+        raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
+    reports = []
+    for i in range(source.num_blocks):
+        packed, report = restore_block(source.block(i), cfg, ckpt_dir, i)
+        source.set_block(i, packed)
+        reports.append(report)
+    return source.model, reports

@@ -1,0 +1,147 @@
+"""Distributed Block-AP on 2 CPU ranks (loopback only): equality with one process, both launchers,
+and a rank killed mid-run."""
+import os
+import re
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN = str(ROOT / "launch" / "run.py")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer
+    from eqat_dist.models.loading import bundled_model_dir
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", layers=4, vocab=49152).save_pretrained(folder)  # the real tokenizer's vocabulary
+    AutoTokenizer.from_pretrained(str(bundled_model_dir())).save_pretrained(folder)
+    return folder
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(random.randint(20000, 40000)))
+
+
+def _args(model_dir, out, mode, train_size=8, epochs=2):
+    return ["--model", str(model_dir), "--wbits", "2", "--group-size", "32", "--output", str(out),
+            "--epochs", str(epochs), "--train-size", str(train_size), "--val-size", "2", "--seqlen", "32",
+            "--eval-datasets", "news", "--eval-seqlen", "32", "--eval-max-windows", "2", "--quant-lr", "1e-3",
+            "--weight-lr", "1e-4", "--skip-fp-eval", "--student-input", mode]
+
+
+def _single(model_dir, out, mode, **kw):
+    subprocess.run([sys.executable, RUN, *_args(model_dir, out, mode, **kw)], check=True, env=_env(),
+                   capture_output=True)
+
+
+def _mpi(n, model_dir, out, mode, **kw):
+    return [str(BIN / "mpiexec"), "-n", str(n), sys.executable, RUN, *_args(model_dir, out, mode, **kw)]
+
+
+def _same_model(a, b):
+    sa, sb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def references(model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ref")
+    for mode in ("teacher", "student"):
+        _single(model_dir, base / mode, mode)
+    return base
+
+
+def test_teacher_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references, tmp_path):
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "teacher"), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s) over mpi" in result.stdout
+    assert _same_model(references / "teacher", tmp_path / "out")
+
+
+def test_student_mode_two_mpi_ranks_equal_the_single_process_paper_mode(model_dir, references, tmp_path):
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student"), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _same_model(references / "student", tmp_path / "out")
+    assert not _same_model(references / "teacher", tmp_path / "out")  # the two modes really differ
+
+
+def test_deepspeed_launcher_uses_torch_distributed_and_matches(model_dir, references, tmp_path):
+    env = _env()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+           env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "teacher")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s) over torch.distributed" in result.stdout
+    assert _same_model(references / "teacher", tmp_path / "out")
+
+
+def _rank_pid(marker: str, rank: int, rank_vars=("PMI_RANK", "RANK")) -> int | None:
+    """The pid of the python process of `rank` whose command line mentions `marker`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except OSError:
+            continue
+        if any(marker.encode() in c for c in cmd) and b"python" in cmd[0] and RUN.encode() in cmd \
+                and any(env.get(v.encode()) == str(rank).encode() for v in rank_vars):
+            return int(proc.name)
+    return None
+
+
+def _kill_rank_when(proc, out: Path, rank: int, block_file: str):
+    deadline = time.time() + 120
+    while not (out / "blockap" / block_file).exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    pid = _rank_pid(str(out), rank)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    return time.time()
+
+
+def test_killed_mpi_rank_stops_the_run_and_a_restart_on_one_rank_completes_identically(model_dir, tmp_path):
+    kw = dict(train_size=16, epochs=3)
+    _single(model_dir, tmp_path / "ref", "student", **kw)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", **kw), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    killed_at = _kill_rank_when(proc, out, 1, "block_0001.safetensors")
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - killed_at < 30
+    assert "rank 1" in (stdout + stderr).lower() or "RANK 1" in stdout + stderr
+    assert not (out / "results.json").exists()
+    assert (out / "blockap" / "block_0000.safetensors").exists()
+    # same command, other number of ranks: reuses the finished blocks and completes
+    _single(model_dir, out, "student", **kw)
+    assert _same_model(tmp_path / "ref", out)
+
+
+def test_killed_rank_under_deepspeed_is_named_by_its_peer(model_dir, tmp_path):
+    env = _env()
+    out = tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+           env["MASTER_PORT"], RUN, *_args(model_dir, out, "student", train_size=16, epochs=3)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_at = _kill_rank_when(proc, out, 1, "block_0000.safetensors")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - killed_at < 30
+    assert re.search(r"rank 0 stopping at block \d+ \(.*\): lost rank 1", output), output[-3000:]
+    assert "run the same command again to resume" in output
