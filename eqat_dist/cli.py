@@ -61,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the export")
     p.add_argument("--no-tensorboard", action="store_true")
+    # Phases and E2E-QP (paper defaults)
+    p.add_argument("--phase", default="all", choices=["all", "block-ap", "e2e"],
+                   help="all: Block-AP (or RTN with --epochs 0) then E2E-QP; or one phase alone")
+    p.add_argument("--from", dest="from_dir", default=None,
+                   help="for --phase e2e: a packed model folder from an earlier phase (default: --output)")
+    p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs (0 = skip E2E-QP)")
+    p.add_argument("--e2e-train-size", type=int, default=4096)
+    p.add_argument("--e2e-seqlen", type=int, default=4096)
+    p.add_argument("--e2e-global-batch", type=int, default=32, help="kept whatever the number of ranks")
+    p.add_argument("--e2e-micro-batch", type=int, default=1)
+    p.add_argument("--e2e-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 otherwise")
+    p.add_argument("--e2e-warmup", type=float, default=0.03, help="warm-up fraction of the steps")
+    p.add_argument("--e2e-max-grad-norm", type=float, default=0.3)
+    p.add_argument("--e2e-save-every", type=int, default=50, help="DeepSpeed checkpoint every N steps")
+    p.add_argument("--no-grad-checkpointing", action="store_true")
+    p.add_argument("--ds-config", default="zero3-offload",
+                   help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return p
 
@@ -142,12 +159,28 @@ def validate(args) -> None:
     if args.weight_lr is None:
         from .blockap.trainer import default_weight_lr
         args.weight_lr = default_weight_lr(args.wbits)
+    if args.e2e_lr is None:
+        from .e2e.trainer import default_e2e_lr
+        args.e2e_lr = default_e2e_lr(args.wbits)
+    for name in ("e2e_epochs", "e2e_train_size"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("e2e_seqlen", "e2e_global_batch", "e2e_micro_batch", "e2e_save_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
+    if args.phase == "e2e":
+        source = Path(args.from_dir or args.output)
+        if not (source / "config.json").exists() or "quantization_config" not in (source / "config.json").read_text():
+            raise UsageError(f"--phase e2e needs a packed model from Block-AP or RTN in {source} (pass --from DIR)")
+        args.from_dir = str(source)
+        args.resuming = True
+        return
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         manifest = out / "blockap" / "manifest.json"
-        if (out / "results.json").exists():
+        if (out / "results.json").exists() and not (out / "e2e_ckpt").exists():
             raise UsageError(f"--output {out} already holds a finished run; pass --overwrite to redo it or "
                              "choose another folder")
         if not manifest.exists():

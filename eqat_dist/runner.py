@@ -48,22 +48,29 @@ def run(args) -> int:
     out = Path(args.output)
     try:
         transport.barrier()  # every rank validated the output folder before anyone writes to it
+        if args.phase == "e2e":
+            return _e2e(args, transport, progress, out, Path(args.from_dir))
         if transport.rank == 0:
             if args.overwrite and out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
         transport.barrier()
-        return _run(args, transport, progress, out)
+        code = _run(args, transport, progress, out)
+        if code == 0 and args.phase == "all" and args.e2e_epochs > 0:
+            transport.barrier()
+            code = _e2e(args, transport, progress, out, out)
+        return code
     except (NonFiniteLossError, ResumeError) as err:
         transport.fail(f"eqat-dist: error (rank {transport.rank}): {err}")
     except PeerFailure as err:
         transport.fail(f"eqat-dist: rank {transport.rank} stopping at block {progress.block} ({progress.phase}): {err}. "
-                       f"Finished blocks are kept in {out / 'blockap'}; run the same command again to resume.")
+                       f"Finished work is kept in {out} (Block-AP blocks, E2E-QP checkpoints); run the same command again "
+                       "to resume.")
     except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
         traceback.print_exc()
         transport.fail(f"eqat-dist: rank {transport.rank} failed at block {progress.block} ({progress.phase}): "
-                       f"{type(err).__name__}: {err}. Finished blocks are kept in {out / 'blockap'}; run the same "
-                       "command again to resume.")
+                       f"{type(err).__name__}: {err}. Finished work is kept in {out} (Block-AP blocks, E2E-QP "
+                       "checkpoints); run the same command again to resume.")
     return 1
 
 
@@ -89,7 +96,7 @@ def _run(args, transport, progress, out: Path) -> int:
         "transport": transport.kind}}
     if args.epochs == 0:
         if transport.rank != 0:
-            return 0
+            return 0 if args.phase == "block-ap" or args.e2e_epochs == 0 else _wait_for_rank0(transport)
         for i in range(source.num_blocks):  # round-to-nearest with the min/max initialisation
             source.set_block(i, to_packed(to_fake_quant(source.block(i), args.qcfg), args.qcfg))
         model, results["method"] = source.model, "rtn"
@@ -115,7 +122,7 @@ def _run(args, transport, progress, out: Path) -> int:
         if monitor:
             monitor.close()
         if transport.rank != 0:
-            return 0
+            return 0 if args.phase == "block-ap" or args.e2e_epochs == 0 else _wait_for_rank0(transport)
         progress.phase = "assembling the model"
         model, reports = assemble(source, args.qcfg, out / "blockap")
         print(summary_table(reports))
@@ -133,13 +140,86 @@ def _run(args, transport, progress, out: Path) -> int:
         results["fp"] = evaluate(fp_model, tokenizer, args, device, "fp")
         del fp_model
     results["seconds"] = time.time() - t_start
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    _write_results(out, results)
+    if args.phase == "all" and args.e2e_epochs > 0:
+        transport.barrier()  # the other ranks wait here for the export E2E-QP starts from
     if monitor and monitor.writer is not None:
         writer = Monitor(out / "tb" / "eval")
         for name, r in results["quantized"].items():
             writer.scalar(f"eval/{name}_ppl", r["ppl"], 0)
         writer.close()
     print(f"[done] {out} ({results['seconds']:.0f} s); results in {out / 'results.json'}")
+    return 0
+
+
+def _wait_for_rank0(transport) -> int:
+    transport.barrier()  # matched by rank 0 once its export is written
+    return 0
+
+
+def _write_results(out: Path, results: dict) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
+
+
+def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
+    """E2E-QP from the packed model in `from_dir`, exported to `out` (rank 0), then evaluated."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from .e2e.ds_setup import build_packed_model, gathered_state, init_distributed, load_ds_config, partition_report
+    from .e2e.trainer import E2ESettings, train_e2e
+
+    progress.block, progress.phase = None, "E2E-QP setup"
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = _rank_device(args, transport)
+    bf16 = device.type == "cuda" if args.dtype == "auto" else args.dtype == "bfloat16"
+    ds_config, accum = load_ds_config(args.ds_config, args.e2e_micro_batch, args.e2e_global_batch, world,
+                                      args.e2e_max_grad_norm, bf16)
+    if rank == 0:
+        print(f"[e2e] global batch {args.e2e_global_batch} = micro batch {args.e2e_micro_batch} x "
+              f"{accum} accumulation steps x {world} rank(s); DeepSpeed config {args.ds_config}", flush=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model, qcfg = build_packed_model(from_dir, ds_config, dtype)
+    partitions = partition_report(model)
+    tokenizer = AutoTokenizer.from_pretrained(from_dir)
+    windows, _ = calibration_windows(tokenizer, args.calib_dataset, args.e2e_seqlen, args.e2e_train_size, 0,
+                                     args.seed + 1)
+    settings = E2ESettings(epochs=args.e2e_epochs, global_batch=args.e2e_global_batch,
+                           micro_batch=args.e2e_micro_batch, lr=args.e2e_lr, warmup=args.e2e_warmup,
+                           max_grad_norm=args.e2e_max_grad_norm, grad_checkpointing=not args.no_grad_checkpointing,
+                           save_every=args.e2e_save_every, seed=args.seed)
+    monitor = None if args.no_tensorboard else Monitor(out / "tb" / ("e2e" if world == 1 else f"e2e-rank{rank}"))
+    progress.phase = "E2E-QP training"
+    report = train_e2e(model, windows, settings, ds_config, accum, out / "e2e_ckpt", device,
+                       log=lambda m: print(m, flush=True), monitor=monitor)
+    engine = report.pop("engine")
+    progress.phase = "E2E-QP export"
+    state = gathered_state(engine.module)
+    if monitor:
+        monitor.close()
+    if rank != 0:
+        dist.barrier()
+        return 0
+    packed, tok = load_packed_model(from_dir)
+    before = {k: v.clone() for k, v in packed.state_dict().items()}
+    scales = {k: v.float() for k, v in state.items() if k.endswith(".scales")}
+    packed.load_state_dict(scales, strict=False)
+    after = packed.state_dict()
+    report["integers_unchanged"] = all(torch.equal(before[k], after[k]) for k in before if not before[k].is_floating_point())
+    report["scales_changed"] = sum(not torch.equal(before[k], after[k]) for k in scales)
+    report["partition"] = partitions
+    report["ds_config"] = args.ds_config
+    save_packed_model(packed.to(DTYPES[args.export_dtype]), tok, out, qcfg)
+    del packed
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results["e2e"] = report
+    progress.phase = "evaluation after E2E-QP"
+    reloaded, _ = load_packed_model(out)
+    results["quantized_e2e"] = evaluate(reloaded, tok, args, device, qcfg.tag() + "+e2e")
+    _write_results(out, results)
+    dist.barrier()
+    print(f"[done] E2E-QP {report['steps']} steps; {out / 'results.json'}")
     return 0

@@ -57,7 +57,7 @@ def test_cli_exits_with_one_line_message(tmp_path):
 def test_rtn_run_on_the_real_model_writes_export_and_results(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
-                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--eval-datasets", "wiki",
+                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--phase", "block-ap", "--eval-datasets", "wiki",
                     "--eval-seqlen", "256", "--eval-max-windows", "3", "--no-tensorboard"], check=True,
                    capture_output=True)
     results = json.loads((out / "results.json").read_text())

@@ -1,0 +1,115 @@
+"""Everything DeepSpeed-specific of E2E-QP: the config, the model built under zero.Init (so the
+whole model never lands on one device), loading weights into partitioned parameters, the engine,
+and gathering parameters back for export."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import torch._dynamo  # noqa: F401  must be imported before zero.Init patches tensor creation
+import transformers.generation.continuous_batching  # noqa: F401  (imports dynamo-dependent code early)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = {"zero3-offload": "zero3_offload.json", "zero3": "zero3.json", "single-gpu": "single_gpu.json"}
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(var, default)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def load_ds_config(name_or_path: str, micro_batch: int, global_batch: int, world: int, max_grad_norm: float,
+                   bf16: bool) -> tuple[dict, int]:
+    """The DeepSpeed config with batch sizes filled in so that the global batch is what the user asked
+    for whatever the number of ranks; returns (config, gradient accumulation steps)."""
+    path = Path(name_or_path)
+    if name_or_path in CONFIGS:
+        path = ROOT / "ds_configs" / CONFIGS[name_or_path]
+    if not path.is_file():
+        raise ValueError(f"--ds-config {name_or_path}: not a file nor one of {', '.join(CONFIGS)}")
+    config = json.loads(path.read_text())
+    if global_batch % (micro_batch * world):
+        raise ValueError(f"--e2e-global-batch {global_batch} is not a multiple of micro batch {micro_batch} x "
+                         f"{world} ranks; choose a global batch divisible by {micro_batch * world}")
+    accum = global_batch // (micro_batch * world)
+    config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accum,
+                  train_batch_size=global_batch, gradient_clipping=max_grad_norm)
+    config["bf16"] = {"enabled": bool(bf16)}
+    return config, accum
+
+
+def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
+    """The packed model of `folder` (a GPTQ-v2 export) with every parameter created partitioned under
+    zero.Init (ZeRO-3) and its weights loaded rank 0 -> partitions, one module at a time."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..export.gptq_v2 import _read_state
+    from ..models.blocks import decoder_layers
+    from ..models.quantize import packed_skeleton
+    from ..quant import QuantConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    qc = config.quantization_config
+    cfg = QuantConfig(qc["bits"], qc["group_size"])
+    del config.quantization_config
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    context = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype) if zero3 else torch.device("cpu")
+    from transformers.initialization import no_init_weights
+
+    with context, no_init_weights():  # every weight is loaded below; init would touch empty partitions
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for block in decoder_layers(model):
+            packed_skeleton(block, cfg, dtype)
+    if config.tie_word_embeddings:
+        model.tie_weights()  # lm_head shares the embedding (its own tensor is not in the checkpoint)
+    state = _read_state(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=zero3):
+            if state:
+                for pname, p in params.items():
+                    key = f"{name}.{pname}" if name else pname
+                    if key in state:
+                        p.data.copy_(state[key].to(p.dtype))
+                    elif not (key == "lm_head.weight" and config.tie_word_embeddings):
+                        raise KeyError(f"{folder} has no tensor {key}")
+    return model, cfg
+
+
+def gathered_state(model) -> dict[str, torch.Tensor]:
+    """Full CPU copies of every parameter (on rank 0; empty elsewhere), gathered one module at a time."""
+    import deepspeed
+
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    out = {}
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero3):
+            if rank0:
+                for pname, p in params.items():
+                    out[f"{name}.{pname}" if name else pname] = p.detach().cpu().clone()
+    return out
+
+
+def partition_report(model) -> dict:
+    """For each integer parameter kind: elements held by this rank vs the whole tensor (proves sharding)."""
+    local = full = 0
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            full += getattr(p, "ds_numel", p.numel())
+            local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+    return {"int_elements_local": local, "int_elements_full": full}

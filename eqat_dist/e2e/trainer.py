@@ -1,0 +1,110 @@
+"""E2E-QP: with the integer weights and zero points frozen, train only the step sizes (`scales`)
+end to end on the causal-LM loss. AdamW over the scales alone, cosine schedule with linear warm-up,
+gradient clipping (in the DeepSpeed config), gradient checkpointing, data-parallel over ranks with the
+global batch fixed whatever the number of ranks; DeepSpeed checkpoints for resume."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class E2ESettings:
+    epochs: int = 1
+    global_batch: int = 32
+    micro_batch: int = 1
+    lr: float = 2e-5
+    warmup: float = 0.03
+    max_grad_norm: float = 0.3
+    grad_checkpointing: bool = True
+    save_every: int = 50
+    seed: int = 0
+
+
+def default_e2e_lr(bits: int) -> float:
+    return 2e-5 if bits <= 2 else 1e-5
+
+
+def warmup_cosine(step: int, total: int, warmup_steps: int) -> float:
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total - warmup_steps)))
+
+
+def freeze_all_but_scales(model) -> list[str]:
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".scales"))
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise ValueError("the model has no packed layers with scales: run Block-AP or RTN first (--from DIR)")
+    return names
+
+
+def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: dict, accum: int, ckpt_dir: Path,
+              device, log=print, monitor=None) -> dict:
+    import deepspeed
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    trainable = freeze_all_but_scales(model)
+    if settings.grad_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
+    steps_per_epoch = len(windows) // settings.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"--e2e-train-size {len(windows)} is smaller than one global batch ({settings.global_batch})")
+    total = settings.epochs * steps_per_epoch
+    warm = max(1, round(settings.warmup * total)) if settings.warmup > 0 else 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm) if warm else
+                                                 warmup_cosine(s, total, 0))
+    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                          config=ds_config)
+    ckpt_dir = Path(ckpt_dir)
+    start = 0
+    if (ckpt_dir / "latest").exists():
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start = int(client["step"])
+        log(f"[e2e] resumed from {ckpt_dir} at step {start}/{total}")
+    optimizer_names = trainable  # the only parameters handed to the optimizer
+    losses = []
+    t0, tokens = time.time(), 0
+    per_rank = settings.micro_batch * accum
+    for step in range(start, total):
+        epoch, s = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
+        batch = order[s * settings.global_batch:(s + 1) * settings.global_batch]
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for a in range(accum):
+            ids = windows[mine[a * settings.micro_batch:(a + 1) * settings.micro_batch]].to(device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()  # the optimizer steps at the accumulation boundary only
+            loss_sum += loss.detach().double().cpu()
+            tokens += ids.numel() * world
+        dist.all_reduce(loss_sum)
+        mean_loss = (loss_sum / (world * accum)).item()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"E2E-QP: non-finite loss at step {step}; lower --e2e-lr")
+        losses.append(mean_loss)
+        if monitor:
+            monitor.scalar("e2e/loss", mean_loss, step)
+            monitor.scalar("e2e/lr", schedule.get_last_lr()[0], step)
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                monitor.scalar("e2e/grad_norm", float(norm), step)
+        if rank == 0:
+            log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e}")
+        if (step + 1) % settings.save_every == 0 or step + 1 == total:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
+    seconds = time.time() - t0
+    return {"steps": total, "resumed_at": start, "losses": losses, "optimizer_params": optimizer_names,
+            "accumulation_steps": accum, "ranks": world, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0, "engine": engine}
