@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch

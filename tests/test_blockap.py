@@ -1,5 +1,4 @@
 """Block-AP: the trainer on one block and the single-process schedule."""
-import copy
 import os
 import signal
 import subprocess
@@ -11,13 +10,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from eqat_dist.blockap import trainer as trainer_mod
 from eqat_dist.blockap.checkpoint import ResumeError, block_path
 from eqat_dist.blockap.steps import make_student
 from eqat_dist.blockap.stores import ActivationStore
 from eqat_dist.blockap.trainer import BlockAPSettings, NonFiniteLossError, train_block
 from eqat_dist.models import decoder_layers, embed, record_block_calls, run_block
-from eqat_dist.models.quantize import packed_linears, quant_linears, to_fake_quant, to_packed
+from eqat_dist.models.quantize import quant_linears
 from eqat_dist.models.lazy import LazyModel
 from eqat_dist.pipelines import round_robin as local
 from eqat_dist.pipelines.round_robin import StreamSpec, assemble, run_blockap
@@ -115,8 +113,8 @@ def _packed_state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
-    """Block 1 must be trained on the output of the *quantized* block 0, not of the fp block 0."""
+def _record_training_inputs(monkeypatch) -> dict:
+    """Make the pipeline's trainer record each block's student inputs (index -> tensor)."""
     seen = {}
     real = local.train_block
 
@@ -125,6 +123,12 @@ def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
         return real(block, index, inputs, *rest, **kw)
 
     monkeypatch.setattr(local, "train_block", spy)
+    return seen
+
+
+def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
+    """Block 1 must be trained on the output of the *quantized* block 0, not of the fp block 0."""
+    seen = _record_training_inputs(monkeypatch)
     fp_model = tiny_model("llama", layers=2)
     model = _run(fp_model, tmp_path)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
@@ -138,14 +142,7 @@ def test_student_input_is_the_quantized_stream(tmp_path, monkeypatch):
 
 
 def test_teacher_mode_trains_every_block_on_the_fp_stream(tmp_path, monkeypatch):
-    seen = {}
-    real = local.train_block
-
-    def spy(block, index, inputs, *rest, **kw):
-        seen[index] = inputs.get(list(range(len(inputs)))).clone()
-        return real(block, index, inputs, *rest, **kw)
-
-    monkeypatch.setattr(local, "train_block", spy)
+    seen = _record_training_inputs(monkeypatch)
     fp_model = tiny_model("llama", layers=2)
     _run(fp_model, tmp_path, student_input="teacher")
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]

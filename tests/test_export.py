@@ -19,7 +19,6 @@ class _NoTokenizer:
 
 @pytest.fixture
 def exported(tmp_path, monkeypatch):
-    import eqat_dist.export.gptq_v2 as gv2
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     cfg = QuantConfig(3, 32)
     model = quantize_rtn(tiny_model("qwen2"), cfg)  # qwen2: q/k/v biases are exported too

@@ -23,6 +23,7 @@ from ..blockap.steps import advance, finish_student, make_student, restore_block
 from ..blockap.stores import ActivationStore, describe_memory
 from ..blockap.trainer import BlockAPSettings, train_block
 from ..dist.transport import LocalTransport, Transport
+from ..models.blocks import run_block
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor
@@ -110,7 +111,6 @@ class _Rank:
                     idx = list(range(a + c, a + d))
                     with torch.no_grad(), torch.autocast(self.device.type, dtype=self.settings.amp_dtype,
                                                          enabled=self.settings.amp_dtype is not None):
-                        from ..models.blocks import run_block
                         fp_out.put(idx, run_block(fp_block, fp_in.get(idx), call))
                 if remote_out:
                     self._send_from(fp_out, a, b, dst, _tag(i + 1, 0, s))
