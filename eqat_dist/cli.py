@@ -173,7 +173,6 @@ def validate(args) -> None:
         if not (source / "config.json").exists() or "quantization_config" not in (source / "config.json").read_text():
             raise UsageError(f"--phase e2e needs a packed model from Block-AP or RTN in {source} (pass --from DIR)")
         args.from_dir = str(source)
-        args.resuming = True
         return
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         manifest = out / "blockap" / "manifest.json"
@@ -182,9 +181,7 @@ def validate(args) -> None:
                              "choose another folder")
         if not manifest.exists():
             raise UsageError(f"--output {out} exists and is not empty; pass --overwrite or choose another folder")
-        args.resuming = True  # our own unfinished run: continue it (settings are checked against it)
-    else:
-        args.resuming = False
+        # else: our own unfinished run, continued; the manifest check refuses other settings
 
 
 def run_settings(args) -> dict:
