@@ -24,7 +24,7 @@ def run(ranks: int, mode: str, bits: int, a, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", str(bits),
            "--group-size", "64", "--output", str(out), "--overwrite", "--phase", "block-ap", "--epochs", str(a.epochs), "--train-size",
            str(a.train_size), "--val-size", str(a.val_size), "--seqlen", str(a.seqlen), "--quant-lr", str(a.quant_lr),
-           "--weight-lr", str(a.weight_lr), "--student-input", mode, "--eval-datasets", "wiki", "--eval-seqlen",
+           "--weight-lr", str(a.weight_lr), "--student-input", mode, "--eval-datasets", "wiki", "--zeroshot-tasks", "", "--eval-seqlen",
            "512", "--eval-max-windows", str(a.eval_windows), "--skip-fp-eval", "--no-tensorboard"]
     if ranks > 1:
         cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
@@ -34,7 +34,7 @@ def run(ranks: int, mode: str, bits: int, a, out: Path) -> dict:
     wall = time.time() - t0
     results = json.loads((out / "results.json").read_text())
     return {"ranks": ranks, "mode": mode, "bits": bits, "wall_s": wall, "blockap_wall_s": results["blockap_wall_s"],
-            "ppl": results["quantized"]["wiki"]["ppl"],
+            "ppl": results["quantized"]["perplexity"]["wiki"]["ppl"],
             "wait_s_max": max(b.get("wait_s", 0.0) for b in results["blocks"])}
 
 

@@ -54,15 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--eval-max-windows", type=int, default=None, help="cap on windows per dataset (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=1)
+    p.add_argument("--zeroshot-tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande",
+                   help="comma list of zero-shot tasks scored offline from bundled data ('' = none)")
+    p.add_argument("--zeroshot-limit", type=int, default=None,
+                   help="items per zero-shot task, a fixed random subset (default: the whole split)")
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the full-precision model")
     p.add_argument("--export-dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the export")
     p.add_argument("--no-tensorboard", action="store_true")
     # Phases and E2E-QP (paper defaults)
-    p.add_argument("--phase", default="all", choices=["all", "block-ap", "e2e"],
-                   help="all: Block-AP (or RTN with --epochs 0) then E2E-QP; or one phase alone")
+    p.add_argument("--phase", default="all", choices=["all", "block-ap", "e2e", "eval"],
+                   help="all: Block-AP (or RTN with --epochs 0), E2E-QP, evaluation; or one phase alone")
     p.add_argument("--from", dest="from_dir", default=None,
-                   help="for --phase e2e: a packed model folder from an earlier phase (default: --output)")
+                   help="for --phase e2e/eval: a packed model folder from an earlier phase (default: --output)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs (0 = skip E2E-QP)")
     p.add_argument("--e2e-train-size", type=int, default=4096)
     p.add_argument("--e2e-seqlen", type=int, default=4096)
@@ -165,13 +169,22 @@ def validate(args) -> None:
     for name in ("e2e_seqlen", "e2e_global_batch", "e2e_micro_batch", "e2e_save_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    from .data.text import DataError
+    from .eval.zeroshot import parse_tasks
+    try:
+        args.zeroshot_tasks = parse_tasks(args.zeroshot_tasks or "")
+    except DataError as err:
+        raise UsageError(f"--zeroshot-tasks: {err}") from err
+    if args.zeroshot_limit is not None and args.zeroshot_limit < 2:
+        raise UsageError("--zeroshot-limit must be >= 2 (items per task)")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
-    if args.phase == "e2e":
+    if args.phase in ("e2e", "eval"):
         source = Path(args.from_dir or args.output)
         if not (source / "config.json").exists() or "quantization_config" not in (source / "config.json").read_text():
-            raise UsageError(f"--phase e2e needs a packed model from Block-AP or RTN in {source} (pass --from DIR)")
+            raise UsageError(f"--phase {args.phase} needs a packed model from an earlier phase in {source} "
+                             "(pass --from DIR)")
         args.from_dir = str(source)
         return
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -16,7 +16,10 @@ from .cli import DTYPES, run_settings
 from .data.windows import calibration_windows, eval_windows
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
+from .eval.report import write_report
+from .eval.zeroshot import zero_shot
 from .export import load_packed_model, save_packed_model
+from .export.gptq_v2 import read_quant_config
 from .models import load_model
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
@@ -25,15 +28,29 @@ from .utils.monitor import Monitor, summary_table
 
 
 def evaluate(model, tokenizer, args, device, label: str) -> dict:
-    out = {}
+    """Perplexity on each --eval-datasets source and zero-shot accuracy on --zeroshot-tasks."""
+    out = {"perplexity": {}, "zero_shot": {}}
     model.to(device)
     for name in [d for d in args.eval_datasets.split(",") if d]:
         windows = eval_windows(tokenizer, name, args.eval_seqlen, args.eval_max_windows)
-        out[name] = {"ppl": perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}"),
-                     "windows": len(windows), "seqlen": args.eval_seqlen}
-        print(f"[eval] {label:>10} {name:>6}: perplexity {out[name]['ppl']:.3f} ({len(windows)} x {args.eval_seqlen})")
+        ppl = perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}")
+        out["perplexity"][name] = {"ppl": ppl, "windows": len(windows), "seqlen": args.eval_seqlen}
+        print(f"[eval] {label:>10} {name:>13}: perplexity {ppl:.3f} ({len(windows)} x {args.eval_seqlen})")
+    if args.zeroshot_tasks:
+        out["zero_shot"] = zero_shot(model, tokenizer, args.zeroshot_tasks, device, args.zeroshot_limit, label,
+                                     max_length=args.eval_seqlen)
     model.cpu()
     return out
+
+
+def _log_eval(out: Path, label: str, result: dict) -> None:
+    """Final figures as TensorBoard scalars beside the training curves."""
+    writer = Monitor(out / "tb" / "eval")
+    for name, r in result["perplexity"].items():
+        writer.scalar(f"eval/{label}/{name}_ppl", r["ppl"], 0)
+    for name, r in result["zero_shot"].items():
+        writer.scalar(f"eval/{label}/{name}_acc", r["acc"], 0)
+    writer.close()
 
 
 def _rank_device(args, transport) -> torch.device:
@@ -50,6 +67,9 @@ def run(args) -> int:
         transport.barrier()  # every rank validated the output folder before anyone writes to it
         if args.phase == "e2e":
             return _e2e(args, transport, progress, out, Path(args.from_dir))
+        if args.phase == "eval":
+            progress.phase = "evaluation"
+            return _eval_phase(args, out) if transport.rank == 0 else 0
         if transport.rank == 0:
             if args.overwrite and out.exists():
                 shutil.rmtree(out)
@@ -138,16 +158,15 @@ def _run(args, transport, progress, out: Path) -> int:
     if not args.skip_fp_eval:
         fp_model, _ = load_model(args.model)
         results["fp"] = evaluate(fp_model, tokenizer, args, device, "fp")
+        if not args.no_tensorboard:
+            _log_eval(out, "fp", results["fp"])
         del fp_model
     results["seconds"] = time.time() - t_start
     _write_results(out, results)
     if args.phase == "all" and args.e2e_epochs > 0:
         transport.barrier()  # the other ranks wait here for the export E2E-QP starts from
-    if monitor and monitor.writer is not None:
-        writer = Monitor(out / "tb" / "eval")
-        for name, r in results["quantized"].items():
-            writer.scalar(f"eval/{name}_ppl", r["ppl"], 0)
-        writer.close()
+    if not args.no_tensorboard:
+        _log_eval(out, "quantized", results["quantized"])
     print(f"[done] {out} ({results['seconds']:.0f} s); results in {out / 'results.json'}")
     return 0
 
@@ -158,9 +177,35 @@ def _wait_for_rank0(transport) -> int:
 
 
 def _write_results(out: Path, results: dict) -> None:
+    """results.json and its human-readable twin report.md, each replaced atomically."""
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")
+    write_report(out / "report.md", results)
+
+
+def _eval_phase(args, out: Path) -> int:
+    """--phase eval: evaluate the packed model in --from (default --output), results into --output."""
+    source = Path(args.from_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    packed, tokenizer = load_packed_model(source)
+    qcfg = read_quant_config(source)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results.setdefault("settings", {"model": args.model, "wbits": qcfg.bits, "group_size": qcfg.group_size})
+    entry = {"model_dir": str(source.resolve()), "settings": {
+        "eval_datasets": args.eval_datasets, "eval_seqlen": args.eval_seqlen, "eval_max_windows": args.eval_max_windows,
+        "zeroshot_tasks": args.zeroshot_tasks, "zeroshot_limit": args.zeroshot_limit}}
+    entry["quantized"] = evaluate(packed, tokenizer, args, args.device, qcfg.tag())
+    del packed
+    if not args.skip_fp_eval:
+        fp_model, _ = load_model(args.model)
+        entry["fp"] = evaluate(fp_model, tokenizer, args, args.device, "fp")
+    results["eval"] = entry
+    _write_results(out, results)
+    if not args.no_tensorboard:
+        _log_eval(out, "eval", entry["quantized"])
+    print(f"[done] evaluation of {source}; {out / 'results.json'}, {out / 'report.md'}")
+    return 0
 
 
 def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
@@ -220,6 +265,8 @@ def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
     reloaded, _ = load_packed_model(out)
     results["quantized_e2e"] = evaluate(reloaded, tok, args, device, qcfg.tag() + "+e2e")
     _write_results(out, results)
+    if not args.no_tensorboard:
+        _log_eval(out, "quantized_e2e", results["quantized_e2e"])
     dist.barrier()
     print(f"[done] E2E-QP {report['steps']} steps; {out / 'results.json'}")
     return 0

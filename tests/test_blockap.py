@@ -218,7 +218,7 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     def command(out):
         return [sys.executable, str(ROOT / "launch" / "run.py"), "--model", str(model_dir), "--wbits", "2",
                 "--group-size", "32", "--output", str(out), "--epochs", "2", "--phase", "block-ap", "--train-size", "8", "--val-size", "2",
-                "--seqlen", "32", "--eval-datasets", "news", "--eval-seqlen", "32", "--eval-max-windows", "2",
+                "--seqlen", "32", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "2",
                 "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--skip-fp-eval", "--no-tensorboard"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")

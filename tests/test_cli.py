@@ -54,16 +54,35 @@ def test_cli_exits_with_one_line_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_rtn_run_on_the_real_model_writes_export_and_results(tmp_path):
+def test_rtn_run_on_the_real_model_writes_export_results_and_report(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
-                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--phase", "block-ap", "--eval-datasets", "wiki",
-                    "--eval-seqlen", "256", "--eval-max-windows", "3", "--no-tensorboard"], check=True,
+                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--phase", "block-ap",
+                    "--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows", "3",
+                    "--zeroshot-tasks", "arc_easy,piqa", "--zeroshot-limit", "24", "--no-tensorboard"], check=True,
                    capture_output=True)
     results = json.loads((out / "results.json").read_text())
-    fp, q = results["fp"]["wiki"]["ppl"], results["quantized"]["wiki"]["ppl"]
+    fp, q = results["fp"]["perplexity"]["wiki"]["ppl"], results["quantized"]["perplexity"]["wiki"]["ppl"]
     assert 5 < fp < 60 and fp < q < 3 * fp  # 4-bit RTN: worse than fp, far from broken
     assert results["settings"]["wbits"] == 4 and results["method"] == "rtn"
+    zs = results["quantized"]["zero_shot"]
+    assert zs["piqa"]["items"] == 24 and zs["piqa"]["split_items"] == 1838 and zs["arc_easy"]["requests"] > 48
+    assert results["fp"]["zero_shot"]["piqa"]["acc"] > 0.5  # the real model beats chance on PIQA
+    assert zs["average"]["acc"] == (zs["piqa"]["acc"] + zs["arc_easy"]["acc"]) / 2
+    report = (out / "report.md").read_text()
+    assert f"| {q:.2f} |" in report and "| model | arc_easy | piqa | average |" in report and "n=24)" in report
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
     assert (out / "tokenizer.json").exists()
+
+    # --phase eval on that export, into another folder: the same model gives the same figures.
+    again = tmp_path / "again"
+    subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
+                    "--group-size", "64", "--phase", "eval", "--from", str(out), "--output", str(again),
+                    "--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows", "3",
+                    "--zeroshot-tasks", "piqa", "--zeroshot-limit", "24", "--skip-fp-eval", "--no-tensorboard"],
+                   check=True, capture_output=True)
+    ev = json.loads((again / "results.json").read_text())["eval"]
+    assert ev["quantized"]["perplexity"]["wiki"]["ppl"] == q
+    assert ev["quantized"]["zero_shot"]["piqa"]["acc"] == zs["piqa"]["acc"]
+    assert "(--phase eval)" in (again / "report.md").read_text()

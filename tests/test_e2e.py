@@ -53,7 +53,7 @@ def rtn_export(tmp_path_factory):
     tiny_model("llama", layers=2, vocab=49152).save_pretrained(base / "fp")
     AutoTokenizer.from_pretrained(str(bundled_model_dir())).save_pretrained(base / "fp")
     subprocess.run([sys.executable, RUN, "--model", str(base / "fp"), "--wbits", "2", "--group-size", "32",
-                    "--output", str(base / "rtn"), "--epochs", "0", "--phase", "block-ap", "--eval-datasets", "news",
+                    "--output", str(base / "rtn"), "--epochs", "0", "--phase", "block-ap", "--eval-datasets", "news", "--zeroshot-tasks", "",
                     "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval", "--no-tensorboard"],
                    check=True, env=_env(), capture_output=True)
     return base
@@ -62,7 +62,7 @@ def rtn_export(tmp_path_factory):
 def _e2e_args(rtn_export, out, extra=()):
     return ["--phase", "e2e", "--from", str(rtn_export / "rtn"), "--model", str(rtn_export / "fp"), "--wbits", "2",
             "--group-size", "32", "--output", str(out), "--e2e-train-size", "16", "--e2e-seqlen", "32",
-            "--e2e-global-batch", "4", "--e2e-lr", "1e-3", "--e2e-save-every", "1", "--eval-datasets", "news",
+            "--e2e-global-batch", "4", "--e2e-lr", "1e-3", "--e2e-save-every", "1", "--eval-datasets", "news", "--zeroshot-tasks", "",
             "--eval-seqlen", "32", "--eval-max-windows", "1", "--no-tensorboard", *extra]
 
 
@@ -125,7 +125,7 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
     """The trainer on the real model, under DeepSpeed stage 0 (ZeRO-3 is covered above on a tiny model:
     on CPU it costs minutes per step here)."""
     rtn = tmp_path / "rtn"
-    common = ["--wbits", "2", "--group-size", "64", "--eval-datasets", "news", "--eval-seqlen", "64",
+    common = ["--wbits", "2", "--group-size", "64", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "64",
               "--eval-max-windows", "2", "--skip-fp-eval", "--no-tensorboard"]
     subprocess.run([sys.executable, RUN, "--model", "smollm2-135m", "--output", str(rtn), "--epochs", "0",
                     "--phase", "block-ap", *common], check=True, env=_env(), capture_output=True)

@@ -89,17 +89,27 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
+    """The bit width and group size of the packed checkpoint in `path` (its quantization_config)."""
+    from transformers import AutoConfig
+
+    config = config or AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        raise CheckpointError(f"{path}: config.json has no quantization_config; not a packed checkpoint.")
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("checkpoint_format") != "gptq_v2" or qc.get("sym") or qc.get("desc_act"):
+        raise CheckpointError(f"{path}: only asymmetric GPTQ v2 checkpoints without act-order are supported.")
+    return QuantConfig(qc["bits"], qc["group_size"])
+
+
 def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(model with PackedLinear blocks, tokenizer) from a folder written by `save_packed_model`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    qc = config.quantization_config
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("checkpoint_format") != "gptq_v2" or qc.get("sym") or qc.get("desc_act"):
-        raise CheckpointError(f"{path}: only asymmetric GPTQ v2 checkpoints without act-order are supported.")
-    cfg = QuantConfig(qc["bits"], qc["group_size"])
+    cfg = read_quant_config(path, config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for block in decoder_layers(model):
