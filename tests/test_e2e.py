@@ -122,8 +122,7 @@ def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank
 
 @pytest.mark.slow
 def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
-    """The trainer on the real model, under DeepSpeed stage 0 (ZeRO-3 is covered above on a tiny model:
-    on CPU it costs minutes per step here)."""
+    """The trainer on the real model, on ZeRO-3 with parameters and optimizer offloaded to CPU."""
     rtn = tmp_path / "rtn"
     common = ["--wbits", "2", "--group-size", "64", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "64",
               "--eval-max-windows", "2", "--skip-fp-eval", "--no-tensorboard"]
@@ -133,7 +132,7 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
     subprocess.run([sys.executable, RUN, "--model", "smollm2-135m", "--phase", "e2e", "--from", str(rtn), "--output",
                     str(out), "--e2e-train-size", "4", "--e2e-seqlen", "64", "--e2e-global-batch", "4",
                     "--e2e-micro-batch", "2", "--e2e-epochs", "4", "--e2e-lr", "2e-3", "--e2e-warmup", "0",
-                    "--ds-config", "single-gpu",
+                    "--ds-config", "zero3-offload",
                     *common], check=True, env=_env(), capture_output=True)
     results = json.loads((out / "results.json").read_text())
     losses = results["e2e"]["losses"]  # the same 4 windows every epoch
@@ -141,16 +140,20 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
     assert results["e2e"]["integers_unchanged"] is True
 
 
-def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypatch):
-    """Same logits as `load_packed_model` (catches an untied lm_head or a tensor left unloaded)."""
+@pytest.mark.parametrize("ds_config", ["single-gpu", "zero3"])
+def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypatch, ds_config):
+    """Same float32 logits as `load_packed_model` (catches an untied lm_head, a tensor left unloaded, and
+    zero.Init silently building the model in bfloat16)."""
+    import deepspeed
     from eqat_dist.e2e.ds_setup import build_packed_model, init_distributed
     from eqat_dist.export import load_packed_model
 
     monkeypatch.setenv("MASTER_PORT", str(random.randint(20000, 40000)))
     init_distributed()
-    config, _ = load_ds_config("single-gpu", 1, 1, 1, 0.3, False)
+    config, _ = load_ds_config(ds_config, 1, 1, 1, 0.3, False)
     model, _ = build_packed_model(rtn_export / "rtn", config, torch.float32)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
     reference, _ = load_packed_model(rtn_export / "rtn")
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=ds_config == "zero3"):
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)

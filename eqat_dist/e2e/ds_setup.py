@@ -62,13 +62,21 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     cfg = QuantConfig(qc["bits"], qc["group_size"])
     del config.quantization_config
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    context = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype) if zero3 else torch.device("cpu")
+    if zero3 and (dtype == torch.bfloat16) != bool(ds_config.get("bf16", {}).get("enabled")):
+        raise ValueError(f"model dtype {dtype} disagrees with the DeepSpeed config's bf16 setting")
+    # dtype comes from the config's bf16/fp16 flags: zero.Init(dtype=torch.float32) is silently turned into
+    # bfloat16 on accelerators without fp16 support (DeepSpeed 0.19 operator-precedence bug), and
+    # CPU bf16 matmuls are ~50x slower than float32 ones.
+    context = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else torch.device("cpu")
     from transformers.initialization import no_init_weights
 
     with context, no_init_weights():  # every weight is loaded below; init would touch empty partitions
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for block in decoder_layers(model):
             packed_skeleton(block, cfg, dtype)
+    wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"the packed model was built in {', '.join(sorted(wrong))} instead of {dtype}")
     if config.tie_word_embeddings:
         model.tie_weights()  # lm_head shares the embedding (its own tensor is not in the checkpoint)
     state = _read_state(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
