@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models.blocks import BlockCall, run_block
 from ..models.quantize import quant_linears
+from ..utils.memory import peak_memory_mib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -170,11 +171,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     report.seconds = time.perf_counter() - start
     report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0
     report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
-    if device.type == "cuda":
-        report.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
-        report.peak_mem_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+    peaks = peak_memory_mib(device)
+    report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else process peak RSS
     for p in block.parameters():
         p.requires_grad_(False)
     return report

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils.memory import peak_memory_mib
+
 
 @dataclass
 class E2ESettings:
@@ -46,6 +48,13 @@ def freeze_all_but_scales(model) -> list[str]:
     return names
 
 
+def optimizer_state_elements(optimizer) -> int:
+    """Elements of Adam's first moments held by this rank: what the optimizer really trains (DeepSpeed
+    wraps the torch optimizer; under ZeRO its state lives on flat partitions of the trainable tensors)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(state["exp_avg"].numel() for state in inner.state.values() if "exp_avg" in state)
+
+
 def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: dict, accum: int, ckpt_dir: Path,
               device, log=print, monitor=None) -> dict:
     import deepspeed
@@ -73,27 +82,29 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         start = int(client["step"])
         log(f"[e2e] resumed from {ckpt_dir} at step {start}/{total}")
     optimizer_names = trainable  # the only parameters handed to the optimizer
-    losses = []
+    losses, step_seconds = [], []
     t0, tokens = time.time(), 0
     per_rank = settings.micro_batch * accum
     for step in range(start, total):
+        step_start = time.perf_counter()
         epoch, s = divmod(step, steps_per_epoch)
         order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
         batch = order[s * settings.global_batch:(s + 1) * settings.global_batch]
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces GPU tensors only
         for a in range(accum):
             ids = windows[mine[a * settings.micro_batch:(a + 1) * settings.micro_batch]].to(device)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             engine.step()  # the optimizer steps at the accumulation boundary only
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             tokens += ids.numel() * world
         dist.all_reduce(loss_sum)
         mean_loss = (loss_sum / (world * accum)).item()
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"E2E-QP: non-finite loss at step {step}; lower --e2e-lr")
         losses.append(mean_loss)
+        step_seconds.append(time.perf_counter() - step_start)
         if monitor:
             monitor.scalar("e2e/loss", mean_loss, step)
             monitor.scalar("e2e/lr", schedule.get_last_lr()[0], step)
@@ -105,6 +116,14 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
     seconds = time.time() - t0
+    memory = [None] * world
+    dist.all_gather_object(memory, peak_memory_mib(torch.device(device)))
+    state_elements = torch.tensor(optimizer_state_elements(optimizer), dtype=torch.int64, device=device)
+    dist.all_reduce(state_elements)
+    scale_elements = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return {"steps": total, "resumed_at": start, "losses": losses, "optimizer_params": optimizer_names,
+            "optimizer_state_elements_all_ranks": int(state_elements), "scale_elements": scale_elements,
             "accumulation_steps": accum, "ranks": world, "seconds": seconds,
-            "tokens_per_s": tokens / seconds if seconds else 0.0, "engine": engine}
+            "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else None,
+            "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mib_per_rank": memory,
+            "engine": engine}

@@ -74,7 +74,7 @@ def _training(results: dict) -> list[str]:
         lines += ["## E2E-QP", "",
                   f"{e2e['steps']} steps on {e2e['ranks']} rank(s) ({e2e.get('ds_config', '')}), loss "
                   f"{e2e['losses'][0]:.4f} -> {e2e['losses'][-1]:.4f}, {e2e['tokens_per_s']:.0f} tokens/s; "
-                  f"integer weights unchanged: {e2e.get('integers_unchanged')}.", ""]
+                  f"integer weights unchanged: {e2e.get('integers_unchanged')}.", *_e2e_costs(e2e), ""]
     return lines
 
 
@@ -92,3 +92,14 @@ def write_report(path: Path, results: dict) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(render(results))
     os.replace(tmp, path)
+
+
+def _e2e_costs(e2e: dict) -> list[str]:
+    """Step time and peak memory per rank, when the run recorded them."""
+    lines = []
+    if e2e.get("step_seconds_median") is not None:
+        lines.append(f"- Median step time {e2e['step_seconds_median']:.2f} s.")
+    for rank, peaks in enumerate(e2e.get("peak_memory_mib_per_rank") or []):
+        device = f", device {peaks['device']:.0f} MiB" if "device" in peaks else ""
+        lines.append(f"- Rank {rank} peak memory: host RSS {peaks['host_rss']:.0f} MiB{device}.")
+    return lines
