@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-warmup", type=float, default=0.03, help="warm-up fraction of the steps")
     p.add_argument("--e2e-max-grad-norm", type=float, default=0.3)
     p.add_argument("--e2e-save-every", type=int, default=50, help="DeepSpeed checkpoint every N steps")
+    p.add_argument("--e2e-keep-checkpoints", type=int, default=1,
+                   help="newest E2E-QP checkpoints kept on disk (0 = keep all)")
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--ds-config", default="zero3-offload",
                    help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
@@ -163,7 +165,7 @@ def validate(args) -> None:
     if args.e2e_lr is None:
         from .e2e.trainer import default_e2e_lr
         args.e2e_lr = default_e2e_lr(args.wbits)
-    for name in ("e2e_epochs", "e2e_train_size"):
+    for name in ("e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("e2e_seqlen", "e2e_global_batch", "e2e_micro_batch", "e2e_save_every"):

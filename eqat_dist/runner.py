@@ -235,7 +235,8 @@ def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
     settings = E2ESettings(epochs=args.e2e_epochs, global_batch=args.e2e_global_batch,
                            micro_batch=args.e2e_micro_batch, lr=args.e2e_lr, warmup=args.e2e_warmup,
                            max_grad_norm=args.e2e_max_grad_norm, grad_checkpointing=not args.no_grad_checkpointing,
-                           save_every=args.e2e_save_every, seed=args.seed)
+                           save_every=args.e2e_save_every, keep_checkpoints=args.e2e_keep_checkpoints,
+                           seed=args.seed)
     monitor = None if args.no_tensorboard else Monitor(out / "tb" / ("e2e" if world == 1 else f"e2e-rank{rank}"))
     progress.phase = "E2E-QP training"
     report = train_e2e(model, windows, settings, ds_config, accum, out / "e2e_ckpt", device,

@@ -83,6 +83,8 @@ def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one
     report = json.loads((tmp_path / "two" / "results.json").read_text())["e2e"]
     assert report["ranks"] == 2 and report["accumulation_steps"] == 2
     assert json.loads((one_rank / "results.json").read_text())["e2e"]["accumulation_steps"] == 4
+    for run in (one_rank, tmp_path / "two"):  # a checkpoint after each of 4 steps; only the newest is kept
+        assert sorted(p.name for p in (run / "e2e_ckpt").iterdir() if p.is_dir()) == ["step4"]
     part = report["partition"]  # rank 0 holds about half of every integer tensor
     assert 0 < part["int_elements_local"] < part["int_elements_full"]
     assert report["optimizer_params"] and all(n.endswith(".scales") for n in report["optimizer_params"])
@@ -193,3 +195,16 @@ def test_whole_pipeline_on_two_deepspeed_ranks_matches_the_single_gpu_mode(rtn_e
     events = {p.parent.relative_to(tmp_path / "two" / "tb").as_posix().split("/")[0]
               for p in (tmp_path / "two" / "tb").rglob("events.out.tfevents.*")}
     assert {"rank0", "rank1"} <= events and any(e.startswith("e2e") for e in events), events
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_the_one_latest_names(tmp_path):
+    from eqat_dist.e2e.trainer import prune_checkpoints
+
+    for n in (1, 2, 3, 10, 11):
+        (tmp_path / f"step{n}").mkdir()
+    (tmp_path / "step11" / "shard.pt").write_bytes(b"x")
+    (tmp_path / "latest").write_text("step2")  # e.g. a newer save was cut short before `latest` moved
+    (tmp_path / "notes").mkdir()  # not ours: left alone
+    assert sorted(prune_checkpoints(tmp_path, keep=2)) == ["step1", "step3"]  # numeric order: step10 > step3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "step10", "step11", "step2"]
+    assert prune_checkpoints(tmp_path, keep=0) == [] and (tmp_path / "step2").exists()

@@ -5,6 +5,9 @@ global batch fixed whatever the number of ranks; DeepSpeed checkpoints for resum
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ class E2ESettings:
     max_grad_norm: float = 0.3
     grad_checkpointing: bool = True
     save_every: int = 50
+    keep_checkpoints: int = 1  # newest DeepSpeed checkpoints kept (0 = all): at 70B one holds ~13 GB of Adam state
     seed: int = 0
 
 
@@ -46,6 +50,22 @@ def freeze_all_but_scales(model) -> list[str]:
     if not names:
         raise ValueError("the model has no packed layers with scales: run Block-AP or RTN first (--from DIR)")
     return names
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
+    """Delete all but the `keep` newest `stepN` checkpoints, never the one `latest` names (DeepSpeed
+    writes `latest` only once a checkpoint is complete, so a kill mid-save still resumes from the last
+    whole one). Returns the deleted tags."""
+    if keep <= 0:
+        return []
+    ckpt_dir = Path(ckpt_dir)
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+    tags = sorted((int(m.group(1)), d.name) for d in ckpt_dir.iterdir()
+                  if d.is_dir() and (m := re.fullmatch(r"step(\d+)", d.name)))
+    doomed = [name for _, name in tags[:-keep] if name != latest]
+    for name in doomed:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)  # another node sharing the folder may race us
+    return doomed
 
 
 def optimizer_state_elements(optimizer) -> int:
@@ -115,6 +135,9 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
             log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
+            # save_checkpoint returns after a barrier: every rank's shard of the new one is written
+            if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+                prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
     seconds = time.time() - t0
     memory = [None] * world
     dist.all_gather_object(memory, peak_memory_mib(torch.device(device)))
