@@ -3,6 +3,7 @@ the integer parameters are partitioned over 2 ranks, 1 and 2 ranks agree, a kill
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,3 +209,34 @@ def test_pruning_keeps_the_newest_checkpoints_and_the_one_latest_names(tmp_path)
     assert sorted(prune_checkpoints(tmp_path, keep=2)) == ["step1", "step3"]  # numeric order: step10 > step3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "step10", "step11", "step2"]
     assert prune_checkpoints(tmp_path, keep=0) == [] and (tmp_path / "step2").exists()
+
+
+def test_resume_checks_name_a_missing_checkpoint_and_another_rank_count(tmp_path):
+    from eqat_dist.blockap.checkpoint import ResumeError
+    from eqat_dist.e2e.trainer import resumable_tag
+
+    (tmp_path / "latest").write_text("step8")
+    with pytest.raises(ResumeError, match="step8.*not a complete DeepSpeed checkpoint"):
+        resumable_tag(tmp_path, world=1, zero=True)
+    step = tmp_path / "step8"
+    step.mkdir()
+    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for r in range(2):
+        (step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert resumable_tag(tmp_path, world=2, zero=True) == "step8"
+    assert resumable_tag(tmp_path, world=4, zero=False) == "step8"  # stage 0: every rank holds everything
+    with pytest.raises(ResumeError, match=r"partitions of 2 ranks and this run has 1.*--num_gpus 2"):
+        resumable_tag(tmp_path, world=1, zero=True)
+
+
+@pytest.mark.slow
+def test_corrupt_e2e_checkpoint_is_reported_and_left_in_place(rtn_export, one_rank, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_rank / "e2e_ckpt", out / "e2e_ckpt")
+    shard = next((out / "e2e_ckpt" / "step4").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=_env(), capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert "cannot be loaded" in result.stderr and "delete" in result.stderr, result.stderr[-2000:]
+    assert shard.stat().st_size == 100 and not (out / "model.safetensors").exists()

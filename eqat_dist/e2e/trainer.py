@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..blockap.checkpoint import ResumeError
 from ..utils.memory import peak_memory_mib
 
 
@@ -68,6 +69,26 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
     return doomed
 
 
+def resumable_tag(ckpt_dir: Path, world: int, zero: bool) -> str:
+    """The checkpoint tag `latest` names, checked before DeepSpeed reads it: DeepSpeed only warns about a
+    missing folder (and then resumes from nothing), and cannot re-split ZeRO's optimizer partitions over
+    another number of ranks."""
+    restart = (f"or delete {ckpt_dir} to run E2E-QP again from its start (the model it starts from is "
+               "untouched)")
+    tag = (ckpt_dir / "latest").read_text().strip()
+    folder = ckpt_dir / tag
+    if not tag or not folder.is_dir() or not any(folder.glob("*model_states.pt")):
+        raise ResumeError(f"{ckpt_dir / 'latest'} names {tag!r}, which is not a complete DeepSpeed checkpoint "
+                          f"(a kill while saving?); point it at an older step folder if one is left, {restart}")
+    if zero:
+        shards = len(list(folder.glob("*zero_pp_rank_*optim_states.pt")))
+        if shards != world:
+            raise ResumeError(f"the E2E-QP checkpoint {folder} holds ZeRO optimizer partitions of {shards} ranks "
+                              f"and this run has {world}; DeepSpeed cannot re-split them: resume with {shards} "
+                              f"ranks (deepspeed --num_gpus {shards} ...), {restart}")
+    return tag
+
+
 def optimizer_state_elements(optimizer) -> int:
     """Elements of Adam's first moments held by this rank: what the optimizer really trains (DeepSpeed
     wraps the torch optimizer; under ZeRO its state lives on flat partitions of the trainable tensors)."""
@@ -98,7 +119,15 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     ckpt_dir = Path(ckpt_dir)
     start = 0
     if (ckpt_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+        tag = resumable_tag(ckpt_dir, world, engine.zero_optimization())
+        try:
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as err:  # noqa: BLE001 - truncated or foreign files: say which and what to do
+            raise ResumeError(f"the E2E-QP checkpoint {ckpt_dir / tag} cannot be loaded ({type(err).__name__}: "
+                              f"{str(err)[:300]}); delete {ckpt_dir} to run E2E-QP again from its start") from err
+        if path is None or not client or "step" not in client:
+            raise ResumeError(f"the E2E-QP checkpoint {ckpt_dir / tag} is incomplete; delete {ckpt_dir} to run "
+                              "E2E-QP again from its start")
         start = int(client["step"])
         log(f"[e2e] resumed from {ckpt_dir} at step {start}/{total}")
     optimizer_names = trainable  # the only parameters handed to the optimizer
