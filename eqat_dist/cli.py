@@ -189,14 +189,38 @@ def validate(args) -> None:
                              "(pass --from DIR)")
         args.from_dir = str(source)
         return
+    args.blockap_done = False
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        manifest = out / "blockap" / "manifest.json"
-        if (out / "results.json").exists() and not (out / "e2e_ckpt").exists():
+        done = finished_phases(out, args)
+        wanted = {"block-ap", "e2e"} if args.phase == "all" and args.e2e_epochs > 0 else {"block-ap"}
+        if wanted <= done:
             raise UsageError(f"--output {out} already holds a finished run; pass --overwrite to redo it or "
                              "choose another folder")
-        if not manifest.exists():
+        if not done and not (out / "blockap" / "manifest.json").exists():
             raise UsageError(f"--output {out} exists and is not empty; pass --overwrite or choose another folder")
-        # else: our own unfinished run, continued; the manifest check refuses other settings
+        # else: our own unfinished run, continued (the Block-AP manifest refuses other settings); a
+        # finished Block-AP (or RTN) phase is not redone, E2E-QP resumes from its checkpoint or starts
+        args.blockap_done = "block-ap" in done
+
+
+def finished_phases(out: Path, args) -> set:
+    """The phases of this run that its results.json says are finished in `out`."""
+    path = out / "results.json"
+    if not path.exists():
+        return set()
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"{path} is not valid JSON ({err}); pass --overwrite to start again or choose another "
+                         "folder") from err
+    before = results.get("settings", {})
+    now = run_settings(args)
+    differ = sorted(k for k, v in now.items() if v is not None and before.get(k) != v)  # None: a default
+    if differ:
+        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now[k]!r}" for k in differ)
+        raise UsageError(f"--output {out} holds a run with other settings ({detail}); run with the original "
+                         "settings to continue it, or pass --overwrite, or choose another folder")
+    return {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}
 
 
 def run_settings(args) -> dict:

@@ -75,7 +75,12 @@ def run(args) -> int:
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
         transport.barrier()
-        code = _run(args, transport, progress, out)
+        if args.blockap_done:
+            code = 0
+            if transport.rank == 0:
+                print(f"[block-ap] finished earlier in {out} (results.json): going on with E2E-QP", flush=True)
+        else:
+            code = _run(args, transport, progress, out)
         if code == 0 and args.phase == "all" and args.e2e_epochs > 0:
             transport.barrier()
             code = _e2e(args, transport, progress, out, out)

@@ -39,6 +39,36 @@ def test_non_empty_output_needs_overwrite(tmp_path):
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
+def _results_of_a_run(tmp_path, *phases_done, **changed):
+    """results.json as a run of _args(tmp_path) leaves it after the given phases."""
+    from eqat_dist.cli import run_settings
+
+    settings = run_settings(parse_args(_args(tmp_path))) | changed
+    results = {"settings": settings} | {key: {"perplexity": {}} for key in phases_done}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text(json.dumps(results))
+
+
+def test_a_run_killed_after_block_ap_continues_with_e2e_only(tmp_path):
+    _results_of_a_run(tmp_path, "quantized")
+    assert parse_args(_args(tmp_path)).blockap_done  # no --overwrite needed, Block-AP is not redone
+    with pytest.raises(UsageError, match="already holds a finished run"):
+        parse_args(_args(tmp_path, "--phase", "block-ap"))
+
+
+def test_a_finished_run_or_one_with_other_settings_is_not_continued(tmp_path):
+    _results_of_a_run(tmp_path, "quantized", "quantized_e2e")
+    with pytest.raises(UsageError, match="already holds a finished run; pass --overwrite"):
+        parse_args(_args(tmp_path))
+    assert not parse_args(_args(tmp_path, "--overwrite")).blockap_done
+
+
+def test_other_settings_in_the_output_folder_are_named(tmp_path):
+    _results_of_a_run(tmp_path, "quantized", wbits=3)
+    with pytest.raises(UsageError, match="other settings \\(wbits: was 3, now 2\\)"):
+        parse_args(_args(tmp_path))
+
+
 def test_config_file_with_flag_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("wbits: 3\ngroup-size: 32\nepochs: 1\n")

@@ -240,3 +240,26 @@ def test_corrupt_e2e_checkpoint_is_reported_and_left_in_place(rtn_export, one_ra
     assert result.returncode != 0
     assert "cannot be loaded" in result.stderr and "delete" in result.stderr, result.stderr[-2000:]
     assert shard.stat().st_size == 100 and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_run_killed_in_e2e_before_its_first_checkpoint_goes_on_without_redoing_block_ap(rtn_export, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, RUN, "--single-gpu", "--model", str(rtn_export / "fp"), "--wbits", "2", "--group-size",
+           "32", "--epochs", "1", "--train-size", "4", "--val-size", "2", "--seqlen", "32", "--e2e-train-size", "8",
+           "--e2e-seqlen", "32", "--e2e-global-batch", "4", "--e2e-save-every", "100", "--eval-datasets", "news",
+           "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval",
+           "--no-tensorboard", "--output", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # Block-AP finished, exported and evaluated; E2E-QP is starting
+        if line.startswith("[e2e] global batch"):
+            proc.kill()
+            break
+    proc.wait()
+    first = json.loads((out / "results.json").read_text())
+    assert "quantized" in first and "quantized_e2e" not in first and not (out / "e2e_ckpt" / "latest").exists()
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[block-ap] finished earlier" in again.stdout and "[block-ap] 4 train" not in again.stdout
+    final = json.loads((out / "results.json").read_text())
+    assert final["quantized"] == first["quantized"] and len(final["e2e"]["losses"]) == 2
