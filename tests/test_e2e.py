@@ -263,3 +263,15 @@ def test_run_killed_in_e2e_before_its_first_checkpoint_goes_on_without_redoing_b
     assert "[block-ap] finished earlier" in again.stdout and "[block-ap] 4 train" not in again.stdout
     final = json.loads((out / "results.json").read_text())
     assert final["quantized"] == first["quantized"] and len(final["e2e"]["losses"]) == 2
+
+
+@pytest.mark.slow
+def test_e2e_checkpoint_resumes_only_into_the_same_settings(rtn_export, one_rank, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(one_rank / "e2e_ckpt", out / "e2e_ckpt")
+    args = _e2e_args(rtn_export, out)
+    args[args.index("--e2e-lr") + 1] = "2e-3"
+    result = subprocess.run([sys.executable, RUN, *args], env=_env(), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "other settings (lr: was 0.001, now 0.002)" in result.stderr, result.stderr[-2000:]
+    assert not (out / "model.safetensors").exists()

@@ -89,6 +89,23 @@ def resumable_tag(ckpt_dir: Path, world: int, zero: bool) -> str:
     return tag
 
 
+def resume_plan(settings: E2ESettings, windows: torch.Tensor) -> dict:
+    """What fixes the sequence of optimizer steps: a checkpoint resumes only into the same plan."""
+    return {"epochs": settings.epochs, "global_batch": settings.global_batch, "lr": settings.lr,
+            "warmup": settings.warmup, "max_grad_norm": settings.max_grad_norm, "seed": settings.seed,
+            "windows": list(windows.shape), "data_checksum": int(windows.sum().item())}
+
+
+def check_same_plan(before: dict | None, now: dict, ckpt_dir: Path) -> None:
+    if before is None:  # written before plans were recorded
+        return
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        raise ResumeError(f"the E2E-QP checkpoint in {ckpt_dir} was made with other settings ({detail}); run with "
+                          f"the original E2E-QP settings to resume, or delete {ckpt_dir} to start E2E-QP again")
+
+
 def optimizer_state_elements(optimizer) -> int:
     """Elements of Adam's first moments held by this rank: what the optimizer really trains (DeepSpeed
     wraps the torch optimizer; under ZeRO its state lives on flat partitions of the trainable tensors)."""
@@ -117,6 +134,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                           config=ds_config)
     ckpt_dir = Path(ckpt_dir)
+    plan = resume_plan(settings, windows)
     start = 0
     if (ckpt_dir / "latest").exists():
         tag = resumable_tag(ckpt_dir, world, engine.zero_optimization())
@@ -128,6 +146,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         if path is None or not client or "step" not in client:
             raise ResumeError(f"the E2E-QP checkpoint {ckpt_dir / tag} is incomplete; delete {ckpt_dir} to run "
                               "E2E-QP again from its start")
+        check_same_plan(client.get("plan"), plan, ckpt_dir)
         start = int(client["step"])
         log(f"[e2e] resumed from {ckpt_dir} at step {start}/{total}")
     optimizer_names = trainable  # the only parameters handed to the optimizer
@@ -163,7 +182,8 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         if rank == 0:
             log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1})
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
+                                   client_state={"step": step + 1, "plan": plan})
             # save_checkpoint returns after a barrier: every rank's shard of the new one is written
             if int(os.environ.get("LOCAL_RANK", rank)) == 0:
                 prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
