@@ -1,5 +1,5 @@
 """E2E-QP on DeepSpeed ZeRO-3 (CPU, gloo, loopback): only scales train, integers stay bit-identical,
-the integer parameters are partitioned over 2 ranks, 1 and 2 ranks agree, a killed run resumes."""
+the integer parameters are partitioned over 2 ranks, 1 and 2 ranks agree, a killed run resumes (also on another number of ranks)."""
 import json
 import os
 import random
@@ -199,7 +199,7 @@ def test_whole_pipeline_on_two_deepspeed_ranks_matches_the_single_gpu_mode(rtn_e
 
 
 def test_pruning_keeps_the_newest_checkpoints_and_the_one_latest_names(tmp_path):
-    from eqat_dist.e2e.trainer import prune_checkpoints
+    from eqat_dist.e2e.checkpoints import prune_checkpoints
 
     for n in (1, 2, 3, 10, 11):
         (tmp_path / f"step{n}").mkdir()
@@ -211,22 +211,50 @@ def test_pruning_keeps_the_newest_checkpoints_and_the_one_latest_names(tmp_path)
     assert prune_checkpoints(tmp_path, keep=0) == [] and (tmp_path / "step2").exists()
 
 
-def test_resume_checks_name_a_missing_checkpoint_and_another_rank_count(tmp_path):
+def test_resume_point_names_a_missing_checkpoint_and_detects_another_rank_count(tmp_path):
     from eqat_dist.blockap.checkpoint import ResumeError
-    from eqat_dist.e2e.trainer import resumable_tag
+    from eqat_dist.e2e.checkpoints import find_resume_point
 
+    assert find_resume_point(tmp_path, world=1, zero=True) is None
     (tmp_path / "latest").write_text("step8")
     with pytest.raises(ResumeError, match="step8.*not a complete DeepSpeed checkpoint"):
-        resumable_tag(tmp_path, world=1, zero=True)
+        find_resume_point(tmp_path, world=1, zero=True)
     step = tmp_path / "step8"
     step.mkdir()
-    (step / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
     for r in range(2):
         (step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
-    assert resumable_tag(tmp_path, world=2, zero=True) == "step8"
-    assert resumable_tag(tmp_path, world=4, zero=False) == "step8"  # stage 0: every rank holds everything
-    with pytest.raises(ResumeError, match=r"partitions of 2 ranks and this run has 1.*--num_gpus 2"):
-        resumable_tag(tmp_path, world=1, zero=True)
+    same = find_resume_point(tmp_path, world=2, zero=True)
+    assert (same.tag, same.saved_by_ranks, same.reshard, same.load_tag) == ("step8", 2, False, "step8")
+    other = find_resume_point(tmp_path, world=4, zero=True)
+    assert other.reshard and other.load_tag == "step8-universal"
+    assert not find_resume_point(tmp_path, world=4, zero=False).reshard  # stage 0: every rank holds everything
+
+
+@pytest.mark.slow
+def test_e2e_checkpoint_of_one_rank_resumes_on_two(rtn_export, one_rank, tmp_path):
+    """ZeRO partitions are re-split through DeepSpeed's universal format: the result equals the
+    uninterrupted 1-rank run."""
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, full, ["--e2e-keep-checkpoints", "0"])],
+                   check=True, env=_env(), capture_output=True)
+    out = tmp_path / "moved"
+    shutil.copytree(full / "e2e_ckpt" / "step2", out / "e2e_ckpt" / "step2")  # as if killed after step 2
+    (out / "e2e_ckpt" / "latest").write_text("step2")
+    env = _env()
+    two = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
+                          env["MASTER_PORT"], RUN, *_e2e_args(rtn_export, out)], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stdout[-3000:]
+    assert "converting it to DeepSpeed's universal format" in two.stdout
+    report = json.loads((out / "results.json").read_text())["e2e"]
+    assert report["ranks"] == 2 and report["resumed_at"] == 2 and len(report["losses"]) == 2
+    assert sorted(p.name for p in (out / "e2e_ckpt").iterdir() if "universal" in p.name) == []  # copy removed
+    a, b = load_file(one_rank / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        if key.endswith(".scales"):
+            assert (a[key].float() - b[key].float()).abs().max().item() <= SCALE_TOLERANCE, key
+        else:
+            assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..blockap.checkpoint import ResumeError
 from ..utils.memory import peak_memory_mib
+from .checkpoints import (convert_to_universal, find_resume_point, load_resume_point, prune_checkpoints,
+                          remove_universal_copy, resume_plan)
 
 
 @dataclass
@@ -53,59 +52,6 @@ def freeze_all_but_scales(model) -> list[str]:
     return names
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
-    """Delete all but the `keep` newest `stepN` checkpoints, never the one `latest` names (DeepSpeed
-    writes `latest` only once a checkpoint is complete, so a kill mid-save still resumes from the last
-    whole one). Returns the deleted tags."""
-    if keep <= 0:
-        return []
-    ckpt_dir = Path(ckpt_dir)
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
-    tags = sorted((int(m.group(1)), d.name) for d in ckpt_dir.iterdir()
-                  if d.is_dir() and (m := re.fullmatch(r"step(\d+)", d.name)))
-    doomed = [name for _, name in tags[:-keep] if name != latest]
-    for name in doomed:
-        shutil.rmtree(ckpt_dir / name, ignore_errors=True)  # another node sharing the folder may race us
-    return doomed
-
-
-def resumable_tag(ckpt_dir: Path, world: int, zero: bool) -> str:
-    """The checkpoint tag `latest` names, checked before DeepSpeed reads it: DeepSpeed only warns about a
-    missing folder (and then resumes from nothing), and cannot re-split ZeRO's optimizer partitions over
-    another number of ranks."""
-    restart = (f"or delete {ckpt_dir} to run E2E-QP again from its start (the model it starts from is "
-               "untouched)")
-    tag = (ckpt_dir / "latest").read_text().strip()
-    folder = ckpt_dir / tag
-    if not tag or not folder.is_dir() or not any(folder.glob("*model_states.pt")):
-        raise ResumeError(f"{ckpt_dir / 'latest'} names {tag!r}, which is not a complete DeepSpeed checkpoint "
-                          f"(a kill while saving?); point it at an older step folder if one is left, {restart}")
-    if zero:
-        shards = len(list(folder.glob("*zero_pp_rank_*optim_states.pt")))
-        if shards != world:
-            raise ResumeError(f"the E2E-QP checkpoint {folder} holds ZeRO optimizer partitions of {shards} ranks "
-                              f"and this run has {world}; DeepSpeed cannot re-split them: resume with {shards} "
-                              f"ranks (deepspeed --num_gpus {shards} ...), {restart}")
-    return tag
-
-
-def resume_plan(settings: E2ESettings, windows: torch.Tensor) -> dict:
-    """What fixes the sequence of optimizer steps: a checkpoint resumes only into the same plan."""
-    return {"epochs": settings.epochs, "global_batch": settings.global_batch, "lr": settings.lr,
-            "warmup": settings.warmup, "max_grad_norm": settings.max_grad_norm, "seed": settings.seed,
-            "windows": list(windows.shape), "data_checksum": int(windows.sum().item())}
-
-
-def check_same_plan(before: dict | None, now: dict, ckpt_dir: Path) -> None:
-    if before is None:  # written before plans were recorded
-        return
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if differ:
-        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in differ)
-        raise ResumeError(f"the E2E-QP checkpoint in {ckpt_dir} was made with other settings ({detail}); run with "
-                          f"the original E2E-QP settings to resume, or delete {ckpt_dir} to start E2E-QP again")
-
-
 def optimizer_state_elements(optimizer) -> int:
     """Elements of Adam's first moments held by this rank: what the optimizer really trains (DeepSpeed
     wraps the torch optimizer; under ZeRO its state lives on flat partitions of the trainable tensors)."""
@@ -131,24 +77,27 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     warm = max(1, round(settings.warmup * total)) if settings.warmup > 0 else 0
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm) if warm else
                                                  warmup_cosine(s, total, 0))
-    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                          config=ds_config)
     ckpt_dir = Path(ckpt_dir)
     plan = resume_plan(settings, windows)
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0) > 0
+    point = find_resume_point(ckpt_dir, world, zero)
+    if point is not None and point.reshard:
+        if rank == 0:
+            log(f"[e2e] {ckpt_dir / point.tag} was written by {point.saved_by_ranks} rank(s); converting it to "
+                f"DeepSpeed's universal format to resume on {world}")
+            convert_to_universal(ckpt_dir, point)
+        dist.barrier()
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                          config=ds_config)
     start = 0
-    if (ckpt_dir / "latest").exists():
-        tag = resumable_tag(ckpt_dir, world, engine.zero_optimization())
-        try:
-            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        except Exception as err:  # noqa: BLE001 - truncated or foreign files: say which and what to do
-            raise ResumeError(f"the E2E-QP checkpoint {ckpt_dir / tag} cannot be loaded ({type(err).__name__}: "
-                              f"{str(err)[:300]}); delete {ckpt_dir} to run E2E-QP again from its start") from err
-        if path is None or not client or "step" not in client:
-            raise ResumeError(f"the E2E-QP checkpoint {ckpt_dir / tag} is incomplete; delete {ckpt_dir} to run "
-                              "E2E-QP again from its start")
-        check_same_plan(client.get("plan"), plan, ckpt_dir)
-        start = int(client["step"])
-        log(f"[e2e] resumed from {ckpt_dir} at step {start}/{total}")
+    if point is not None:
+        start = load_resume_point(engine, ckpt_dir, point, plan)
+        if point.reshard:
+            dist.barrier()  # every rank has read its share of the converted copy
+            if rank == 0:
+                remove_universal_copy(ckpt_dir, point)
+        log(f"[e2e] resumed from {ckpt_dir / point.tag} at step {start}/{total}")
     optimizer_names = trainable  # the only parameters handed to the optimizer
     losses, step_seconds = [], []
     t0, tokens = time.time(), 0
