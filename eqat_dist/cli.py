@@ -122,6 +122,12 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
+def _check_at_least(args, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < minimum:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {minimum}")
+
+
 def validate(args) -> None:
     """Every check that needs no model weights, so bad input fails in seconds."""
     if not args.model:
@@ -132,12 +138,10 @@ def validate(args) -> None:
         args.qcfg = QuantConfig(args.wbits, args.group_size)
     except QuantConfigError as err:
         raise UsageError(str(err)) from err
-    for name in ("epochs", "train_size", "val_size"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("batch_size", "seqlen", "eval_seqlen", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    _check_at_least(args, 0, "epochs", "train_size", "val_size", "e2e_epochs", "e2e_train_size",
+                    "e2e_keep_checkpoints")
+    _check_at_least(args, 1, "batch_size", "seqlen", "eval_seqlen", "eval_batch_size", "e2e_seqlen",
+                    "e2e_global_batch", "e2e_micro_batch", "e2e_save_every")
     if args.epochs > 0 and args.train_size < 1:
         raise UsageError("--train-size must be >= 1 when --epochs > 0")
     if args.min_lr_factor < 1:
@@ -165,12 +169,6 @@ def validate(args) -> None:
     if args.e2e_lr is None:
         from .e2e.trainer import default_e2e_lr
         args.e2e_lr = default_e2e_lr(args.wbits)
-    for name in ("e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-    for name in ("e2e_seqlen", "e2e_global_batch", "e2e_micro_batch", "e2e_save_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     from .data.text import DataError
     from .eval.zeroshot import parse_tasks
     try:

@@ -1,5 +1,6 @@
 """E2E-QP on DeepSpeed ZeRO-3 (CPU, gloo, loopback): only scales train, integers stay bit-identical,
-the integer parameters are partitioned over 2 ranks, 1 and 2 ranks agree, a killed run resumes (also on another number of ranks)."""
+the integer parameters are partitioned over 2 ranks, 1 and 2 ranks agree, a killed run resumes (on any number
+of ranks)."""
 import json
 import os
 import random
