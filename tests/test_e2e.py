@@ -40,6 +40,17 @@ def test_warmup_then_cosine():
     assert factors[-1] < 0.01 and all(a >= b for a, b in zip(factors[3:], factors[4:]))
 
 
+def assert_same_but_scales_within_tolerance(run_a: Path, run_b: Path) -> None:
+    """Two exports: scales within SCALE_TOLERANCE, every other tensor bit-identical."""
+    a, b = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.endswith(".scales"):
+            assert (a[key].float() - b[key].float()).abs().max().item() <= SCALE_TOLERANCE, key
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
 def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(random.randint(20000, 40000)))
@@ -188,12 +199,7 @@ def test_whole_pipeline_on_two_deepspeed_ranks_matches_the_single_gpu_mode(rtn_e
     assert two_res["settings"]["ranks"] == 2 and two_res["e2e"]["ranks"] == 2 and one_res["e2e"]["ranks"] == 1
     assert one_res["quantized"]["perplexity"] == two_res["quantized"]["perplexity"]  # Block-AP: same model
     assert len(one_res["e2e"]["losses"]) == len(two_res["e2e"]["losses"]) == 2
-    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    for key in a:
-        if key.endswith(".scales"):
-            assert (a[key].float() - b[key].float()).abs().max().item() <= SCALE_TOLERANCE, key
-        else:
-            assert torch.equal(a[key], b[key]), key
+    assert_same_but_scales_within_tolerance(tmp_path / "one", tmp_path / "two")
     events = {p.parent.relative_to(tmp_path / "two" / "tb").as_posix().split("/")[0]
               for p in (tmp_path / "two" / "tb").rglob("events.out.tfevents.*")}
     assert {"rank0", "rank1"} <= events and any(e.startswith("e2e") for e in events), events
@@ -250,12 +256,7 @@ def test_e2e_checkpoint_of_one_rank_resumes_on_two(rtn_export, one_rank, tmp_pat
     report = json.loads((out / "results.json").read_text())["e2e"]
     assert report["ranks"] == 2 and report["resumed_at"] == 2 and len(report["losses"]) == 2
     assert sorted(p.name for p in (out / "e2e_ckpt").iterdir() if "universal" in p.name) == []  # copy removed
-    a, b = load_file(one_rank / "model.safetensors"), load_file(out / "model.safetensors")
-    for key in a:
-        if key.endswith(".scales"):
-            assert (a[key].float() - b[key].float()).abs().max().item() <= SCALE_TOLERANCE, key
-        else:
-            assert torch.equal(a[key], b[key]), key
+    assert_same_but_scales_within_tolerance(one_rank, out)
 
 
 @pytest.mark.slow
@@ -304,3 +305,14 @@ def test_e2e_checkpoint_resumes_only_into_the_same_settings(rtn_export, one_rank
     assert result.returncode != 0
     assert "other settings (lr: was 0.001, now 0.002)" in result.stderr, result.stderr[-2000:]
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_e2e_under_mpiexec_matches_one_rank(rtn_export, one_rank, tmp_path):
+    """The MPI launcher: ranks and loopback rendezvous come from the communicator."""
+    out = tmp_path / "mpi"
+    result = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, RUN, *_e2e_args(rtn_export, out)],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["e2e"]["ranks"] == 2
+    assert_same_but_scales_within_tolerance(one_rank, out)
