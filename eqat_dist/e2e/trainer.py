@@ -4,8 +4,10 @@ gradient clipping (in the DeepSpeed config), gradient checkpointing, data-parall
 global batch fixed whatever the number of ranks; DeepSpeed checkpoints for resume."""
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,11 +127,15 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         if monitor:
             monitor.scalar("e2e/loss", mean_loss, step)
             monitor.scalar("e2e/lr", schedule.get_last_lr()[0], step)
+            monitor.scalar("e2e/step_seconds", step_seconds[-1], step)
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 monitor.scalar("e2e/grad_norm", float(norm), step)
         if rank == 0:
-            log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e}")
+            pace = statistics.median(step_seconds[-20:])  # recent steps: the first ones include warm-up costs
+            eta = datetime.timedelta(seconds=round(pace * (total - step - 1)))
+            log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e} "
+                f"{pace:.1f} s/step, eta {eta}")
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
                                    client_state={"step": step + 1, "plan": plan})
