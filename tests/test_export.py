@@ -58,6 +58,19 @@ def test_reload_gives_the_same_integers_and_outputs(exported):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_lazy_tensors_read_what_load_file_reads_and_report_truncation(exported, tmp_path):
+    from eqat_dist.export.gptq_v2 import LazyTensors
+
+    _, out, _ = exported
+    whole, lazy = load_file(out / "model.safetensors"), LazyTensors(out)
+    assert sorted(lazy) == sorted(whole) and len(lazy) == len(whole)
+    assert all(torch.equal(lazy[k], v) and lazy[k].dtype == v.dtype for k, v in whole.items())
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        LazyTensors(tmp_path / "cut")
+
+
 def test_corrupt_checkpoint_is_reported(exported):
     _, out, _ = exported
     weights = out / "model.safetensors"

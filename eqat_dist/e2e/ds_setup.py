@@ -52,7 +52,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..export.gptq_v2 import _read_state
+    from ..export.gptq_v2 import LazyTensors
     from ..models.blocks import decoder_layers
     from ..models.quantize import packed_skeleton
     from ..quant import QuantConfig
@@ -79,7 +79,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
         raise RuntimeError(f"the packed model was built in {', '.join(sorted(wrong))} instead of {dtype}")
     if config.tie_word_embeddings:
         model.tie_weights()  # lm_head shares the embedding (its own tensor is not in the checkpoint)
-    state = _read_state(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
+    state = LazyTensors(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if not params:
