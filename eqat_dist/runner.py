@@ -88,12 +88,12 @@ def run(args) -> int:
     except (NonFiniteLossError, ResumeError) as err:
         transport.fail(f"eqat-dist: error (rank {transport.rank}): {err}")
     except PeerFailure as err:
-        transport.fail(f"eqat-dist: rank {transport.rank} stopping at block {progress.block} ({progress.phase}): {err}. "
+        transport.fail(f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {err}. "
                        f"Finished work is kept in {out} (Block-AP blocks, E2E-QP checkpoints); run the same command again "
                        "to resume.")
     except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
         traceback.print_exc()
-        transport.fail(f"eqat-dist: rank {transport.rank} failed at block {progress.block} ({progress.phase}): "
+        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: "
                        f"{type(err).__name__}: {err}. Finished work is kept in {out} (Block-AP blocks, E2E-QP "
                        "checkpoints); run the same command again to resume.")
     return 1

@@ -4,6 +4,7 @@ of ranks)."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -316,3 +317,25 @@ def test_e2e_under_mpiexec_matches_one_rank(rtn_export, one_rank, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["e2e"]["ranks"] == 2
     assert_same_but_scales_within_tolerance(one_rank, out)
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_in_e2e_stops_the_run_and_keeps_its_checkpoints(rtn_export, tmp_path):
+    out = tmp_path / "dies"
+    env = _env()
+    args = _e2e_args(rtn_export, out, ["--e2e-train-size", "64"])  # 16 steps: time to kill one rank
+    proc = subprocess.Popen([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                             "--master_port", env["MASTER_PORT"], RUN, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "e2e_ckpt" / "step2").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    rank1 = subprocess.run(["pgrep", "-f", f"local_rank=1 .*--output {out}"], capture_output=True, text=True)
+    os.kill(int(rank1.stdout.split()[0]), signal.SIGKILL)
+    killed_at = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert re.search(r"rank 0 failed \(E2E-QP training\): .*run the same command again to resume", output), \
+        output[-3000:]
+    assert (out / "e2e_ckpt" / "latest").exists() and not (out / "model.safetensors").exists()

@@ -45,6 +45,10 @@ class Progress:
     block: int | None = None
     phase: str = "starting"
 
+    def where(self) -> str:
+        """' at block 7 (training)' or ' (E2E-QP training)' when no block is in hand."""
+        return (f" at block {self.block}" if self.block is not None else "") + f" ({self.phase})"
+
 
 def _tag(block: int, stream: int, split: int) -> int:
     return (block * 2 + stream) * 2 + split  # stream 0 = fp, 1 = student; per-pair FIFO keeps chunk order
