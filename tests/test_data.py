@@ -41,3 +41,16 @@ def test_local_text_file_as_calibration_data(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("First document.\n\nSecond document\nstill second.\n")
     assert load_texts(str(f)) == ("First document.", "Second document\nstill second.")
+
+
+def test_more_calibration_windows_than_text_warns_naming_the_fix():
+    import warnings
+
+    import pytest
+    tok = _tokenizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a budget the text covers: silent
+        calibration_windows(tok, "boolq", 64, 100, 0, seed=0)
+    with pytest.warns(UserWarning, match=r"windows overlap and repeat text .*--calib-dataset redpajama"):
+        train, _ = calibration_windows(tok, "boolq", 2048, 4096, 0, seed=0)  # the paper's Block-AP budget
+    assert train.shape == (4096, 2048)
