@@ -167,7 +167,9 @@ def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypat
     from eqat_dist.e2e.ds_setup import build_packed_model, init_distributed
     from eqat_dist.export import load_packed_model
 
-    monkeypatch.setenv("MASTER_PORT", str(random.randint(20000, 40000)))
+    for var, value in (("MASTER_PORT", str(random.randint(20000, 40000))), ("MASTER_ADDR", "127.0.0.1"),
+                       ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)  # restored afterwards: later launches must not inherit a world of 1
     init_distributed()
     config, _ = load_ds_config(ds_config, 1, 1, 1, 0.3, False)
     model, _ = build_packed_model(rtn_export / "rtn", config, torch.float32)
@@ -310,10 +312,12 @@ def test_e2e_checkpoint_resumes_only_into_the_same_settings(rtn_export, one_rank
 
 @pytest.mark.slow
 def test_e2e_under_mpiexec_matches_one_rank(rtn_export, one_rank, tmp_path):
-    """The MPI launcher: ranks and loopback rendezvous come from the communicator."""
+    """The MPI launcher: ranks come from the communicator, even over a stale RANK/WORLD_SIZE in the
+    environment (which made both processes rank 0 of a world of 1)."""
     out = tmp_path / "mpi"
+    stale = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     result = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, RUN, *_e2e_args(rtn_export, out)],
-                            env=_env(), capture_output=True, text=True, timeout=600)
+                            env=stale, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["e2e"]["ranks"] == 2
     assert_same_but_scales_within_tolerance(one_rank, out)

@@ -152,10 +152,12 @@ def make_transport() -> Transport:
     launcher (WORLD_SIZE > 1), else one local process."""
     if mpi_world_size() > 1:
         transport = MPITransport()
-        # DeepSpeed/torch code later in the run reads these; keep all traffic on loopback by default.
-        os.environ.setdefault("RANK", str(transport.rank))
-        os.environ.setdefault("WORLD_SIZE", str(transport.world))
-        os.environ.setdefault("LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", str(transport.rank)))
+        # DeepSpeed/torch code later in the run reads these. The communicator is the truth: a RANK or
+        # WORLD_SIZE left in the environment (a shell, an outer job) would make two ranks both rank 0.
+        os.environ["RANK"] = str(transport.rank)
+        os.environ["WORLD_SIZE"] = str(transport.world)
+        os.environ["LOCAL_RANK"] = os.environ.get("MPI_LOCALRANKID", str(transport.rank))
+        # keep all traffic on loopback unless told otherwise
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
         return transport
