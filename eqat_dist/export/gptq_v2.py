@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
 from ..models.blocks import decoder_layers
 from ..models.quantize import packed_linears, packed_skeleton
@@ -108,16 +107,7 @@ class LazyTensors(Mapping):
 
 
 def _read_state(path: Path) -> dict:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} has no .safetensors weights.")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(f))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{f} is corrupt or truncated ({err}); re-export the model.") from err
-    return state
+    return dict(LazyTensors(path))
 
 
 def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
