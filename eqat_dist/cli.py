@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .quant import QuantConfig, QuantConfigError
+from .utils.settings import describe_differences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -213,9 +214,9 @@ def finished_phases(out: Path, args) -> set:
                          "folder") from err
     before = results.get("settings", {})
     now = run_settings(args)
-    differ = sorted(k for k, v in now.items() if v is not None and before.get(k) != v)  # None: a default
-    if differ:
-        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now[k]!r}" for k in differ)
+    # a setting left to its default (None) in this command matches whatever the run resolved it to
+    detail = describe_differences(before, now, keys=[k for k, v in now.items() if v is not None])
+    if detail:
         raise UsageError(f"--output {out} holds a run with other settings ({detail}); run with the original "
                          "settings to continue it, or pass --overwrite, or choose another folder")
     return {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}

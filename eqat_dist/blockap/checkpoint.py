@@ -10,6 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..utils.settings import describe_differences
+
 MANIFEST = "manifest.json"
 
 
@@ -29,9 +31,8 @@ def open_run(folder: Path, settings: dict) -> None:
     manifest = folder / MANIFEST
     if manifest.exists():
         before = json.loads(manifest.read_text())
-        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: was {before.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+        detail = describe_differences(before, settings)
+        if detail:
             raise ResumeError(f"{folder} holds blocks trained with other settings ({detail}). Run with the "
                               "original settings to resume, or pass --overwrite to start again.")
     else:

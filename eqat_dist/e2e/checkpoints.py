@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..blockap.checkpoint import ResumeError
+from ..utils.settings import describe_differences
 
 STEP_TAG = re.compile(r"step(\d+)")
 UNIVERSAL_SUFFIX = "-universal"
@@ -39,7 +40,7 @@ class ResumePoint:
 
 def find_resume_point(ckpt_dir: Path, world: int, zero: bool) -> ResumePoint | None:
     """The checkpoint `latest` names, checked before DeepSpeed reads it (DeepSpeed only warns about a
-    missing folder, then trains from scratch with the old step count). None when there is none."""
+    missing folder and returns no state). None when there is none."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "latest").exists():
         return None
@@ -99,9 +100,8 @@ def resume_plan(settings, windows: torch.Tensor) -> dict:
 def check_same_plan(before: dict | None, now: dict, ckpt_dir: Path) -> None:
     if before is None:  # written before plans were recorded
         return
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if differ:
-        detail = "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}" for k in differ)
+    detail = describe_differences(before, now)
+    if detail:
         raise ResumeError(f"the E2E-QP checkpoint in {ckpt_dir} was made with other settings ({detail}); run with "
                           f"the original E2E-QP settings to resume, or {_restart_hint(ckpt_dir)}")
 
