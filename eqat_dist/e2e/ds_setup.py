@@ -46,6 +46,10 @@ def load_ds_config(name_or_path: str, micro_batch: int, global_batch: int, world
     return config, accum
 
 
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     """The packed model of `folder` (a GPTQ-v2 export) with every parameter created partitioned under
     zero.Init (ZeRO-3) and its weights loaded rank 0 -> partitions, one module at a time."""
@@ -61,7 +65,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     qc = config.quantization_config
     cfg = QuantConfig(qc["bits"], qc["group_size"])
     del config.quantization_config
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    zero3 = zero_stage(ds_config) == 3
     if zero3 and (dtype == torch.bfloat16) != bool(ds_config.get("bf16", {}).get("enabled")):
         raise ValueError(f"model dtype {dtype} disagrees with the DeepSpeed config's bf16 setting")
     # dtype comes from the config's bf16/fp16 flags: zero.Init(dtype=torch.float32) is silently turned into

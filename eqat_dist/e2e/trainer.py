@@ -17,6 +17,7 @@ import torch
 from ..utils.memory import peak_memory_mib
 from .checkpoints import (convert_to_universal, find_resume_point, load_resume_point, prune_checkpoints,
                           remove_universal_copy, resume_plan)
+from .ds_setup import zero_stage
 
 
 @dataclass
@@ -81,8 +82,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
                                                  warmup_cosine(s, total, 0))
     ckpt_dir = Path(ckpt_dir)
     plan = resume_plan(settings, windows)
-    zero = ds_config.get("zero_optimization", {}).get("stage", 0) > 0
-    point = find_resume_point(ckpt_dir, world, zero)
+    point = find_resume_point(ckpt_dir, world, zero=zero_stage(ds_config) > 0)
     if point is not None and point.reshard:
         if rank == 0:
             log(f"[e2e] {ckpt_dir / point.tag} was written by {point.saved_by_ranks} rank(s); converting it to "
