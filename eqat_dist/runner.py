@@ -19,7 +19,7 @@ from .eval import perplexity
 from .eval.report import write_report
 from .eval.zeroshot import zero_shot
 from .export import load_packed_model, save_packed_model
-from .export.gptq_v2 import read_quant_config
+from .export.gptq_v2 import method_after_e2e, read_quant_config
 from .models import load_model
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
@@ -154,7 +154,7 @@ def _run(args, transport, progress, out: Path) -> int:
         results["method"], results["blocks"] = "block-ap", reports
     progress.phase = "export"
     model = model.to(DTYPES[args.export_dtype])
-    save_packed_model(model, tokenizer, out, args.qcfg)
+    save_packed_model(model, tokenizer, out, args.qcfg, method=results["method"])
     del model, source
     progress.phase = "evaluation"
     packed, _ = load_packed_model(out)  # evaluate what was written, not what is in memory
@@ -263,7 +263,7 @@ def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
     report["scales_changed"] = sum(not torch.equal(before[k], after[k]) for k in scales)
     report["partition"] = partitions
     report["ds_config"] = args.ds_config
-    save_packed_model(packed.to(DTYPES[args.export_dtype]), tok, out, qcfg)
+    save_packed_model(packed.to(DTYPES[args.export_dtype]), tok, out, qcfg, method=method_after_e2e(from_dir))
     del packed
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     results["e2e"] = report

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_model
+from eqat_dist import __version__
 from eqat_dist.export import CheckpointError, load_packed_model, save_packed_model
 from eqat_dist.models import decoder_layers
 from eqat_dist.models.quantize import packed_linears, quantize_rtn
@@ -29,8 +30,10 @@ def exported(tmp_path, monkeypatch):
 def test_config_declares_gptq_v2(exported):
     _, out, _ = exported
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc | {"quantizer": None} == qc | {"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": False,
-                                             "desc_act": False, "checkpoint_format": "gptq_v2", "quantizer": None}
+    assert qc == {"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": False, "desc_act": False,
+                  "lm_head": False, "checkpoint_format": "gptq_v2", "format": "gptq_v2", "pack_dtype": "int32",
+                  "meta": {"quantizer": [f"eqat-dist:{__version__}"]}}
+    assert "damp_percent" not in qc  # GPTQModel and transformers refuse 0 (issue 15)
 
 
 def test_tensors_have_gptq_names_shapes_and_dtypes(exported):

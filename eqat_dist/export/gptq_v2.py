@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .. import __version__
 from ..models.blocks import decoder_layers
 from ..models.quantize import packed_linears, packed_skeleton
 from ..quant import QuantConfig
@@ -23,11 +24,22 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def quantization_config(cfg: QuantConfig) -> dict:
+METHODS = {"rtn": "round-to-nearest (min/max initialisation)", "block-ap": "EfficientQAT Block-AP",
+           "block-ap+e2e-qp": "EfficientQAT Block-AP + E2E-QP", "e2e-qp": "EfficientQAT E2E-QP"}
+
+
+def quantization_config(cfg: QuantConfig, method: str | None = None) -> dict:
+    """The fields GPTQModel writes for an asymmetric gptq_v2 checkpoint, each valid for the GPTQ config
+    parsers of GPTQModel, transformers and vLLM. No `damp_percent`: it describes GPTQ's Hessian damping,
+    which EfficientQAT does not use, and both parsers refuse 0 (the only honest value). What made the
+    checkpoint goes under `meta`, where loaders ignore it."""
+    meta = {"quantizer": [f"eqat-dist:{__version__}"]}
+    if method is not None:
+        meta |= {"method": method, "method_detail": METHODS[method]}
     return {
         "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": False,
-        "desc_act": False, "checkpoint_format": "gptq_v2", "true_sequential": False, "damp_percent": 0.0,
-        "quantizer": ["eqat-dist"],
+        "desc_act": False, "lm_head": False, "checkpoint_format": "gptq_v2", "format": "gptq_v2",
+        "pack_dtype": "int32", "meta": meta,
     }
 
 
@@ -36,8 +48,10 @@ def _g_idx(layer) -> torch.Tensor:
     return (torch.arange(layer.in_features) // group).to(torch.int32)
 
 
-def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantConfig) -> Path:
-    """Write the model (its blocks' linears already PackedLinear) as an HF GPTQ-v2 folder, atomically."""
+def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantConfig,
+                      method: str | None = None) -> Path:
+    """Write the model (its blocks' linears already PackedLinear) as an HF GPTQ-v2 folder, atomically;
+    `method` (a key of METHODS) is recorded in the config's `meta`."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -53,9 +67,10 @@ def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantCo
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     config = json.loads((tmp / "config.json").read_text())
-    config["quantization_config"] = quantization_config(cfg)
+    config["quantization_config"] = quantization_config(cfg, method)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(cfg), indent=2))  # AutoGPTQ-style
+    # vLLM's gptq config and AutoGPTQ-era tools read this file
+    (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(cfg, method), indent=2))
     if out_dir.exists():
         for item in tmp.iterdir():  # keep the user's other files (results, logs) in the output folder
             target = out_dir / item.name
@@ -122,6 +137,12 @@ def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
     if qc.get("checkpoint_format") != "gptq_v2" or qc.get("sym") or qc.get("desc_act"):
         raise CheckpointError(f"{path}: only asymmetric GPTQ v2 checkpoints without act-order are supported.")
     return QuantConfig(qc["bits"], qc["group_size"])
+
+
+def method_after_e2e(path: str | os.PathLike) -> str:
+    """The `meta.method` of an E2E-QP export trained from the packed checkpoint in `path`."""
+    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
+    return "block-ap+e2e-qp" if qc.get("meta", {}).get("method", "").startswith("block-ap") else "e2e-qp"
 
 
 def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -1,0 +1,119 @@
+"""Our exports load in the standard tools as they are: GPTQModel and transformers (+ optimum), in a
+separate venv set up as a GPTQModel user has it, give our loader's logits on a real text window.
+
+The venv is built on first use (about 1-7 minutes from PyPI) in .venv-interop/, or taken from
+EQAT_INTEROP_PYTHON. Tolerances: GPTQModel (torch kernel, upcast to float32) and transformers asked for
+the torch kernel with float32 scales must equal our float32 logits to 1e-4 relative (measured: 0.0).
+transformers as a user loads it keeps scales in float16 (the dequantized weight rounds to float16) and at
+4 bits on CPU picks a bf16 kernel: 2e-2 relative L2 and 95% equal top-1 tokens there (measured up to
+1.0e-2 and 97.7%, on the 2-bit RTN model whose logits are the most sensitive).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = str(ROOT / "launch" / "run.py")
+LOADERS = str(ROOT / "tests" / "interop" / "gptq_loaders.py")
+GPTQMODEL = "gptqmodel==7.6.0"  # 7.7 needs torch >= 2.14.1
+OPTIMUM = "optimum==2.3.0"      # transformers loads GPTQ checkpoints through optimum + gptqmodel
+
+
+@pytest.fixture(scope="session")
+def interop_python() -> str:
+    """A python with gptqmodel, optimum and our torch, in a venv of its own (gptqmodel pins numpy)."""
+    if os.environ.get("EQAT_INTEROP_PYTHON"):
+        return os.environ["EQAT_INTEROP_PYTHON"]
+    venv = ROOT / ".venv-interop"
+    python = venv / "bin" / "python"
+    ready = venv / "eqat-ready"
+    wanted = f"torch=={torch.__version__.split('+')[0]} {GPTQMODEL} {OPTIMUM}"
+    if not (ready.exists() and ready.read_text() == wanted):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        for step in (wanted.split()[:1], wanted.split()[1:]):  # torch first: no CUDA build pulled in
+            result = subprocess.run([str(python), "-m", "pip", "install", "-q", *step], capture_output=True, text=True)
+            assert result.returncode == 0, f"installing {step} for the interop test failed:\n{result.stderr[-2000:]}"
+        ready.write_text(wanted)
+    return str(python)
+
+
+def _env():
+    import random
+    return dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(random.randint(20000, 40000)))
+
+
+def _cli(*args):
+    result = subprocess.run([sys.executable, RUN, "--model", "smollm2-135m", "--eval-datasets", "", "--zeroshot-tasks", "",
+                             "--skip-fp-eval", "--no-tensorboard", *args], env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    """RTN at 2/3/4 bits, a (tiny) Block-AP run and an E2E-QP run from it, all on the real bundled model,
+    each made by the command a user runs."""
+    base = tmp_path_factory.mktemp("interop")
+    out = {}
+    for bits in (2, 3, 4):
+        _cli("--wbits", str(bits), "--group-size", "64", "--epochs", "0", "--phase", "block-ap",
+             "--output", str(base / f"rtn{bits}"))
+        out[f"rtn-w{bits}g64"] = base / f"rtn{bits}"
+    small = ["--wbits", "2", "--group-size", "64", "--seqlen", "32", "--train-size", "2", "--val-size", "1",
+             "--batch-size", "1"]
+    _cli(*small, "--epochs", "1", "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--phase", "block-ap",
+         "--output", str(base / "blockap"))
+    out["block-ap-w2g64"] = base / "blockap"
+    _cli(*small, "--phase", "e2e", "--from", str(base / "blockap"), "--output", str(base / "e2e"),
+         "--e2e-train-size", "4", "--e2e-seqlen", "32", "--e2e-global-batch", "2", "--e2e-lr", "1e-3",
+         "--ds-config", "single-gpu")
+    out["block-ap+e2e-qp-w2g64"] = base / "e2e"
+    return out
+
+
+def test_exported_config_is_accepted_by_transformers_and_names_the_method(exports):
+    from transformers import GPTQConfig
+
+    for name, folder in exports.items():
+        for file in (folder / "quantize_config.json", folder / "config.json"):
+            qc = json.loads(file.read_text())
+            qc = qc.get("quantization_config", qc)
+            parsed = GPTQConfig.from_dict(qc).to_dict()  # raised on damp_percent 0.0 before
+            assert (parsed["bits"], parsed["sym"], parsed["desc_act"], parsed["checkpoint_format"]) == \
+                   (int(name.split("-w")[1][0]), False, False, "gptq_v2")
+            assert qc["meta"]["method"] == name.rsplit("-w", 1)[0]
+            assert qc["meta"]["quantizer"][0].startswith("eqat-dist:")
+
+
+@pytest.mark.slow
+def test_gptqmodel_and_transformers_load_our_exports_with_our_logits(exports, interop_python, tmp_path):
+    from eqat_dist.data.windows import eval_windows
+    from eqat_dist.export import load_packed_model
+
+    names = list(exports)
+    tensors = {}
+    for i, name in enumerate(names):
+        model, tokenizer = load_packed_model(exports[name])
+        if i == 0:
+            tensors["input_ids"] = eval_windows(tokenizer, "news", 128, 1)[:1].contiguous()
+        with torch.no_grad():
+            tensors[f"logits_{i}"] = model(input_ids=tensors["input_ids"]).logits.contiguous()
+    save_file(tensors, tmp_path / "reference.safetensors")
+    result = subprocess.run([interop_python, LOADERS, str(tmp_path / "reference.safetensors"),
+                             *(str(exports[n]) for n in names)], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("INTEROP ")]
+    assert result.returncode == 0 and lines, result.stderr[-4000:]
+    report = json.loads(lines[-1][len("INTEROP "):])
+    print(json.dumps(report, indent=1))
+    for name in names:
+        r = report[str(exports[name])]
+        assert r["gptqmodel"]["rel_max"] <= 1e-4, (name, r)
+        assert r["transformers_torch_fp32"]["rel_max"] <= 1e-4, (name, r)
+        assert r["transformers"]["rel_l2"] <= 2e-2 and r["transformers"]["top1_agree"] >= 0.95, (name, r)
