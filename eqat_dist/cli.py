@@ -239,6 +239,8 @@ def main(argv=None) -> int:
         print(f"eqat-dist: error: {err}", file=sys.stderr)
         return 2
     from .runner import run
+    from .utils.monitor import quiet_library_bars
+    quiet_library_bars()
     return run(args)
 
 

