@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at tqdm's import) are noise there
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-windows", type=int, default=None, help="cap on windows per dataset (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=1)
     p.add_argument("--zeroshot-tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande",
-                   help="comma list of zero-shot tasks scored offline from bundled data ('' = none)")
+                   help="comma list of zero-shot tasks, scored by lm-evaluation-harness on the bundled "
+                        "validation data ('' = none)")
     p.add_argument("--zeroshot-limit", type=int, default=None,
                    help="items per zero-shot task, a fixed random subset (default: the whole split)")
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the full-precision model")
@@ -171,7 +176,7 @@ def validate(args) -> None:
         from .e2e.trainer import default_e2e_lr
         args.e2e_lr = default_e2e_lr(args.wbits)
     from .data.text import DataError
-    from .eval.zeroshot import parse_tasks
+    from .eval.harness import parse_tasks
     try:
         args.zeroshot_tasks = parse_tasks(args.zeroshot_tasks or "")
     except DataError as err:

@@ -17,7 +17,7 @@ from .data.windows import calibration_windows, eval_windows
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
 from .eval.report import write_report
-from .eval.zeroshot import zero_shot
+from .eval.harness import zero_shot
 from .export import load_packed_model, save_packed_model
 from .export.gptq_v2 import method_after_e2e, read_quant_config
 from .models import load_model

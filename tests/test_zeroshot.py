@@ -1,12 +1,12 @@
-"""Zero-shot scoring: prompts as the harness builds them, batched log-likelihoods equal to one
-request at a time, accuracy equal to an independent argmax, intervals right."""
+"""Zero-shot through lm-evaluation-harness: its own task definitions read the bundled data, the subset
+is fixed, and its accuracy is the argmax of log-likelihoods computed here by the plain definition."""
 import math
 
+import datasets
 import torch
 
 from conftest import tiny_model
-from eqat_dist.eval.zeroshot import (PAPER_TASKS, _mean_stderr_ci, continuation_logprobs, encode_request,
-                                     load_items, score_task)
+from eqat_dist.eval.harness import PAPER_TASKS, _bundled_files, _wilson, subset, task_config, zero_shot
 from eqat_dist.models.loading import bundled_model_dir
 
 
@@ -15,82 +15,71 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(bundled_model_dir()))
 
 
-def test_prompts_follow_the_harness_task_definitions():
-    piqa, total = load_items("piqa", limit=3)
-    assert total == 1838 and len(piqa) == 3
-    assert piqa[0].contexts[0].startswith("Question: ") and piqa[0].contexts[0].endswith("\nAnswer:")
-    assert all(c.startswith(" ") for c in piqa[0].continuations) and piqa[0].gold in (0, 1)
-    # WinoGrande's partial scoring: the options fill the blank, the rest of the sentence is scored.
-    from eqat_dist.eval.zeroshot import _hellaswag, _winogrande
-    wino = _winogrande({"sentence": "Sarah was better than Maria so _ got the easy cases.", "option1": "Sarah",
-                        "option2": "Maria", "answer": "2"})
-    assert wino.contexts == ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"]
-    assert wino.continuations == [" got the easy cases."] * 2 and wino.gold == 1
-    hs = _hellaswag({"activity_label": "Roof", "ctx_a": "A man is on a roof.", "ctx_b": "he",
-                     "endings": ["is [title] up.", "b"], "label": "1"})
-    assert hs.contexts[0] == "Roof: A man is on a roof. He" and hs.continuations == [" is. up.", " b"]
-    arc, total = load_items("arc_challenge")
-    assert total == len(arc) == 299 and all(0 <= a.gold < len(a.continuations) for a in arc)
+def _manager():
+    from lm_eval.tasks import TaskManager
+    return TaskManager()
+
+
+def test_tasks_are_the_harness_definitions_reading_the_bundled_validation_splits():
+    manager = _manager()
+    piqa = task_config("piqa", manager)
+    assert piqa["doc_to_text"] == "Question: {{goal}}\nAnswer:" and piqa["doc_to_choice"] == "{{[sol1, sol2]}}"
+    assert piqa["dataset_path"] == "arrow" and piqa["test_split"] is None
+    assert all(f.endswith(".arrow") for f in piqa["dataset_kwargs"]["data_files"]["validation"])
+    arc = task_config("arc_challenge", manager)  # the harness's include of arc_easy.yaml is resolved
+    assert arc["doc_to_text"] == "Question: {{question}}\nAnswer:" and arc["test_split"] is None
+    assert callable(task_config("hellaswag", manager)["process_docs"])  # the harness's own preprocessing
+    sizes = {t: len(datasets.Dataset.from_file(_bundled_files(t)[0])) for t in PAPER_TASKS}
+    assert sizes == {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "winogrande": 1267}
 
 
 def test_subsets_are_fixed_and_drawn_from_the_whole_split():
-    a, _ = load_items("arc_easy", limit=20)
-    b, _ = load_items("arc_easy", limit=20)
-    full, _ = load_items("arc_easy")
-    assert [x.contexts for x in a] == [x.contexts for x in b]
-    assert all(x in full for x in a) and a != full[:20]
+    a, b = subset(570, 20), subset(570, 20)
+    assert a == b == sorted(a) and len(set(a)) == 20 and a != list(range(20)) and max(a) < 570
+    assert subset(10, 50) == list(range(10)) and subset(10, None) == list(range(10))
 
 
-def test_continuation_tokens_are_the_tail_of_the_whole_string():
-    tok = _tokenizer()
-    ids, n = encode_request(tok, "Question: 2+2?\nAnswer: ", "4", None)  # trailing space moves over
-    assert tok.decode(ids[-n:]) == " 4" and tok.decode(ids) == "Question: 2+2?\nAnswer: 4"
-    ids_b, n_b = encode_request(tok, "Hello", " world", 7)
-    assert ids_b[0] == 7 and tok.decode(ids_b[-n_b:]) == " world"
-
-
-def _reference_logprob(model, ids, n_cont, max_length):
-    """One request, no padding, no batching: the plain definition."""
-    ids = ids[-(max_length + 1):]
-    logits = model(input_ids=torch.tensor([ids[:-1]])).logits[0].double()
+def _reference_logprob(model, tok, context: str, continuation: str) -> float:
+    """The plain definition, one request, no batching: continuation tokens are the whole string's
+    tokens after the context's (the harness's convention); sum of their log-probabilities."""
+    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    n = len(whole) - len(tok(context, add_special_tokens=False).input_ids)
+    logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0].double()
     lp = torch.log_softmax(logits, -1)
-    return sum(lp[t - 1, ids[t]].item() for t in range(len(ids) - n_cont, len(ids)))
+    return sum(lp[t - 1, whole[t]].item() for t in range(len(whole) - n, len(whole)))
 
 
-def test_batched_logprobs_equal_one_request_at_a_time():
-    model = tiny_model("llama", vocab=300)
-    gen = torch.Generator().manual_seed(0)
-    requests = []
-    for length in (5, 17, 9, 40, 3, 17, 33):
-        ids = torch.randint(0, 300, (length,), generator=gen).tolist()
-        requests.append((ids, int(torch.randint(1, length, (1,), generator=gen))))
-    with torch.no_grad():
-        got = continuation_logprobs(model, requests, "cpu", max_length=24, token_budget=50)
-        want = [_reference_logprob(model, ids, n, 24) for ids, n in requests]
-    assert max(abs(g - w) for g, w in zip(got, want)) < 1e-4
-
-
-def test_accuracy_is_the_argmax_of_the_reference_logprobs():
+def test_harness_accuracy_is_the_argmax_of_reference_logprobs():
     tok = _tokenizer()
     model = tiny_model("llama", vocab=len(tok))
-    result = score_task(model, tok, "arc_easy", "cpu", limit=12)
-    items, _ = load_items("arc_easy", limit=12)
+    result = zero_shot(model, tok, ["arc_easy", "winogrande"], "cpu", limit=10, batch_size=4)
+    docs = datasets.Dataset.from_file(_bundled_files("arc_easy")[0])
     hits, hits_norm = [], []
     with torch.no_grad():
-        for item in items:
-            lps = [_reference_logprob(model, *encode_request(tok, c, k, None), 2048)
-                   for c, k in zip(item.contexts, item.continuations)]
-            hits.append(max(range(len(lps)), key=lambda j: lps[j]) == item.gold)
-            norm = [lp / len(k) for lp, k in zip(lps, item.continuations)]
-            hits_norm.append(max(range(len(norm)), key=lambda j: norm[j]) == item.gold)
-    assert result["items"] == 12 and result["split_items"] == 570
-    assert result["acc"] == sum(hits) / 12 and result["acc_norm"] == sum(hits_norm) / 12
-    assert result["acc_ci95"][0] <= result["acc"] <= result["acc_ci95"][1]
+        for i in subset(len(docs), 10):
+            d = docs[i]
+            ctx, choices = f"Question: {d['question']}\nAnswer:", d["choices"]["text"]
+            lps = [_reference_logprob(model, tok, ctx, " " + c) for c in choices]
+            gold = d["choices"]["label"].index(d["answerKey"])
+            hits.append(max(range(len(lps)), key=lps.__getitem__) == gold)
+            norm = [lp / len(c) for lp, c in zip(lps, choices)]  # the harness: the choice text, no delimiter
+            hits_norm.append(max(range(len(norm)), key=norm.__getitem__) == gold)
+        wino = datasets.Dataset.from_file(_bundled_files("winogrande")[0])
+        wino_hits = []
+        for i in subset(len(wino), 10):  # partial scoring: the options fill the blank, the rest is scored
+            d = wino[i]
+            blank = d["sentence"].index("_")
+            rest = " " + d["sentence"][blank + 1:].strip()
+            lps = [_reference_logprob(model, tok, d["sentence"][:blank] + d[o], rest) for o in ("option1", "option2")]
+            wino_hits.append(max(range(2), key=lps.__getitem__) == int(d["answer"]) - 1)
+    r = result["arc_easy"]
+    assert r["items"] == 10 and r["split_items"] == 570 and r["scorer"] == "lm-evaluation-harness"
+    assert r["acc"] == sum(hits) / 10 and r["acc_norm"] == sum(hits_norm) / 10
+    assert result["winogrande"]["acc"] == sum(wino_hits) / 10 and "acc_norm" not in result["winogrande"]
+    assert abs(r["acc_stderr"] - math.sqrt(r["acc"] * (1 - r["acc"]) / 9)) < 1e-9  # sample std / sqrt(n)
+    assert result["average"]["acc"] == (r["acc"] + result["winogrande"]["acc"]) / 2
 
 
-def test_wilson_interval_and_sample_stderr():
-    r = _mean_stderr_ci([1.0] * 5 + [0.0] * 5)
-    assert r["value"] == 0.5
-    assert abs(r["ci95"][0] - 0.2366) < 1e-4 and abs(r["ci95"][1] - 0.7634) < 1e-4  # textbook Wilson n=10
-    assert abs(r["stderr"] - math.sqrt(10 / 36) / math.sqrt(10)) < 1e-12  # harness: sample std / sqrt(n)
-    assert set(PAPER_TASKS) == {"piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande"}
+def test_wilson_interval():
+    lo, hi = _wilson(0.5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4  # textbook Wilson, n=10

@@ -44,7 +44,8 @@ def _zero_shot_table(rows) -> list[str]:
     if not tasks:
         return []
     lines = ["## Zero-shot accuracy", "",
-             "`acc` (the paper's average uses it); 95% Wilson interval and items scored in brackets.", "",
+             "`acc` scored by lm-evaluation-harness (the paper's average uses it) +- its standard error; 95% "
+             "Wilson interval and items scored in brackets.", "",
              "| model | " + " | ".join(tasks) + " | average |", "|---" * (len(tasks) + 2) + "|"]
     for label, r in rows:
         zs = r.get("zero_shot", {})
@@ -52,7 +53,8 @@ def _zero_shot_table(rows) -> list[str]:
         for t in tasks:
             if t in zs:
                 lo, hi = zs[t]["acc_ci95"]
-                cells.append(f"{100 * zs[t]['acc']:.1f} ({100 * lo:.0f}-{100 * hi:.0f}, n={zs[t]['items']})")
+                cells.append(f"{100 * zs[t]['acc']:.1f} +-{100 * zs[t]['acc_stderr']:.1f} ({100 * lo:.0f}-{100 * hi:.0f}, "
+                             f"n={zs[t]['items']})")
             else:
                 cells.append("-")
         avg = zs.get("average", {}).get("acc")
