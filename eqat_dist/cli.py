@@ -87,7 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--ds-config", default="zero3-offload",
                    help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
+    p.add_argument("--ignore-plan", action="store_true",
+                   help="run even when the plan says it will not fit this machine (see `eqat-dist plan`)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return p
+
+
+def build_plan_parser() -> argparse.ArgumentParser:
+    """`eqat-dist plan`: every flag of a run, plus the machine to plan for."""
+    p = build_parser()
+    p.prog, p.description = "eqat-dist plan", ("Per-rank GPU memory, host memory, disk and time of each phase, "
+                                               "from the model's config.json alone (no weights read). Exit 0 "
+                                               "when the run fits, 1 when it does not.")
+    p.add_argument("--ranks", type=int, default=1, help="ranks (GPUs) in all")
+    p.add_argument("--ranks-per-node", type=int, default=None, help="default: min(ranks, 8)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU; 0 plans a CPU-only run")
+    p.add_argument("--host-memory", type=float, default=None, help="GiB per node (default: this machine's)")
+    p.add_argument("--disk", type=float, default=None, help="free GiB where the run writes (default: unchecked)")
+    p.add_argument("--gpu", default="a100", choices=["a100", "h100", "h200", "cpu"], help="for the time estimate")
+    p.add_argument("--tflops", type=float, default=None, help="achieved TFLOP/s, replacing the built-in figures")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--terms", action="store_true", help="also list what each peak is made of")
     return p
 
 
@@ -237,9 +257,83 @@ def run_settings(args) -> dict:
             "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed}
 
 
+def plan_main(argv) -> int:
+    from .planning import GIB, Machine, PlanError, load_arch, render, report, settings_from_args, to_json
+    from .planning import host_memory
+
+    args = build_plan_parser().parse_args(argv)
+    if not args.model:
+        print("eqat-dist plan: error: --model is required (a folder with config.json, a hub id, or one of "
+              "llama-2-7b, llama-2-70b, llama-3-8b, qwen2.5-72b, smollm2-135m)", file=sys.stderr)
+        return 2
+    try:
+        arch = load_arch(args.model)
+        cfg = QuantConfig(args.wbits, args.group_size)
+        for name, (out_features, in_features) in arch.linears.items():
+            cfg.check_layer(name, in_features, out_features)
+    except (PlanError, QuantConfigError) as err:
+        print(f"eqat-dist plan: error: {err}", file=sys.stderr)
+        return 2
+    device = "cpu" if args.gpu_memory == 0 or args.gpu == "cpu" else "gpu"
+    ranks_per_node = args.ranks_per_node or min(args.ranks, 8)
+    settings = settings_from_args(args, args.ranks, ranks_per_node, device, args.gpu if device == "gpu" else "cpu",
+                                  args.tflops)
+    machine = Machine(gpu_memory=None if device == "cpu" else args.gpu_memory * GIB,
+                      host_memory=(args.host_memory * GIB) if args.host_memory else host_memory(),
+                      disk=None if args.disk is None else args.disk * GIB)
+    result = report(arch, settings, machine)
+    if args.json:
+        print(to_json(result))
+    else:
+        print(render(result))
+        if args.terms:
+            for name, phase in result["phases"].items():
+                print(f"\n{name}:\n" + "\n".join(f"  {v:8.2f} GiB  {k}" for k, v in phase["terms_gib"].items()))
+    return 0 if result["fits"] else 1
+
+
+def check_plan(args) -> str | None:
+    """The plan for this machine, before any work: None when the run fits, else the reason and the fix."""
+    from .models.loading import BUNDLED
+    from .planning import PLANNING_MODELS, PlanError, load_arch, report, settings_from_args, this_machine, world_size
+
+    path = Path(args.model).expanduser()
+    if not (args.model in BUNDLED or args.model in PLANNING_MODELS or (path / "config.json").exists()):
+        return None  # a hub id or GGUF file: its config is not at hand without loading
+    try:
+        arch = load_arch(args.model)
+    except PlanError:
+        return None
+    ranks, ranks_per_node = world_size()
+    device = "gpu" if args.device.type == "cuda" else "cpu"
+    gpu = "a100"
+    if device == "gpu":
+        name = torch.cuda.get_device_name(0).lower()
+        gpu = next((g for g in ("h200", "h100") if g in name), "a100")
+    result = report(arch, settings_from_args(args, ranks, ranks_per_node, device, gpu), this_machine(args.output),
+                    phases={"all": None, "block-ap": ("block-ap", "export", "eval"), "e2e": ("e2e", "export", "eval"),
+                            "eval": ("eval",)}[args.phase])
+    if result["fits"]:
+        return None
+    needs = "; ".join(f"{p['phase']} needs {p['needed_gib']:.1f} GiB of {p['resource']}, {p['available_gib']:.1f} GiB "
+                      "here" for p in result["problems"])
+    if result["advice"] and result["fits_with_advice"]:
+        fix = f"try {' '.join(result['advice'])}"
+    else:
+        fix = "no flag makes it fit: use fewer or shorter windows, more ranks or a larger machine"
+    return (f"this run will not fit this machine ({needs}); {fix}; `eqat-dist plan` with the same flags shows the "
+            "plan; --ignore-plan runs anyway")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:
+        return plan_main(argv[1:])
     try:
         args = parse_args(argv)
+        refusal = None if args.ignore_plan else check_plan(args)
+        if refusal:
+            raise UsageError(refusal)
     except UsageError as err:
         print(f"eqat-dist: error: {err}", file=sys.stderr)
         return 2

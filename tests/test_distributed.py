@@ -145,3 +145,23 @@ def test_killed_rank_under_deepspeed_is_named_by_its_peer(model_dir, tmp_path):
     assert proc.returncode != 0 and time.time() - killed_at < 30
     assert re.search(r"rank 0 stopping at block \d+ \(.*\): lost rank 1", output), output[-3000:]
     assert "run the same command again to resume" in output
+
+
+def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monkeypatch):
+    """Under the deepspeed launcher the transport creates the default process group first: on GPUs
+    it must be NCCL (ZeRO-3's collectives run on it), with a gloo group of its own for host buffers."""
+    import torch.distributed as dist
+
+    from eqat_dist.dist.transport import TorchTransport, backends
+
+    assert backends(cuda=True) == ("nccl", "gloo") and backends(cuda=False) == ("gloo", "gloo")
+    calls = {}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("default", backend))
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: calls["default"])
+    monkeypatch.setattr(dist, "new_group", lambda backend=None, **kw: calls.setdefault("transport", backend) or "g")
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    transport = TorchTransport()
+    assert calls == {"default": "nccl", "transport": "gloo"} and transport.group == "gloo"

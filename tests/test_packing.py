@@ -107,3 +107,16 @@ def test_packed_linear_gradient_reaches_scales_and_matches_gradcheck():
     assert torch.autograd.gradcheck(as_function, (layer.scales.detach().clone().requires_grad_(True),))
     layer(x).sum().backward()
     assert layer.scales.grad is not None and layer.scales.grad.abs().sum() > 0
+
+
+def test_packed_linear_holds_nothing_but_its_parameters_between_forwards():
+    """Under ZeRO-3 only the parameters are partitioned: a kept unpacked copy would sit whole on every rank."""
+    cfg = QuantConfig(2, 32)
+    codes = torch.randint(0, 4, (64, 96))
+    layer = PackedLinear.from_int(codes, torch.randint(0, 4, (64, 3)).float(), torch.rand(64, 3) + 0.1, cfg)
+    before = set(vars(layer))
+    out = layer(torch.randn(5, 96))
+    out.sum().backward()
+    tensors = [k for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
+    assert set(vars(layer)) == before and tensors == []
+    assert torch.equal(layer.int_codes(), codes.to(torch.int32))

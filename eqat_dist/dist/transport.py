@@ -95,28 +95,38 @@ class MPITransport(Transport):
         self.comm.Abort(1)  # every rank stops now, not at a timeout
 
 
+def backends(cuda: bool) -> tuple[str, str]:
+    """(default process group, host activation transport). The default group is the one DeepSpeed's
+    ZeRO-3 collectives use: NCCL on GPUs. Activations travel between host buffers: gloo."""
+    return ("nccl" if cuda else "gloo"), "gloo"
+
+
 class TorchTransport(Transport):
     kind = "torch.distributed"
 
     def __init__(self):
+        import torch
         import torch.distributed as dist
 
         self.dist = dist
+        default, host = backends(torch.cuda.is_available())
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            dist.init_process_group("gloo")
+            dist.init_process_group(default)
+        self.group = None if dist.get_backend() == host else dist.new_group(backend=host)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._pending = []
 
     def send(self, tensor, dst, tag):
         try:
-            self._pending.append((self.dist.isend(_bytes(tensor), dst=dst, tag=tag), tensor, dst))
+            work = self.dist.isend(_bytes(tensor), dst=dst, tag=tag, group=self.group)
+            self._pending.append((work, tensor, dst))
         except RuntimeError as err:
             raise PeerFailure(f"lost rank {dst} while sending to it ({str(err).splitlines()[0][:200]})") from err
 
     def recv(self, tensor, src, tag):
         try:
-            self.dist.recv(_bytes(tensor), src=src, tag=tag)
+            self.dist.recv(_bytes(tensor), src=src, tag=tag, group=self.group)
         except RuntimeError as err:
             raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
 
@@ -130,7 +140,7 @@ class TorchTransport(Transport):
 
     def barrier(self):
         try:
-            self.dist.barrier()
+            self.dist.barrier(group=self.group)
         except RuntimeError as err:
             raise PeerFailure(f"a peer rank failed before the barrier ({str(err).splitlines()[0][:200]})") from err
 

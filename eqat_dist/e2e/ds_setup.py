@@ -23,7 +23,8 @@ def init_distributed() -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(var, default)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from ..dist.transport import backends
+    deepspeed.init_distributed(dist_backend=backends(torch.cuda.is_available())[0])
 
 
 def load_ds_config(name_or_path: str, micro_batch: int, global_batch: int, world: int, max_grad_norm: float,

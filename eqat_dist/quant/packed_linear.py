@@ -45,13 +45,10 @@ class PackedLinear(nn.Module):
         return layer
 
     def int_codes(self) -> torch.Tensor:
-        """Codes [out, in]; unpacked once and kept as uint8 (the integers are frozen), so a forward
-        costs one elementwise dequantization instead of 32 shift passes."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.qweight.device, self.qweight.numel())
-        if getattr(self, "_codes_key", None) != key:
-            self._codes = unpack_qweight(self.qweight, self.cfg.bits).to(torch.uint8)
-            self._codes_key = key
-        return self._codes
+        """Codes [out, in], unpacked on every call and never kept: under ZeRO-3 `qweight` is gathered
+        only for this layer's forward, and a kept copy (1 byte per weight, every layer) would undo the
+        partitioning on every rank."""
+        return unpack_qweight(self.qweight, self.cfg.bits)
 
     def int_zeros(self) -> torch.Tensor:
         return unpack_qzeros(self.qzeros, self.cfg.bits)
@@ -60,10 +57,6 @@ class PackedLinear(nn.Module):
         """Float weight [out, in] in the scales' dtype; differentiable w.r.t. `scales`."""
         group = self.cfg.effective_group(self.in_features)
         return dequantize(self.int_codes(), self.scales.t(), self.int_zeros(), group)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._codes_key = None  # moved or cast: unpack again on the new device
-        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight().to(x.dtype)

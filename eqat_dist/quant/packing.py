@@ -37,9 +37,13 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_rows`: [R * bits / 32, C] int32 -> [R, C] int32."""
     prow, cols = packed.shape
+    mask = (1 << bits) - 1
+    if _WORD % bits == 0:  # 2/4/8 bits: whole values per word, all shifts in one broadcast op
+        per = _WORD // bits
+        shifts = torch.arange(0, _WORD, bits, device=packed.device, dtype=torch.int32).view(1, per, 1)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(prow * per, cols)
     w = (packed.to(torch.int64) & _U32).reshape(prow // bits, bits, cols)
     w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)  # a zero word past the end
-    mask = (1 << bits) - 1
     out = torch.empty(prow // bits, _WORD, cols, dtype=torch.int32, device=packed.device)
     for k in range(_WORD):
         word, shift = divmod(k * bits, _WORD)

@@ -1,0 +1,221 @@
+"""Per-rank memory, disk and time of each phase, from the architecture and the run's settings.
+
+The model follows what the code does today (which tensor lives where, in which dtype), term by term,
+so each figure can be read and checked. Constants that are not shapes are stated here:
+- GPU processes pay CUDA_CONTEXT (context, cuBLAS workspace, allocator slack);
+- every process pays HOST_BASE (Python, torch, transformers, DeepSpeed loaded): 0.35 GiB measured on
+  a CPU build; a CUDA build maps its libraries too (1.5 GiB assumed);
+- activations saved for backward per token and block: ACT_H x hidden + ACT_I x intermediate values
+  (attention through SDPA/flash, so no T x T scores are kept); measured on CPU by bench/scaling.py;
+- fake quantization keeps FAKE_QUANT_COPIES float32 copies of each weight alive during a step;
+- time = FLOPs / (device peak x efficiency); the efficiencies are fitted to the paper's Llama-2-7B
+  times on one A100-80GB (Block-AP 3.3 h, E2E-QP 1.5 h) and checked against its 70B times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import Arch
+
+GIB = 2**30
+CUDA_CONTEXT = 0.6 * GIB
+HOST_BASE = {"cpu": 0.4 * GIB, "gpu": 1.5 * GIB}
+ACT_H, ACT_I = 18, 5
+FAKE_QUANT_COPIES = 3
+PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
+EFFICIENCY = {"block-ap": 0.28, "e2e": 0.54, "eval": 0.40}
+EVAL_TOKENS = {"wikitext2": 340_000, "c4": 256 * 2048, "wiki": 584_000, "news": 76_000}  # per dataset
+ZEROSHOT_TOKENS_PER_ITEM = {"piqa": 2 * 60, "arc_easy": 4 * 40, "arc_challenge": 4 * 45, "hellaswag": 4 * 110,
+                            "winogrande": 2 * 30}
+ZEROSHOT_ITEMS = {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "winogrande": 1267}
+PHASES = ("block-ap", "e2e", "export", "eval")
+
+
+@dataclass
+class Settings:
+    """What a plan depends on; `from_args` reads it from the normal command's flags."""
+    ranks: int = 1
+    ranks_per_node: int = 8
+    device: str = "gpu"  # gpu | cpu
+    gpu: str = "a100"
+    bits: int = 2
+    group_size: int = 64
+    epochs: int = 2
+    train_size: int = 4096
+    val_size: int = 64
+    seqlen: int = 2048
+    batch_size: int = 2
+    activations: str = "cpu"
+    act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
+    student_input: str | None = None
+    e2e_epochs: int = 1
+    e2e_train_size: int = 4096
+    e2e_seqlen: int = 4096
+    e2e_micro_batch: int = 1
+    e2e_global_batch: int = 32
+    grad_checkpointing: bool = True
+    zero_stage: int = 3
+    offload: bool = True
+    keep_checkpoints: int = 1
+    eval_datasets: tuple = ("wiki", "news")
+    eval_seqlen: int = 2048
+    eval_batch_size: int = 1
+    eval_max_windows: int | None = None
+    zeroshot_tasks: tuple = ()
+    zeroshot_limit: int | None = None
+    skip_fp_eval: bool = False
+    tflops: float | None = None  # overrides PEAK_TFLOPS x EFFICIENCY
+
+    @property
+    def mode(self) -> str:
+        return self.student_input or ("teacher" if self.ranks > 1 else "student")
+
+
+@dataclass
+class Phase:
+    gpu_peak: float = 0.0   # bytes per rank, largest rank (0 on a CPU-only run)
+    host_peak: float = 0.0  # bytes per rank, largest rank
+    disk: float = 0.0       # bytes per node
+    seconds: float = 0.0
+    terms: dict = field(default_factory=dict)  # name -> bytes, what the peaks are made of
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {"gpu_peak_gib": self.gpu_peak / GIB, "host_peak_gib": self.host_peak / GIB,
+                "disk_gib": self.disk / GIB, "hours": self.seconds / 3600,
+                "terms_gib": {k: v / GIB for k, v in self.terms.items()}, "note": self.note}
+
+
+def _flops_per_second(s: Settings, phase: str) -> float:
+    if s.tflops:
+        return s.tflops * 1e12
+    return PEAK_TFLOPS["cpu" if s.device == "cpu" else s.gpu] * 1e12 * (1.0 if s.device == "cpu" else EFFICIENCY[phase])
+
+
+def _place(phase: Phase, device_terms: dict, host_terms: dict, s: Settings) -> Phase:
+    """Device terms go to the GPU (plus its context), or to host memory on a CPU-only run."""
+    if s.device == "gpu":
+        device_terms = device_terms | {"cuda context": CUDA_CONTEXT}
+        phase.gpu_peak = sum(device_terms.values())
+        phase.host_peak = sum(host_terms.values())
+    else:
+        phase.host_peak = sum(device_terms.values()) + sum(host_terms.values())
+    phase.terms = {**{f"device: {k}": v for k, v in device_terms.items()}, **{f"host: {k}": v for k, v in host_terms.items()}}
+    return phase
+
+
+def packed_bytes(a: Arch, s: Settings, scale_bytes: int = 2) -> dict:
+    """The quantized linears of the whole model: integer codes, zero points, scales, g_idx."""
+    groups = a.layers * a.groups(s.group_size)
+    return {"qweight": a.layers * a.block_linear_params * s.bits / 8, "qzeros": groups * s.bits / 8,
+            "scales": groups * scale_bytes, "g_idx": a.layers * sum(i for _, i in a.linears.values()) * 4}
+
+
+def block_ap(a: Arch, s: Settings) -> Phase:
+    P, Pq, G = a.block_params, a.block_linear_params, a.groups(s.group_size)
+    if s.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
+        host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
+                "one block and its packed form": P * 8}
+        return _place(Phase(seconds=a.layers * P * 4 / 2e9, note="round-to-nearest (--epochs 0): no training"),
+                      {}, host, s)
+    tokens = s.batch_size * s.seqlen
+    store = 2 * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes  # fp + student, train + val
+    device = {
+        "fp block (float32)": P * 4,
+        "student weights, grads, Adam (float32)": Pq * 16 + 2 * G * 16 + 2 * a.hidden * 16,
+        "fake-quant temporaries": Pq * 4 * FAKE_QUANT_COPIES,
+        "activations for backward": tokens * (ACT_H * a.hidden + ACT_I * a.intermediate) * s.act_bytes,
+        "batch and MSE in float32": tokens * a.hidden * (2 * s.act_bytes + 3 * 4),
+    }
+    host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
+            "fp block read from the checkpoint": P * 4}
+    phase = Phase()
+    if s.activations == "gpu":
+        device["activation stores"] = store
+    elif s.activations == "cpu":
+        host["activation stores"] = store
+    else:
+        phase.disk = store * min(s.ranks, s.ranks_per_node)
+    phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
+    steps_tokens = s.epochs * s.train_size * s.seqlen
+    eval_tokens = (2 * s.train_size + (s.epochs + 1) * s.val_size + s.train_size + s.val_size) * s.seqlen
+    flops = a.layers * (6 * P * steps_tokens + 2 * P * eval_tokens
+                        + 6 * 2 * a.hidden * s.seqlen * steps_tokens)  # attention scores, fwd + bwd
+    blocks_in_sequence = a.layers if s.mode == "student" else -(-a.layers // s.ranks)
+    phase.seconds = flops / a.layers * blocks_in_sequence / _flops_per_second(s, "block-ap")
+    phase.note = (f"{s.mode} mode: {blocks_in_sequence} blocks one after another per rank; stores "
+                  f"{store / GIB:.1f} GiB per rank on {s.activations}")
+    return _place(phase, device, host, s)
+
+
+def e2e(a: Arch, s: Settings) -> Phase:
+    w = s.act_bytes
+    shards = s.ranks if s.zero_stage == 3 else 1
+    ints = (a.layers * a.block_linear_params + a.layers * a.groups(s.group_size)) * s.bits / 8
+    scales = a.layers * a.groups(s.group_size)
+    frozen = a.embedding_params * w + a.layers * 2 * a.hidden * w + ints
+    optimizer = scales * ((4 if w == 2 else 0) + 8 + 4)  # fp32 master (16-bit training), Adam m and v, grads
+    mb, T = s.e2e_micro_batch, s.e2e_seqlen
+    largest = a.largest_linear()
+    working = {
+        "gathered layers: packed, unpacked codes, dequantized weight": largest * (s.bits / 8 + 4 + w) * 2,  # + prefetch
+        "activations (checkpointed layer inputs)": (a.layers if s.grad_checkpointing else 0) * mb * T * a.hidden * w,
+        "activations (one layer recomputed)" if s.grad_checkpointing else "activations (all layers)":
+            (1 if s.grad_checkpointing else a.layers) * mb * T * (ACT_H * a.hidden + ACT_I * a.intermediate) * w,
+        "logits, float32 loss and its gradient": mb * T * a.vocab * (w + 8),
+    }
+    sharded = {"integer weights, embeddings, norms": frozen / shards, "scales": scales * w / shards}
+    host = {"base": HOST_BASE[s.device]}
+    if s.offload and s.zero_stage == 3:
+        host |= {k + " (offloaded)": v for k, v in sharded.items()}
+        host["optimizer over scales (offloaded)"] = optimizer / shards
+        device = working
+    else:
+        device = working | sharded | {"optimizer over scales": optimizer / shards}
+    phase = Phase()
+    phase.disk = s.keep_checkpoints * (optimizer + frozen + scales * w)
+    tokens = s.e2e_epochs * s.e2e_train_size * s.e2e_seqlen
+    flops = (8 if s.grad_checkpointing else 6) * a.total_params * tokens
+    phase.seconds = flops / s.ranks / _flops_per_second(s, "e2e")
+    phase.note = f"ZeRO-{s.zero_stage}{' with CPU offload' if s.offload else ''} over {s.ranks} rank(s)"
+    return _place(phase, device, host, s)
+
+
+def export(a: Arch, s: Settings) -> Phase:
+    packed = sum(packed_bytes(a, s, scale_bytes=4).values())
+    written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
+    host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
+            "whole packed model assembled on rank 0": packed, "its 16-bit copy for saving": packed / 2,
+            "one block restored (float32, twice)": a.block_params * 8}
+    phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9,
+                  note="rank 0 assembles the whole packed model; the other ranks wait")
+    return _place(phase, {}, host, s)
+
+
+def evaluate(a: Arch, s: Settings) -> Phase:
+    if not s.eval_datasets and not s.zeroshot_tasks:
+        return Phase(note="skipped (no --eval-datasets, no --zeroshot-tasks)")
+    tokens = 0
+    for name in s.eval_datasets:
+        cap = EVAL_TOKENS.get(name, 340_000)
+        tokens += min(cap, s.eval_max_windows * s.eval_seqlen) if s.eval_max_windows else cap
+    for t in s.zeroshot_tasks:
+        tokens += ZEROSHOT_TOKENS_PER_ITEM[t] * min(ZEROSHOT_ITEMS[t], s.zeroshot_limit or ZEROSHOT_ITEMS[t])
+    quantized = sum(packed_bytes(a, s, scale_bytes=4).values()) + a.embedding_params * 4
+    device = {"packed model (float32 scales and embeddings)": quantized,
+              "one layer unpacked and dequantized (float32)": a.largest_linear() * 8,
+              "logits and loss (float32)": s.eval_batch_size * s.eval_seqlen * a.vocab * 8}
+    if not s.skip_fp_eval:  # loaded after the packed model is freed: the larger of the two counts
+        fp = a.total_params * 4
+        if fp > quantized:
+            device = {"full-precision model (float32)": fp, "logits and loss (float32)": device["logits and loss (float32)"]}
+    host = {"base": HOST_BASE[s.device], "model read before moving to the device": max(device.values())}
+    models = 1 if s.skip_fp_eval else 2
+    phase = Phase(seconds=models * 2 * a.total_params * tokens / _flops_per_second(s, "eval"),
+                  note=f"rank 0 alone, {models} model(s), about {tokens / 1e6:.1f}M tokens each")
+    return _place(phase, device, host, s)
+
+
+def plan(a: Arch, s: Settings) -> dict[str, Phase]:
+    return {"block-ap": block_ap(a, s), "e2e": e2e(a, s) if s.e2e_epochs > 0 else Phase(note="skipped"),
+            "export": export(a, s), "eval": evaluate(a, s)}

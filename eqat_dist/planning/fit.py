@@ -1,0 +1,143 @@
+"""Does a plan fit a machine, and which flags make it fit; the text and JSON a user reads."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+from .arch import Arch
+from .estimate import GIB, HOST_BASE, PHASES, PEAK_TFLOPS, EFFICIENCY, Phase, Settings, plan
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpu_memory: float | None  # bytes per GPU; None on a CPU-only machine
+    host_memory: float        # bytes per node
+    disk: float | None        # free bytes where the run writes; None = not checked
+
+
+def node_host(name: str, phase: Phase, s: Settings) -> float:
+    """Host memory of one node: every rank of it holds its share in Block-AP and E2E-QP; in export and
+    evaluation rank 0 works and the others wait."""
+    on_node = min(s.ranks, s.ranks_per_node)
+    if name in ("block-ap", "e2e"):
+        return phase.host_peak * on_node
+    return phase.host_peak + (on_node - 1) * HOST_BASE[s.device]
+
+
+def problems(phases: dict[str, Phase], s: Settings, m: Machine) -> list[tuple[str, str, float, float]]:
+    """(phase, resource, needed, available) for everything that does not fit."""
+    out = []
+    for name, p in phases.items():
+        if s.device == "gpu" and m.gpu_memory is not None and p.gpu_peak > m.gpu_memory:
+            out.append((name, "GPU memory per rank", p.gpu_peak, m.gpu_memory))
+        if node_host(name, p, s) > m.host_memory:
+            out.append((name, "host memory per node", node_host(name, p, s), m.host_memory))
+    disk = max(p.disk for p in phases.values()) + (phases["export"].disk if "export" in phases else 0)
+    if m.disk is not None and disk > m.disk:
+        out.append(("all", "disk", disk, m.disk))
+    return out
+
+
+# The flags that relieve each (phase, resource), tried in order: (flag text, change of settings).
+FIXES = {
+    ("block-ap", "host memory per node"): [("--activations disk", dict(activations="disk"))],
+    ("block-ap", "GPU memory per rank"): [("--activations cpu", dict(activations="cpu")), ("--batch-size 1", dict(batch_size=1))],
+    ("e2e", "GPU memory per rank"): [("--ds-config zero3-offload", dict(zero_stage=3, offload=True)),
+                                     ("--e2e-micro-batch 1", dict(e2e_micro_batch=1))],
+    ("e2e", "host memory per node"): [("--ds-config zero3", dict(zero_stage=3, offload=False))],
+    ("eval", "GPU memory per rank"): [("--skip-fp-eval", dict(skip_fp_eval=True)),
+                                      ("--eval-datasets '' --zeroshot-tasks '' (evaluate later with --phase eval "
+                                       "on a larger machine)", dict(eval_datasets=(), zeroshot_tasks=()))],
+    ("eval", "host memory per node"): [("--skip-fp-eval", dict(skip_fp_eval=True))],
+    ("all", "disk"): [("--activations cpu", dict(activations="cpu")), ("--e2e-keep-checkpoints 1", dict(keep_checkpoints=1))],
+}
+
+
+def _planned(arch: Arch, s: Settings, phases) -> dict[str, Phase]:
+    return {k: v for k, v in plan(arch, s).items() if phases is None or k in phases}
+
+
+def advise(arch: Arch, s: Settings, m: Machine, phases=None) -> tuple[list[str], Settings]:
+    """Flags that make the run fit (as far as these flags can), and the settings with them applied."""
+    advice, changed = [], set()
+    for _ in range(8):
+        todo = problems(_planned(arch, s, phases), s, m)
+        if not todo:
+            break
+        name, resource, needed, _ = todo[0]
+        for flag, change in FIXES.get((name, resource), []):
+            if changed & set(change):
+                continue  # never undo an earlier fix (disk <-> host memory)
+            trial = replace(s, **change)
+            after = {(p, r): n for p, r, n, _ in problems(_planned(arch, trial, phases), trial, m)}
+            if trial != s and after.get((name, resource), 0) < needed:  # relieves it, if not yet enough
+                advice.append(flag)
+                changed |= set(change)
+                s = trial
+                break
+        else:
+            return advice, s  # nothing here fixes it: more ranks, or a bigger machine
+    return advice, s
+
+
+def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
+    """The plan, whether it fits, and the flags that make it fit. `phases`: only those that will run
+    (--phase e2e skips Block-AP, ...); all by default."""
+    todo = problems(_planned(arch, s, phases), s, m)
+    advice, fixed = advise(arch, s, m, phases) if todo else ([], s)
+    still = problems(_planned(arch, fixed, phases), fixed, m)
+    phases = plan(arch, s)
+    return {"model": arch.name, "params_b": arch.total_params / 1e9, "settings": {
+                "ranks": s.ranks, "ranks_per_node": s.ranks_per_node, "device": s.device, "gpu": s.gpu,
+                "wbits": s.bits, "group_size": s.group_size, "student_input": s.mode},
+            "machine": {"gpu_memory_gib": None if m.gpu_memory is None else m.gpu_memory / GIB,
+                        "host_memory_gib": m.host_memory / GIB, "disk_gib": None if m.disk is None else m.disk / GIB},
+            "phases": {k: v.as_dict() for k, v in phases.items()}, "fits": not todo,
+            "problems": [{"phase": p, "resource": r, "needed_gib": n / GIB, "available_gib": a / GIB}
+                         for p, r, n, a in todo],
+            "advice": advice, "fits_with_advice": not still,
+            "assumptions": assumptions(s)}
+
+
+def assumptions(s: Settings) -> str:
+    if s.tflops:
+        speed = f"{s.tflops} TFLOP/s (--tflops)"
+    elif s.device == "cpu":
+        speed = f"{PEAK_TFLOPS['cpu']} TFLOP/s (2 CPU cores, measured)"
+    else:
+        speed = (f"{s.gpu.upper()} {PEAK_TFLOPS[s.gpu]:.0f} TFLOP/s bf16 x efficiency " +
+                 ", ".join(f"{k} {v:.0%}" for k, v in EFFICIENCY.items()) + " (fitted to the paper's 7B times)")
+    return (f"peaks per rank (the largest rank); host memory and disk per node of {min(s.ranks, s.ranks_per_node)} "
+            f"rank(s); time from FLOPs at {speed}; activations {s.act_bytes * 8}-bit")
+
+
+def render(r: dict) -> str:
+    st, mc = r["settings"], r["machine"]
+    gpu = "CPU only" if mc["gpu_memory_gib"] is None else f"{st['gpu'].upper()} {mc['gpu_memory_gib']:.0f} GiB"
+    disk = "unchecked" if mc["disk_gib"] is None else f"{mc['disk_gib']:.0f} GiB"
+    lines = [f"Plan: {r['model']} ({r['params_b']:.1f}B parameters), w{st['wbits']}g{st['group_size']}, "
+             f"{st['ranks']} rank(s), {st['ranks_per_node']} per node, {gpu}, host {mc['host_memory_gib']:.0f} GiB "
+             f"per node, disk {disk}; Block-AP in {st['student_input']} mode",
+             "", f"{'phase':<9} {'GPU peak/rank':>14} {'host peak/rank':>15} {'disk/node':>10} {'hours':>7}"]
+    for name in PHASES:
+        p = r["phases"][name]
+        lines.append(f"{name:<9} {p['gpu_peak_gib']:>10.1f} GiB {p['host_peak_gib']:>11.1f} GiB "
+                     f"{p['disk_gib']:>6.0f} GiB {p['hours']:>7.2f}   {p['note']}")
+    lines.append("")
+    if r["fits"]:
+        lines.append("Fits this machine.")
+    else:
+        for pr in r["problems"]:
+            lines.append(f"Does not fit: {pr['phase']} needs {pr['needed_gib']:.1f} GiB of {pr['resource']}, "
+                         f"{pr['available_gib']:.1f} GiB available.")
+        if r["advice"]:
+            verdict = "fits" if r["fits_with_advice"] else "still does not fit (more ranks or a bigger machine)"
+            lines.append(f"With {' '.join(r['advice'])}: {verdict}.")
+        else:
+            lines.append("No flag makes it fit: use more ranks or a machine with more memory.")
+    lines.append(f"Assumptions: {r['assumptions']}.")
+    return "\n".join(lines)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=2)

@@ -1,0 +1,79 @@
+"""The planner: parameter counts of real architectures, the paper's measured GPU peaks, JSON shape,
+advice that makes a 70B run fit, plans from config.json alone, and the refusal before a run."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eqat_dist.cli import build_plan_parser, main
+from eqat_dist.planning import GIB, Machine, load_arch, plan, report, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ["--wbits", "2", "--group-size", "64", "--train-size", "4096", "--seqlen", "2048", "--batch-size", "2",
+         "--epochs", "2", "--activations", "cpu", "--e2e-train-size", "4096", "--e2e-seqlen", "4096",
+         "--e2e-micro-batch", "1", "--ds-config", "single-gpu"]  # the official code: one GPU, no DeepSpeed
+
+
+def _plan(model, flags, ranks=1, device="gpu"):
+    args = build_plan_parser().parse_args(["--model", model, *flags])
+    return plan(load_arch(model), settings_from_args(args, ranks, min(ranks, 8), device))
+
+
+def test_parameter_counts_of_the_bundled_architectures():
+    expected = {"llama-2-7b": 6.738e9, "llama-2-70b": 68.977e9, "llama-3-8b": 8.030e9, "qwen2.5-72b": 72.706e9}
+    for name, count in expected.items():
+        assert abs(load_arch(name).total_params / count - 1) < 0.005, name
+
+
+@pytest.mark.parametrize("model, blockap_gib, e2e_gib", [("llama-2-7b", 8.5, (5.6, 7.0)),
+                                                         ("llama-2-70b", 29.9, (34.0, 48.0))])
+def test_plan_reproduces_the_papers_gpu_peaks_on_one_a100(model, blockap_gib, e2e_gib):
+    phases = _plan(model, PAPER)
+    assert abs(phases["block-ap"].gpu_peak / GIB / blockap_gib - 1) <= 0.25
+    assert e2e_gib[0] * 0.75 <= phases["e2e"].gpu_peak / GIB <= e2e_gib[1] * 1.25
+
+
+def test_json_plan_has_every_phase_and_a_verdict(capsys):
+    code = main(["plan", "--model", "llama-2-70b", *PAPER, "--ranks", "1", "--gpu-memory", "80",
+                 "--host-memory", "1024", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["phases"]) == {"block-ap", "e2e", "export", "eval"}
+    for phase in result["phases"].values():
+        assert {"gpu_peak_gib", "host_peak_gib", "disk_gib", "hours"} <= set(phase)
+    assert isinstance(result["fits"], bool) and isinstance(result["advice"], list)
+    assert code == (0 if result["fits"] else 1)
+
+
+def test_advice_makes_70b_at_the_papers_budget_fit_one_node_of_eight_gpus():
+    flags = [f for f in PAPER if f not in ("single-gpu",)] + ["zero3-offload"]
+    args = build_plan_parser().parse_args(["--model", "llama-2-70b", *flags])
+    arch, s = load_arch("llama-2-70b"), settings_from_args(args, 8, 8, "gpu")
+    node = Machine(gpu_memory=80 * GIB, host_memory=1024 * GIB, disk=8000 * GIB)
+    r = report(arch, s, node)
+    assert not r["fits"]  # every rank holds 260 GiB of activation stores in host memory: 2 TiB a node
+    assert "--activations disk" in r["advice"] and r["fits_with_advice"]
+    # one rank per GPU shares the work: Block-AP wall time falls about N-fold in teacher mode
+    assert r["phases"]["block-ap"]["hours"] < report(arch, settings_from_args(args, 1, 1, "gpu"), node)["phases"]["block-ap"]["hours"] / 7
+
+
+def test_plan_needs_only_config_json(tmp_path):
+    (tmp_path / "config.json").write_text((ROOT / "eqat_dist" / "planning" / "configs" / "llama-2-7b.json").read_text())
+    done = subprocess.run([sys.executable, "-m", "eqat_dist.cli", "plan", "--model", str(tmp_path), "--json",
+                           "--host-memory", "512"], capture_output=True, text=True)
+    assert done.returncode in (0, 1), done.stderr
+    assert json.loads(done.stdout)["params_b"] == pytest.approx(6.738, rel=0.005)
+    bad = subprocess.run([sys.executable, "-m", "eqat_dist.cli", "plan", "--model", str(tmp_path), "--group-size",
+                          "96"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not divide" in bad.stderr
+
+
+def test_a_run_that_will_not_fit_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--output", str(tmp_path / "o"),
+           "--train-size", "5000", "--seqlen", "2048", "--activations", "cpu"]  # 45 GiB of stores in host memory
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "o").exists()
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("eqat-dist: error: this run will not fit this machine (block-ap needs")
+    assert "--ignore-plan" in line and ("try --activations disk" in line or "no flag makes it fit" in line)
