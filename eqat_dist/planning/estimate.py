@@ -8,8 +8,16 @@ so each figure can be read and checked. Constants that are not shapes are stated
 - activations saved for backward per token and block: ACT_H x hidden + ACT_I x intermediate values
   (attention through SDPA/flash, so no T x T scores are kept); measured on CPU by bench/scaling.py;
 - fake quantization keeps FAKE_QUANT_COPIES float32 copies of each weight alive during a step;
+- a Block-AP process also holds its libraries' state, the tokenizer and the tokenized calibration
+  text: BLOCKAP_PROCESS, measured on CPU (bench/scaling.py: 0.6 GiB beyond the other terms on both
+  SmolLM2 and synth-0.4b);
+- E2E-QP on a CPU holds more than the terms above: E2E_CPU_FIXED + E2E_CPU_PER_WEIGHT bytes per weight
+  + E2E_CPU_PER_WEIGHT_SHARDED / ranks, fitted to the measured peaks of SmolLM2 and synth-0.4b on 1 and
+  2 ranks (bench/scaling.py; DeepSpeed's buckets and gathered copies, not broken down yet). Where it
+  lives on a GPU run is not measured here (no GPU), so GPU plans leave it out;
 - time = FLOPs / (device peak x efficiency); the efficiencies are fitted to the paper's Llama-2-7B
-  times on one A100-80GB (Block-AP 3.3 h, E2E-QP 1.5 h) and checked against its 70B times.
+  times on one A100-80GB (Block-AP 3.3 h, E2E-QP 1.5 h) and checked against its 70B times (Block-AP
+  +27%, E2E-QP +7%).
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ CUDA_CONTEXT = 0.6 * GIB
 HOST_BASE = {"cpu": 0.4 * GIB, "gpu": 1.5 * GIB}
 ACT_H, ACT_I = 18, 5
 FAKE_QUANT_COPIES = 3
+BLOCKAP_PROCESS = 0.6 * GIB
+E2E_CPU_FIXED, E2E_CPU_PER_WEIGHT, E2E_CPU_PER_WEIGHT_SHARDED = 0.19 * GIB, 2.0, 3.35
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
 EFFICIENCY = {"block-ap": 0.28, "e2e": 0.54, "eval": 0.40}
 EVAL_TOKENS = {"wikitext2": 340_000, "c4": 256 * 2048, "wiki": 584_000, "news": 76_000}  # per dataset
@@ -127,8 +137,8 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         "activations for backward": tokens * (ACT_H * a.hidden + ACT_I * a.intermediate) * s.act_bytes,
         "batch and MSE in float32": tokens * a.hidden * (2 * s.act_bytes + 3 * 4),
     }
-    host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
-            "fp block read from the checkpoint": P * 4}
+    host = {"base": HOST_BASE[s.device], "libraries, tokenizer, tokenized calibration text": BLOCKAP_PROCESS,
+            "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": P * 4}
     phase = Phase()
     if s.activations == "gpu":
         device["activation stores"] = store
@@ -166,6 +176,9 @@ def e2e(a: Arch, s: Settings) -> Phase:
     }
     sharded = {"integer weights, embeddings, norms": frozen / shards, "scales": scales * w / shards}
     host = {"base": HOST_BASE[s.device]}
+    if s.device == "cpu":
+        host["working set measured on CPU (fitted)"] = (E2E_CPU_FIXED + E2E_CPU_PER_WEIGHT * a.total_params
+                                                        + E2E_CPU_PER_WEIGHT_SHARDED * a.total_params / shards)
     if s.offload and s.zero_stage == 3:
         host |= {k + " (offloaded)": v for k, v in sharded.items()}
         host["optimizer over scales (offloaded)"] = optimizer / shards
