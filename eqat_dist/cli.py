@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
+    p.add_argument("--host-memory-budget", type=float, default=None,
+                   help="GiB of host memory per node the run may use; without --activations the stores go to "
+                        "disk when in memory they would exceed it (default: 90%% of this machine's memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="training precision: auto = bf16 autocast on GPU, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -181,8 +184,6 @@ def validate(args) -> None:
     except QuantConfigError as err:
         raise UsageError(str(err)) from err
     args.device = resolve_device(args.device)
-    if args.activations is None:
-        args.activations = "cpu"
     if args.activations == "gpu" and args.device.type != "cuda":
         raise UsageError("--activations gpu needs a CUDA device; use --activations cpu or disk")
     if args.dtype == "auto":
@@ -292,17 +293,51 @@ def plan_main(argv) -> int:
     return 0 if result["fits"] else 1
 
 
+def _arch_at_hand(model: str):
+    """The architecture from config.json when it is at hand without loading (else None)."""
+    from .models.loading import BUNDLED
+    from .planning import PLANNING_MODELS, PlanError, load_arch
+
+    path = Path(model).expanduser()
+    if not (model in BUNDLED or model in PLANNING_MODELS or (path / "config.json").exists()):
+        return None  # a hub id or GGUF file
+    try:
+        return load_arch(model)
+    except PlanError:
+        return None
+
+
+def choose_activations(args) -> str | None:
+    """Without --activations: the stores stay in host memory when the node's ranks fit them within
+    --host-memory-budget, else they go to disk (memory-mapped). Returns the line that says so."""
+    if args.activations is not None:
+        return None
+    args.activations = "cpu"
+    arch = _arch_at_hand(args.model)
+    if arch is None or args.epochs == 0 or args.phase in ("e2e", "eval"):
+        return None
+    from .planning import GIB, host_memory, settings_from_args, world_size
+    from .planning.estimate import block_ap
+    from .planning.fit import node_host
+
+    ranks, per_node = world_size()
+    settings = settings_from_args(args, ranks, per_node, "gpu" if args.device.type == "cuda" else "cpu")
+    budget = (args.host_memory_budget or 0.9 * host_memory() / GIB) * GIB
+    need = node_host("block-ap", block_ap(arch, settings), settings)
+    if need <= budget:
+        return None
+    args.activations = "disk"
+    return (f"[plan] activation stores in host memory would take {need / GIB:.1f} GiB on this node, over the "
+            f"{budget / GIB:.1f} GiB budget: they go to disk ({args.activations_dir or Path(args.output) / 'acts'}, "
+            "memory-mapped); pass --activations cpu to keep them in memory")
+
+
 def check_plan(args) -> str | None:
     """The plan for this machine, before any work: None when the run fits, else the reason and the fix."""
-    from .models.loading import BUNDLED
-    from .planning import PLANNING_MODELS, PlanError, load_arch, report, settings_from_args, this_machine, world_size
+    from .planning import report, settings_from_args, this_machine, world_size
 
-    path = Path(args.model).expanduser()
-    if not (args.model in BUNDLED or args.model in PLANNING_MODELS or (path / "config.json").exists()):
-        return None  # a hub id or GGUF file: its config is not at hand without loading
-    try:
-        arch = load_arch(args.model)
-    except PlanError:
+    arch = _arch_at_hand(args.model)
+    if arch is None:
         return None
     ranks, ranks_per_node = world_size()
     device = "gpu" if args.device.type == "cuda" else "cpu"
@@ -331,6 +366,9 @@ def main(argv=None) -> int:
         return plan_main(argv[1:])
     try:
         args = parse_args(argv)
+        placement = choose_activations(args)
+        if placement and int(os.environ.get("RANK", "0")) == 0:
+            print(placement, flush=True)
         refusal = None if args.ignore_plan else check_plan(args)
         if refusal:
             raise UsageError(refusal)

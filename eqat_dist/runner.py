@@ -10,20 +10,22 @@ from pathlib import Path
 
 import torch
 
-from .blockap.checkpoint import ResumeError
+from .blockap.checkpoint import ResumeError, finished_blocks
+from .blockap.steps import restore_block
 from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .cli import DTYPES, run_settings
 from .data.windows import calibration_windows, eval_windows
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
-from .eval.report import write_report
 from .eval.harness import zero_shot
+from .eval.report import write_report
 from .export import load_packed_model, save_packed_model
 from .export.gptq_v2 import method_after_e2e, read_quant_config
+from .export.streaming import write_packed_blocks
 from .models import load_model
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
-from .pipelines.round_robin import Progress, StreamSpec, assemble, run_blockap
+from .pipelines.round_robin import Progress, StreamSpec, run_blockap
 from .utils.monitor import Monitor, summary_table
 
 
@@ -122,9 +124,8 @@ def _run(args, transport, progress, out: Path) -> int:
     if args.epochs == 0:
         if transport.rank != 0:
             return 0 if args.phase == "block-ap" or args.e2e_epochs == 0 else _wait_for_rank0(transport)
-        for i in range(source.num_blocks):  # round-to-nearest with the min/max initialisation
-            source.set_block(i, to_packed(to_fake_quant(source.block(i), args.qcfg), args.qcfg))
-        model, results["method"] = source.model, "rtn"
+        results["method"] = "rtn"  # the min/max initialisation, block by block at the export
+        blocks = _rtn_blocks(source, args.qcfg)
     else:
         train_ids, val_ids = calibration_windows(tokenizer, args.calib_dataset, args.seqlen, args.train_size,
                                                  args.val_size, args.seed)
@@ -148,14 +149,13 @@ def _run(args, transport, progress, out: Path) -> int:
             monitor.close()
         if transport.rank != 0:
             return 0 if args.phase == "block-ap" or args.e2e_epochs == 0 else _wait_for_rank0(transport)
-        progress.phase = "assembling the model"
-        model, reports = assemble(source, args.qcfg, out / "blockap")
-        print(summary_table(reports))
-        results["method"], results["blocks"] = "block-ap", reports
+        results["method"], results["blocks"] = "block-ap", []
+        blocks = _restored_blocks(source, args.qcfg, out / "blockap", results["blocks"])
     progress.phase = "export"
-    model = model.to(DTYPES[args.export_dtype])
-    save_packed_model(model, tokenizer, out, args.qcfg, method=results["method"])
-    del model, source
+    write_packed_blocks(source, blocks, tokenizer, out, args.qcfg, results["method"], DTYPES[args.export_dtype])
+    if results.get("blocks"):
+        print(summary_table(results["blocks"]))
+    del source
     progress.phase = "evaluation"
     packed, _ = load_packed_model(out)  # evaluate what was written, not what is in memory
     results["quantized"] = evaluate(packed, tokenizer, args, device, args.qcfg.tag())
@@ -174,6 +174,25 @@ def _run(args, transport, progress, out: Path) -> int:
         _log_eval(out, "quantized", results["quantized"])
     print(f"[done] {out} ({results['seconds']:.0f} s); results in {out / 'results.json'}")
     return 0
+
+
+def _rtn_blocks(source: LazyModel, cfg):
+    """Round-to-nearest blocks, one at a time (the export writes each and drops it)."""
+    for i in range(source.num_blocks):
+        yield i, to_packed(to_fake_quant(source.block(i), cfg), cfg)
+        source.release(i)
+
+
+def _restored_blocks(source: LazyModel, cfg, ckpt_dir: Path, reports: list):
+    """The trained blocks from their checkpoint files, one at a time; their reports go to `reports`."""
+    missing = sorted(set(range(source.num_blocks)) - finished_blocks(ckpt_dir, source.num_blocks))
+    if missing:
+        raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
+    for i in range(source.num_blocks):
+        block, report = restore_block(source.block(i), cfg, ckpt_dir, i)
+        reports.append(report)
+        yield i, block
+        source.release(i)
 
 
 def _wait_for_rank0(transport) -> int:

@@ -80,3 +80,52 @@ def test_corrupt_checkpoint_is_reported(exported):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_packed_model(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypatch, arch):
+    """The streamed export (one shard per block, the model never assembled) holds the same tensors,
+    names, dtypes and config as the whole-model export, and loads back to the same outputs."""
+    from eqat_dist.export.gptq_v2 import LazyTensors
+    from eqat_dist.export.streaming import write_packed_blocks
+    from eqat_dist.models.lazy import LazyModel
+    from eqat_dist.runner import _rtn_blocks
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    cfg = QuantConfig(3, 32)
+    tiny_model(arch, layers=3).save_pretrained(tmp_path / "fp")
+    whole = quantize_rtn(tiny_model(arch, layers=3), cfg).to(torch.float16)
+    save_packed_model(whole, _NoTokenizer(), tmp_path / "whole", cfg, method="rtn")
+    source = LazyModel(str(tmp_path / "fp"))
+    write_packed_blocks(source, _rtn_blocks(source, cfg), None, tmp_path / "streamed", cfg, "rtn", torch.float16)
+    a, b = LazyTensors(tmp_path / "whole"), LazyTensors(tmp_path / "streamed")
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert len(list((tmp_path / "streamed").glob("model-*-of-00004.safetensors"))) == 4  # shell + 3 blocks
+    qc = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert qc(tmp_path / "whole") == qc(tmp_path / "streamed")
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        want = load_packed_model(tmp_path / "whole")[0](input_ids=ids).logits
+        got = load_packed_model(tmp_path / "streamed")[0](input_ids=ids).logits
+    assert torch.equal(want, got)
+
+
+def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypatch):
+    """A Block-AP export (shards) followed by E2E-QP's (one file) in the same folder: no stale shard stays
+    for a loader to pick up, and the user's own files stay."""
+    from eqat_dist.export.streaming import write_packed_blocks
+    from eqat_dist.models.lazy import LazyModel
+    from eqat_dist.runner import _rtn_blocks
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    cfg = QuantConfig(2, 32)
+    tiny_model("llama", layers=2).save_pretrained(tmp_path / "fp")
+    source = LazyModel(str(tmp_path / "fp"))
+    out = tmp_path / "out"
+    write_packed_blocks(source, _rtn_blocks(source, cfg), None, out, cfg, "block-ap")
+    (out / "notes.txt").write_text("mine")
+    save_packed_model(quantize_rtn(tiny_model("llama", layers=2), cfg), _NoTokenizer(), out, cfg, method="block-ap+e2e-qp")
+    weights = sorted(p.name for p in out.glob("*.safetensors*"))
+    assert weights == ["model.safetensors"] and (out / "notes.txt").read_text() == "mine"

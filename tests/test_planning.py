@@ -77,3 +77,18 @@ def test_a_run_that_will_not_fit_is_refused_before_any_work(tmp_path):
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("eqat-dist: error: this run will not fit this machine (block-ap needs")
     assert "--ignore-plan" in line and ("try --activations disk" in line or "no flag makes it fit" in line)
+
+
+def test_without_activations_flag_the_stores_go_to_disk_when_they_exceed_the_host_budget(tmp_path, monkeypatch):
+    from eqat_dist.cli import choose_activations, parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    common = ["--model", "llama-2-70b", "--output", str(tmp_path / "o"), "--wbits", "2", "--group-size", "64"]
+    args = parse_args([*common, "--host-memory-budget", "1024"])  # 8 ranks x 520 GiB of float32 stores (CPU)
+    line = choose_activations(args)
+    assert args.activations == "disk" and "over the 1024.0 GiB budget: they go to disk" in line
+    roomy = parse_args([*common, "--host-memory-budget", "8192"])
+    assert choose_activations(roomy) is None and roomy.activations == "cpu"
+    chosen = parse_args([*common, "--host-memory-budget", "1", "--activations", "cpu"])
+    assert choose_activations(chosen) is None and chosen.activations == "cpu"  # the user's choice stands

@@ -18,6 +18,7 @@ from ..models.quantize import packed_linears, packed_skeleton
 from ..quant import QuantConfig
 
 EXPORT_DTYPE = torch.float16  # GPTQ kernels expect fp16 scales
+INDEX = "model.safetensors.index.json"
 
 
 class CheckpointError(RuntimeError):
@@ -71,8 +72,16 @@ def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantCo
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     # vLLM's gptq config and AutoGPTQ-era tools read this file
     (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(cfg, method), indent=2))
+    return publish_export(tmp, out_dir)
+
+
+def publish_export(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished export into `out_dir`, replacing an earlier export's weights (a single file or
+    shards, whichever it was) and keeping the user's other files there."""
     if out_dir.exists():
-        for item in tmp.iterdir():  # keep the user's other files (results, logs) in the output folder
+        for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX]:
+            stale.unlink(missing_ok=True)
+        for item in tmp.iterdir():
             target = out_dir / item.name
             if target.is_dir():
                 shutil.rmtree(target)

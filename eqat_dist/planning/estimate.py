@@ -195,13 +195,19 @@ def e2e(a: Arch, s: Settings) -> Phase:
 
 
 def export(a: Arch, s: Settings) -> Phase:
+    """Block-AP / RTN: written block by block (about one block in memory). After E2E-QP rank 0 still
+    gathers the whole model (ZeRO-3 partitions -> one state dict) and writes it in one piece."""
     packed = sum(packed_bytes(a, s, scale_bytes=4).values())
     written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
-    host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
-            "whole packed model assembled on rank 0": packed, "its 16-bit copy for saving": packed / 2,
-            "one block restored (float32, twice)": a.block_params * 8}
-    phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9,
-                  note="rank 0 assembles the whole packed model; the other ranks wait")
+    host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32, and their 16-bit copy)": a.embedding_params * 6,
+            "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers}
+    note = "block by block"
+    if s.e2e_epochs > 0:
+        gathered = {"base": HOST_BASE[s.device], "E2E-QP: gathered state of the whole model": packed + a.embedding_params * 4,
+                    "E2E-QP: packed model rebuilt on rank 0 (float32)": packed + a.embedding_params * 4}
+        if sum(gathered.values()) > sum(host.values()):
+            host, note = gathered, "Block-AP block by block; after E2E-QP rank 0 gathers the whole model"
+    phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9, note=note)
     return _place(phase, {}, host, s)
 
 
