@@ -26,7 +26,7 @@ BLOCKAP_LR = {2: (2e-2, 2e-3), 3: (5e-3, 5e-4), 4: (1e-3, 1e-4)}
 
 def _run(args: list[str], out: Path, threads: int) -> dict:
     """One phase into `out`, unless a previous benchmark run finished it."""
-    if (out / "results.json").exists() and (out / "model.safetensors").exists():
+    if (out / "results.json").exists() and any(out.glob("model*.safetensors")):
         return json.loads((out / "results.json").read_text())
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)))

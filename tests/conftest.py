@@ -37,3 +37,9 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0, vocab: int =
 @pytest.fixture
 def llama():
     return tiny_model("llama")
+
+
+def export_tensors(folder) -> dict:
+    """Every tensor of an export, whether it is one file or one shard per block."""
+    from eqat_dist.export.gptq_v2 import LazyTensors
+    return dict(LazyTensors(folder))

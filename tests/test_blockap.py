@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import export_tensors, tiny_model
 from eqat_dist.blockap.checkpoint import ResumeError, block_path
 from eqat_dist.blockap.steps import make_student
 from eqat_dist.blockap.stores import ActivationStore
@@ -231,8 +231,7 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     assert not (tmp_path / "run" / "results.json").exists()
     subprocess.run(command(tmp_path / "run"), check=True, env=env, capture_output=True)
-    from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    a, b = export_tensors(tmp_path / "ref"), export_tensors(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_model
+from conftest import export_tensors, tiny_model
 from eqat_dist.e2e.ds_setup import load_ds_config
 from eqat_dist.e2e.trainer import warmup_cosine
 
@@ -43,7 +42,7 @@ def test_warmup_then_cosine():
 
 def assert_same_but_scales_within_tolerance(run_a: Path, run_b: Path) -> None:
     """Two exports: scales within SCALE_TOLERANCE, every other tensor bit-identical."""
-    a, b = load_file(run_a / "model.safetensors"), load_file(run_b / "model.safetensors")
+    a, b = export_tensors(run_a), export_tensors(run_b)
     assert a.keys() == b.keys()
     for key in a:
         if key.endswith(".scales"):
@@ -105,7 +104,7 @@ def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one
     for r in (report, json.loads((one_rank / "results.json").read_text())["e2e"]):
         # Adam's state covers the scales (plus ZeRO's alignment padding) and nothing else
         assert r["scale_elements"] <= r["optimizer_state_elements_all_ranks"] <= r["scale_elements"] + 64 * r["ranks"]
-    start, one, two = (load_file(d / "model.safetensors") for d in (rtn_export / "rtn", one_rank, tmp_path / "two"))
+    start, one, two = (export_tensors(d) for d in (rtn_export / "rtn", one_rank, tmp_path / "two"))
     for key, value in start.items():
         if not value.is_floating_point():  # qweight, qzeros, g_idx: bit-identical after training
             assert torch.equal(one[key], value) and torch.equal(two[key], value), key
@@ -135,7 +134,7 @@ def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank
     assert "resumed from" in result.stdout
     report = json.loads((out / "results.json").read_text())["e2e"]
     assert report["resumed_at"] >= 2
-    a, b = load_file(one_rank / "model.safetensors"), load_file(out / "model.safetensors")
+    a, b = export_tensors(one_rank), export_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
