@@ -13,9 +13,8 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 import torch
 
 from .quant import QuantConfig, QuantConfigError
-from .utils.settings import describe_differences
+from .utils.settings import DTYPES, describe_differences, run_settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class UsageError(ValueError):
@@ -246,16 +245,6 @@ def finished_phases(out: Path, args) -> set:
         raise UsageError(f"--output {out} holds a run with other settings ({detail}); run with the original "
                          "settings to continue it, or pass --overwrite, or choose another folder")
     return {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}
-
-
-def run_settings(args) -> dict:
-    """What must match for finished blocks to be reused."""
-    return {"model": args.model, "wbits": args.wbits, "group_size": args.group_size, "epochs": args.epochs,
-            "batch_size": args.batch_size, "train_size": args.train_size, "val_size": args.val_size,
-            "seqlen": args.seqlen, "quant_lr": args.quant_lr, "weight_lr": args.weight_lr,
-            "min_lr_factor": args.min_lr_factor, "max_grad_norm": args.max_grad_norm,
-            "train_norms": not args.no_train_norms, "calib_dataset": args.calib_dataset,
-            "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed}
 
 
 def plan_main(argv) -> int:

@@ -13,7 +13,7 @@ import torch
 from .blockap.checkpoint import ResumeError, finished_blocks
 from .blockap.steps import restore_block
 from .blockap.trainer import BlockAPSettings, NonFiniteLossError
-from .cli import DTYPES, run_settings
+from .utils.settings import DTYPES, run_settings
 from .data.windows import calibration_windows, eval_windows
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity

@@ -6,23 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import __version__
 from ..models.blocks import decoder_layers
 from ..models.quantize import packed_linears, packed_skeleton
 from ..quant import QuantConfig
+from ..utils.tensors import CheckpointError, LazyTensors  # noqa: F401  (re-exported)
 
 EXPORT_DTYPE = torch.float16  # GPTQ kernels expect fp16 scales
 INDEX = "model.safetensors.index.json"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 METHODS = {"rtn": "round-to-nearest (min/max initialisation)", "block-ap": "EfficientQAT Block-AP",
@@ -98,36 +93,6 @@ def _block_prefix(model, index: int) -> str:
         if module is layers:
             return f"{name}.{index}."
     raise RuntimeError("decoder blocks not found among the model's modules")
-
-
-class LazyTensors(Mapping):
-    """The tensors of a folder's .safetensors files, each read when asked for: a rank that feeds a
-    partitioned model module by module never holds the whole checkpoint in memory."""
-
-    def __init__(self, path: Path):
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path} has no .safetensors weights.")
-        self._handles, self._file_of = {}, {}
-        for f in files:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError, ValueError) as err:
-                raise CheckpointError(f"{f} is corrupt or truncated ({err}); re-export the model.") from err
-            self._file_of.update(dict.fromkeys(self._handles[f].keys(), f))
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        f = self._file_of[key]
-        try:
-            return self._handles[f].get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{f}: tensor {key} cannot be read ({err}); re-export the model.") from err
-
-    def __iter__(self):
-        return iter(self._file_of)
-
-    def __len__(self) -> int:
-        return len(self._file_of)
 
 
 def _read_state(path: Path) -> dict:

@@ -22,19 +22,26 @@ def _looks_like_path(spec: str) -> bool:
 
 def bundled_model_dir(name: str = "smollm2-135m") -> Path:
     """The bundled model converted once to an HF folder (fp32 safetensors + tokenizer) in the cache."""
-    import tempfile
-
-    from ..data.assets import SMOLLM2_GGUF, cache_dir, extract, publish
+    from ..data.assets import SMOLLM2_GGUF, extract
 
     if name not in BUNDLED:
         raise ModelLoadError(f"unknown bundled model '{name}'; bundled: {', '.join(BUNDLED)}")
+    return _converted(name, lambda: _load_gguf(extract(SMOLLM2_GGUF)))
+
+
+def _converted(name: str, load) -> Path:
+    """cache/models/NAME: `load()`'s (model, tokenizer) saved once as an HF folder. Converted in a private
+    temporary folder and published atomically: two processes converting at once both succeed."""
+    import tempfile
+
+    from ..data.assets import cache_dir, publish
+
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf = extract(SMOLLM2_GGUF)
-    model, tokenizer = _load_gguf(gguf)
+    model, tokenizer = load()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))  # private to this process
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -57,39 +64,44 @@ def _load_gguf(path: Path):
     return model.eval(), tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for `spec`: a bundled name, a folder, a .gguf file or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_folder(spec: str) -> Path:
+    """A local HF folder for `spec`: bundled name, folder, .gguf (converted once) or hub id (downloaded)."""
     if spec in BUNDLED:
-        spec = str(bundled_model_dir(spec))
+        return bundled_model_dir(spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {path} does not exist.")
-        model, tokenizer = _load_gguf(path)
-        return model.to(dtype), tokenizer
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
-        config = json.loads((path / "config.json").read_text())
-        if config.get("quantization_config", {}).get("checkpoint_format") == "gptq_v2":
-            from ..export.gptq_v2 import load_packed_model
-            return load_packed_model(path, dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(path)
+        return _converted(f"gguf-{path.stem}", lambda: _load_gguf(path))
     if _looks_like_path(spec):
         raise ModelLoadError(
             f"model path '{spec}' does not exist. Pass an existing folder, a .gguf file, a hub id "
             f"(org/name) or a bundled model ({', '.join(BUNDLED)}).")
     try:  # a hub id: real loading code for users with a hub
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(spec)
-    except OSError as err:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated repo: one line, not a traceback
         raise ModelLoadError(
             f"could not load model '{spec}' from the Hugging Face hub ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0][:300]}). Check the id and your network, or pass a local folder or "
-            f"a bundled model ({', '.join(BUNDLED)}).") from err
+            f"{str(err).splitlines()[0][:300] if str(err) else ''}). Check the id and your network, or pass a "
+            f"local folder or a bundled model ({', '.join(BUNDLED)}).") from err
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for `spec`: a bundled name, a folder, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_folder(spec)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("quantization_config", {}).get("checkpoint_format") == "gptq_v2":
+        from ..export.gptq_v2 import load_packed_model
+        return load_packed_model(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def check_layers_early(spec: str, cfg) -> None:
