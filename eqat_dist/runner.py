@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .blockap.checkpoint import ResumeError, finished_blocks
-from .blockap.steps import restore_block
+from .blockap.checkpoint import ResumeError
 from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .utils.settings import DTYPES, run_settings
 from .data.windows import calibration_windows, eval_windows
@@ -25,7 +24,7 @@ from .export.streaming import write_packed_blocks
 from .models import load_model
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
-from .pipelines.round_robin import Progress, StreamSpec, run_blockap
+from .pipelines.round_robin import Progress, StreamSpec, restored_blocks, run_blockap
 from .utils.monitor import Monitor, summary_table
 
 
@@ -150,7 +149,7 @@ def _run(args, transport, progress, out: Path) -> int:
         if transport.rank != 0:
             return 0 if args.phase == "block-ap" or args.e2e_epochs == 0 else _wait_for_rank0(transport)
         results["method"], results["blocks"] = "block-ap", []
-        blocks = _restored_blocks(source, args.qcfg, out / "blockap", results["blocks"])
+        blocks = restored_blocks(source, args.qcfg, out / "blockap", results["blocks"])
     progress.phase = "export"
     write_packed_blocks(source, blocks, tokenizer, out, args.qcfg, results["method"], DTYPES[args.export_dtype])
     if results.get("blocks"):
@@ -180,18 +179,6 @@ def _rtn_blocks(source: LazyModel, cfg):
     """Round-to-nearest blocks, one at a time (the export writes each and drops it)."""
     for i in range(source.num_blocks):
         yield i, to_packed(to_fake_quant(source.block(i), cfg), cfg)
-        source.release(i)
-
-
-def _restored_blocks(source: LazyModel, cfg, ckpt_dir: Path, reports: list):
-    """The trained blocks from their checkpoint files, one at a time; their reports go to `reports`."""
-    missing = sorted(set(range(source.num_blocks)) - finished_blocks(ckpt_dir, source.num_blocks))
-    if missing:
-        raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
-    for i in range(source.num_blocks):
-        block, report = restore_block(source.block(i), cfg, ckpt_dir, i)
-        reports.append(report)
-        yield i, block
         source.release(i)
 
 

@@ -229,14 +229,26 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     return rank.run(calls)
 
 
-def assemble(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path) -> tuple[torch.nn.Module, list[dict]]:
-    """The quantized model (every block restored from its checkpoint) and all blocks' reports."""
+def restored_blocks(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path, reports: list, keep: bool = False):
+    """Every finished block rebuilt from its checkpoint, in order, one at a time (its report appended to
+    `reports`). keep=False drops each from `source` once the consumer asks for the next: the export
+    writes a block and lets it go, so the whole model is never in memory."""
     missing = sorted(set(range(source.num_blocks)) - finished_blocks(Path(ckpt_dir), source.num_blocks))
     if missing:
         raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
-    reports = []
     for i in range(source.num_blocks):
         packed, report = restore_block(source.block(i), cfg, ckpt_dir, i)
-        source.set_block(i, packed)
         reports.append(report)
+        if keep:
+            source.set_block(i, packed)
+        yield i, packed
+        if not keep:
+            source.release(i)
+
+
+def assemble(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path) -> tuple[torch.nn.Module, list[dict]]:
+    """The whole quantized model in memory (tests, benchmarks) and all blocks' reports."""
+    reports = []
+    for _ in restored_blocks(source, cfg, ckpt_dir, reports, keep=True):
+        pass
     return source.model, reports
