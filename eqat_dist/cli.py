@@ -206,6 +206,8 @@ def validate(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
+    if args.overwrite and out.exists():
+        check_overwrite(out, args.model, args.from_dir)
     if args.phase in ("e2e", "eval"):
         source = Path(args.from_dir or args.output)
         if not (source / "config.json").exists() or "quantization_config" not in (source / "config.json").read_text():
@@ -225,6 +227,33 @@ def validate(args) -> None:
         # else: our own unfinished run, continued (the Block-AP manifest refuses other settings); a
         # finished Block-AP (or RTN) phase is not redone, E2E-QP resumes from its checkpoint or starts
         args.blockap_done = "block-ap" in done
+
+
+def is_eqat_run(folder: Path) -> bool:
+    """Whether `folder` is empty or recognisably an eqat-dist output folder (what --overwrite may delete)."""
+    if not any(folder.iterdir()):
+        return True
+    if any((folder / mark).exists() for mark in ("results.json", "blockap/manifest.json", "e2e_ckpt")):
+        return True
+    try:
+        meta = json.loads((folder / "quantize_config.json").read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(q).startswith("eqat-dist") for q in meta.get("quantizer", []))
+
+
+def check_overwrite(out: Path, model: str | None, from_dir: str | None) -> None:
+    """--overwrite deletes only an eqat-dist run folder, never the model being quantized, the --from
+    folder, or a folder holding either."""
+    target = out.resolve()
+    for flag, value in (("--model", model), ("--from", from_dir)):
+        path = Path(value).expanduser() if value else None
+        if path is not None and path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise UsageError(f"--output {out} is or holds the {flag} folder {value}; --overwrite would delete it. "
+                             "Choose another --output")
+    if not is_eqat_run(out):
+        raise UsageError(f"--output {out} holds files that are not an eqat-dist run; --overwrite only replaces an "
+                         "eqat-dist output folder. Choose another --output (or empty that folder yourself)")
 
 
 def finished_phases(out: Path, args) -> set:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_model
 from eqat_dist.cli import UsageError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +143,23 @@ def test_a_log_file_shows_a_line_per_block_and_per_evaluation_step(tmp_path):
     assert re.search(r"^\[eval\] w3g64 wiki: 2/2 windows, \S+ elapsed, eta 0m00s$", text, re.M)
     assert re.search(r"^\[eval\] w3g64 zero-shot: 8/8 requests, ", text, re.M)
     assert "pretrained` model kwarg" not in text  # lm-eval's warnings about being handed a model object
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_an_eqat_dist_run_nor_the_model(tmp_path):
+    """--overwrite removes only a recognisable eqat-dist output folder: a user's folder and the model
+    being quantized (or a folder holding it) are refused before anything is touched."""
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    with pytest.raises(UsageError, match="not an eqat-dist run"):
+        parse_args(["--model", "smollm2-135m", "--output", str(users), "--overwrite"])
+    model = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model)
+    for output in (model, tmp_path):
+        with pytest.raises(UsageError, match="is or holds the --model folder"):
+            parse_args(["--model", str(model), "--output", str(output), "--overwrite"])
+    assert (users / "thesis.tex").read_text() == "years of work" and (model / "config.json").exists()
+    ours = tmp_path / "run"
+    ours.mkdir()
+    (ours / "results.json").write_text("{}")
+    assert parse_args(["--model", "smollm2-135m", "--output", str(ours), "--overwrite"]).overwrite
