@@ -203,6 +203,26 @@ def validate(args) -> None:
         raise UsageError(f"--zeroshot-tasks: {err}") from err
     if args.zeroshot_limit is not None and args.zeroshot_limit < 2:
         raise UsageError("--zeroshot-limit must be >= 2 (items per task)")
+    if args.eval_max_windows is not None and args.eval_max_windows < 1:
+        raise UsageError("--eval-max-windows must be >= 1 (leave it out for every window)")
+    from .data.text import check_source
+    sources = [("--eval-datasets", d) for d in args.eval_datasets.split(",") if d]
+    if (args.epochs > 0 and args.phase in ("all", "block-ap")) or (args.e2e_epochs > 0 and args.phase in ("all", "e2e")):
+        sources.append(("--calib-dataset", args.calib_dataset))
+    for flag, source in sources:
+        try:
+            check_source(source)
+        except DataError as err:
+            raise UsageError(f"{flag}: {err}") from err
+    check_context(args)
+    if args.e2e_epochs > 0 and args.phase in ("all", "e2e"):
+        from .e2e.ds_config import accumulation_steps, read_ds_config
+        from .planning import world_size
+        try:
+            read_ds_config(args.ds_config)
+            accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, world_size()[0])
+        except ValueError as err:
+            raise UsageError(str(err)) from err
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
@@ -227,6 +247,27 @@ def validate(args) -> None:
         # else: our own unfinished run, continued (the Block-AP manifest refuses other settings); a
         # finished Block-AP (or RTN) phase is not redone, E2E-QP resumes from its checkpoint or starts
         args.blockap_done = "block-ap" in done
+
+
+def check_context(args) -> None:
+    """Windows longer than the model's context are refused up front (config.json, when at hand)."""
+    folder = None
+    from .models.loading import BUNDLED, bundled_model_dir
+    if args.model in BUNDLED:
+        folder = bundled_model_dir(args.model)
+    elif (Path(args.model).expanduser() / "config.json").exists():
+        folder = Path(args.model).expanduser()
+    if folder is None:
+        return
+    context = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    blockap = args.epochs > 0 and args.phase in ("all", "block-ap")
+    e2e = args.e2e_epochs > 0 and args.phase in ("all", "e2e")
+    evaluated = bool([d for d in args.eval_datasets.split(",") if d])  # zero-shot truncates instead
+    for flag, value, used in (("--seqlen", args.seqlen, blockap), ("--e2e-seqlen", args.e2e_seqlen, e2e),
+                              ("--eval-seqlen", args.eval_seqlen, evaluated)):
+        if used and context and value > context:
+            raise UsageError(f"{flag} {value} is longer than the model's context ({context} tokens, "
+                             f"max_position_embeddings); use {flag} {context} or less")
 
 
 def is_eqat_run(folder: Path) -> bool:

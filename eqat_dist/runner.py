@@ -92,6 +92,10 @@ def run(args) -> int:
         transport.fail(f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {err}. "
                        f"Finished work is kept in {out} (Block-AP blocks, E2E-QP checkpoints); run the same command again "
                        "to resume.")
+    except KeyboardInterrupt:  # Ctrl-C or SIGINT to one rank: stop every rank (MPI: Abort), not only this one
+        transport.fail(f"eqat-dist: rank {transport.rank} interrupted{progress.where()}. Finished work is kept in "
+                       f"{out} (Block-AP blocks, E2E-QP checkpoints); run the same command again to resume.")
+        return 130
     except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
         traceback.print_exc()
         transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: "

@@ -1,5 +1,6 @@
 """The command line: bad input fails early and clearly; the RTN path runs on the real model."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -157,9 +158,39 @@ def test_overwrite_never_deletes_a_folder_that_is_not_an_eqat_dist_run_nor_the_m
     tiny_model("llama").save_pretrained(model)
     for output in (model, tmp_path):
         with pytest.raises(UsageError, match="is or holds the --model folder"):
-            parse_args(["--model", str(model), "--output", str(output), "--overwrite"])
+            parse_args(["--model", str(model), "--output", str(output), "--overwrite", "--seqlen", "64",
+                        "--e2e-seqlen", "64", "--eval-seqlen", "64"])
     assert (users / "thesis.tex").read_text() == "years of work" and (model / "config.json").exists()
     ours = tmp_path / "run"
     ours.mkdir()
     (ours / "results.json").write_text("{}")
     assert parse_args(["--model", "smollm2-135m", "--output", str(ours), "--overwrite"]).overwrite
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval-datasets", "wiki,foo"], "--eval-datasets: unknown data source 'foo'"),
+    (["--calib-dataset", "missing.txt"], "--calib-dataset: data file missing.txt does not exist"),
+    (["--ds-config", "zero4"], "--ds-config zero4: not a file nor one of"),
+    (["--e2e-global-batch", "3", "--e2e-micro-batch", "2"], "--e2e-global-batch 3 is not a multiple of micro batch 2"),
+    (["--eval-max-windows", "0"], "--eval-max-windows must be >= 1"),
+    (["--seqlen", "9000"], "--seqlen 9000 is longer than the model's context (8192 tokens"),
+])
+def test_settings_that_would_fail_after_hours_are_refused_up_front(tmp_path, extra, message):
+    """What used to fail after Block-AP and the export (issue 14) fails in parsing, naming the fix."""
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), *extra])
+
+
+def test_a_malformed_deepspeed_config_and_an_unreachable_hub_dataset_are_named(tmp_path, monkeypatch):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{ not json")
+    with pytest.raises(UsageError, match=f"--ds-config {re.escape(str(bad))} is not valid JSON"):
+        parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--ds-config", str(bad)])
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no route to the hub")
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(UsageError, match="'wikitext2' is a Hugging Face hub dataset and the hub cannot be reached"):
+        parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--eval-datasets", "wikitext2"])

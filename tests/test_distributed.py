@@ -164,3 +164,22 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     transport = TorchTransport()
     assert calls == {"default": "nccl", "transport": "gloo"} and transport.group == "gloo"
+
+
+def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, tmp_path):
+    """SIGINT to rank 1 while it waits for rank 0's stream: the run ends (MPI Abort), it does not hang."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "blockap" / "block_0000.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the interrupt"
+        time.sleep(0.05)
+    pid = _rank_pid(str(out), 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    interrupted_at = time.time()
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and time.time() - interrupted_at < 30
+    assert re.search(r"rank 1 interrupted at block \d+ \(.*\)\. Finished work is kept in", stdout + stderr), \
+        (stdout + stderr)[-3000:]

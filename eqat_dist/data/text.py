@@ -95,6 +95,31 @@ _HUB_DATA_FILES = {"c4": {"validation": "en/c4-validation.00000-of-00008.json.gz
 BUNDLED_TEXT = {"wiki": wiki_articles, "news": news_articles, "boolq": boolq_passages}
 
 
+def check_source(source: str) -> None:
+    """Fail in seconds, before any work, on a source `load_texts` could not read: an unknown name, a
+    missing file, or a hub dataset while the hub cannot be reached (skipped when HF_HUB_OFFLINE or
+    HF_DATASETS_OFFLINE says to use the local cache)."""
+    if source in BUNDLED_TEXT:
+        return
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl", ".json", ".parquet"):
+        if not path.is_file():
+            raise DataError(f"data file {path} does not exist.")
+        return
+    if source not in _HUB_DATASETS:
+        raise DataError(f"unknown data source '{source}': use a bundled text ({', '.join(BUNDLED_TEXT)}), a hub "
+                        f"dataset ({', '.join(_HUB_DATASETS)}) or a local .txt/.jsonl/.parquet file.")
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return
+    try:
+        from huggingface_hub import HfApi
+        HfApi().dataset_info(_HUB_DATASETS[source][0][0], timeout=10)
+    except Exception as err:  # noqa: BLE001 - offline, unknown, gated: one line
+        raise DataError(f"'{source}' is a Hugging Face hub dataset and the hub cannot be reached "
+                        f"({err.__class__.__name__}); without a hub use a bundled text ({', '.join(BUNDLED_TEXT)}) "
+                        "or a local .txt/.jsonl/.parquet file.") from err
+
+
 def load_texts(source: str) -> tuple[str, ...]:
     """Documents from a bundled name, a hub dataset name, or a local .txt/.jsonl/.json/.parquet file."""
     if source in BUNDLED_TEXT:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -75,7 +76,15 @@ class MPITransport(Transport):
 
     def recv(self, tensor, src, tag):
         buf = _bytes(tensor).numpy()
-        self.comm.Recv([buf, self.MPI.BYTE], source=src, tag=tag)
+        self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)])
+
+    def _wait(self, requests) -> None:
+        """Wait by polling, not inside a blocking MPI call: Python can then act on a signal (Ctrl-C
+        raises KeyboardInterrupt here, and the run stops every rank) while a peer is slow."""
+        delay = 1e-4
+        while not self.MPI.Request.Testall(requests):
+            time.sleep(delay)
+            delay = min(2 * delay, 0.01)
 
     def poll(self):
         if self._pending:
@@ -84,11 +93,11 @@ class MPITransport(Transport):
 
     def wait_sends(self):
         if self._pending:
-            self.MPI.Request.Waitall([r for r, _ in self._pending])
+            self._wait([r for r, _ in self._pending])
             self._pending = []
 
     def barrier(self):
-        self.comm.Barrier()
+        self._wait([self.comm.Ibarrier()])
 
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)

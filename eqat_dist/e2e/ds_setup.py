@@ -3,7 +3,6 @@ whole model never lands on one device), loading weights into partitioned paramet
 and gathering parameters back for export."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import torch
 import torch._dynamo  # noqa: F401  must be imported before zero.Init patches tensor creation
 import transformers.generation.continuous_batching  # noqa: F401  (imports dynamo-dependent code early)
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = {"zero3-offload": "zero3_offload.json", "zero3": "zero3.json", "single-gpu": "single_gpu.json"}
+from .ds_config import accumulation_steps, read_ds_config
 
 
 def init_distributed() -> None:
@@ -31,16 +29,8 @@ def load_ds_config(name_or_path: str, micro_batch: int, global_batch: int, world
                    bf16: bool) -> tuple[dict, int]:
     """The DeepSpeed config with batch sizes filled in so that the global batch is what the user asked
     for whatever the number of ranks; returns (config, gradient accumulation steps)."""
-    path = Path(name_or_path)
-    if name_or_path in CONFIGS:
-        path = ROOT / "ds_configs" / CONFIGS[name_or_path]
-    if not path.is_file():
-        raise ValueError(f"--ds-config {name_or_path}: not a file nor one of {', '.join(CONFIGS)}")
-    config = json.loads(path.read_text())
-    if global_batch % (micro_batch * world):
-        raise ValueError(f"--e2e-global-batch {global_batch} is not a multiple of micro batch {micro_batch} x "
-                         f"{world} ranks; choose a global batch divisible by {micro_batch * world}")
-    accum = global_batch // (micro_batch * world)
+    config = read_ds_config(name_or_path)
+    accum = accumulation_steps(global_batch, micro_batch, world)
     config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=accum,
                   train_batch_size=global_batch, gradient_clipping=max_grad_norm)
     config["bf16"] = {"enabled": bool(bf16)}

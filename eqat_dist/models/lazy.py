@@ -3,7 +3,6 @@ final norm, rotary tables and lm_head (the "shell") plus the blocks it owns, nev
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 

@@ -5,7 +5,6 @@ machine it is on first and refuses, in seconds, a run that will not fit (--ignor
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,18 +13,16 @@ from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
 
-__all__ = ["Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
+__all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
            "host_memory", "settings_from_args", "this_machine", "to_json", "world_size"]
 
 
 def _ds_stage_offload(ds_config: str) -> tuple[int, bool]:
-    named = {"zero3-offload": (3, True), "zero3": (3, False), "single-gpu": (0, False)}
-    if ds_config in named:
-        return named[ds_config]
+    from ..e2e.ds_config import read_ds_config
     try:
-        zero = json.loads(Path(ds_config).read_text()).get("zero_optimization", {})
-    except (OSError, ValueError):
-        return 3, True
+        zero = read_ds_config(ds_config).get("zero_optimization", {})
+    except ValueError:
+        return 3, True  # the run itself refuses the file; plan as the default
     return zero.get("stage", 0), zero.get("offload_param", {}).get("device") == "cpu"
 
 
