@@ -86,7 +86,10 @@ def _logged_lm(model, tokenizer, batch_size: int, max_length: int, label: str):
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             self._steps = StepLog(len(requests), f"[eval] {label} zero-shot".strip(), unit="request")
             try:
-                return super().loglikelihood(requests, disable_tqdm=True)
+                result = super().loglikelihood(requests, disable_tqdm=True)
+                if self._steps.done < self._steps.total:  # requests that shared a forward count as done too
+                    self._steps.update(self._steps.total - self._steps.done)
+                return result
             finally:
                 self._steps.close()
 
