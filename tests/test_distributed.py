@@ -159,11 +159,12 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.setdefault("default", backend))
     monkeypatch.setattr(dist, "get_backend", lambda group=None: calls["default"])
-    monkeypatch.setattr(dist, "new_group", lambda backend=None, **kw: calls.setdefault("transport", backend) or "g")
+    monkeypatch.setattr(dist, "new_group", lambda backend=None, timeout=None, **kw:
+                        calls.setdefault("transport", backend) and calls.setdefault("timeout_h", timeout.total_seconds() / 3600) and backend)
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     transport = TorchTransport()
-    assert calls == {"default": "nccl", "transport": "gloo"} and transport.group == "gloo"
+    assert calls == {"default": "nccl", "transport": "gloo", "timeout_h": 168} and transport.group == "gloo"
 
 
 def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, tmp_path):

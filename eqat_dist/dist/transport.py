@@ -12,6 +12,7 @@ that MPI rendezvous transfers progress while a rank computes.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import time
@@ -122,7 +123,10 @@ class TorchTransport(Transport):
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             dist.init_process_group(default)
-        self.group = None if dist.get_backend() == host else dist.new_group(backend=host)
+        # Its own group, with a timeout no export or evaluation outlasts: the other ranks wait in its
+        # barrier while rank 0 exports and evaluates (hours at 70B). A dead peer still shows at once
+        # (the connection drops); the default group's 30 minutes would fire on a slow but healthy rank 0.
+        self.group = dist.new_group(backend=host, timeout=datetime.timedelta(days=7))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._pending = []
 
