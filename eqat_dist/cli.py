@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--ds-config", default="zero3-offload",
                    help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
+    p.add_argument("--take-over-lock", action="store_true",
+                   help="take over an output folder whose lock names a process that is gone")
     p.add_argument("--ignore-plan", action="store_true",
                    help="run even when the plan says it will not fit this machine (see `eqat-dist plan`)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
@@ -226,6 +228,12 @@ def validate(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
+    if _launcher_rank() == 0:  # one run per output folder: a second is refused at once
+        from .utils.lock import LockError, check
+        try:
+            check(out, args.take_over_lock)
+        except LockError as err:
+            raise UsageError(str(err)) from err
     if args.overwrite and out.exists():
         check_overwrite(out, args.model, args.from_dir)
     if args.phase in ("e2e", "eval"):
@@ -236,7 +244,7 @@ def validate(args) -> None:
         args.from_dir = str(source)
         return
     args.blockap_done = False
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+    if _contents(out) and not args.overwrite:
         done = finished_phases(out, args)
         wanted = {"block-ap", "e2e"} if args.phase == "all" and args.e2e_epochs > 0 else {"block-ap"}
         if wanted <= done:
@@ -270,9 +278,15 @@ def check_context(args) -> None:
                              f"max_position_embeddings); use {flag} {context} or less")
 
 
+def _contents(folder: Path) -> list[Path]:
+    """What a folder holds besides our lock file."""
+    from .utils.lock import LOCK
+    return [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
+
+
 def is_eqat_run(folder: Path) -> bool:
     """Whether `folder` is empty or recognisably an eqat-dist output folder (what --overwrite may delete)."""
-    if not any(folder.iterdir()):
+    if not _contents(folder):
         return True
     if any((folder / mark).exists() for mark in ("results.json", "blockap/manifest.json", "e2e_ckpt")):
         return True
@@ -419,6 +433,11 @@ def check_plan(args) -> str | None:
             "plan; --ignore-plan runs anyway")
 
 
+def _launcher_rank() -> int:
+    env = os.environ
+    return int(env.get("RANK") or env.get("PMI_RANK") or env.get("OMPI_COMM_WORLD_RANK") or 0)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
@@ -431,6 +450,12 @@ def main(argv=None) -> int:
         refusal = None if args.ignore_plan else check_plan(args)
         if refusal:
             raise UsageError(refusal)
+        if _launcher_rank() == 0:  # every check passed: hold the folder until this process exits
+            from .utils.lock import LockError, acquire
+            try:
+                acquire(Path(args.output), args.take_over_lock)
+            except LockError as err:
+                raise UsageError(str(err)) from err
     except UsageError as err:
         print(f"eqat-dist: error: {err}", file=sys.stderr)
         return 2

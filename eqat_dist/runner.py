@@ -25,6 +25,7 @@ from .models import load_model
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
 from .pipelines.round_robin import Progress, StreamSpec, restored_blocks, run_blockap
+from .utils.lock import LOCK
 from .utils.monitor import Monitor, summary_table
 
 
@@ -73,7 +74,9 @@ def run(args) -> int:
             return _eval_phase(args, out) if transport.rank == 0 else 0
         if transport.rank == 0:
             if args.overwrite and out.exists():
-                shutil.rmtree(out)
+                for item in out.iterdir():  # everything but our lock: the folder stays ours meanwhile
+                    if item.name != LOCK:
+                        shutil.rmtree(item) if item.is_dir() else item.unlink()
             out.mkdir(parents=True, exist_ok=True)
         transport.barrier()
         if args.blockap_done:

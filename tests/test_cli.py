@@ -194,3 +194,29 @@ def test_a_malformed_deepspeed_config_and_an_unreachable_hub_dataset_are_named(t
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(UsageError, match="'wikitext2' is a Hugging Face hub dataset and the hub cannot be reached"):
         parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--eval-datasets", "wikitext2"])
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """A folder held by a live run is refused at once; a killed run's lock on this host is taken over
+    (the same command still resumes), saying so; another host's lock only with --take-over-lock."""
+    import socket
+
+    from eqat_dist.utils.lock import LOCK, LockError, acquire
+
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / LOCK).write_text(f"{socket.gethostname()} {holder.pid} 2026-11-24 05:00:00\n")
+        with pytest.raises(UsageError, match=f"is in use by eqat-dist \\(pid {holder.pid} on "):
+            parse_args(["--model", "smollm2-135m", "--output", str(out)])
+    finally:
+        holder.kill()
+        holder.wait()
+    said = []
+    assert acquire(out, log=said.append) == out / LOCK  # pid gone: taken over
+    assert "no longer running" in said[0] and str(os.getpid()) in (out / LOCK).read_text()
+    (out / LOCK).write_text("some-other-host 4242 2026-11-24 05:00:00\n")
+    with pytest.raises(LockError, match="on host some-other-host .* pass --take-over-lock"):
+        acquire(out)
+    assert acquire(out, take_over=True, log=said.append) == out / LOCK
