@@ -434,8 +434,13 @@ def check_plan(args) -> str | None:
 
 
 def _launcher_rank() -> int:
+    """This process's rank as its launcher says, before any communicator exists: an MPI launcher's
+    variables first (a stale RANK left in the environment must not make two ranks rank 0)."""
     env = os.environ
-    return int(env.get("RANK") or env.get("PMI_RANK") or env.get("OMPI_COMM_WORLD_RANK") or 0)
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
+        if env.get(var):
+            return int(env[var])
+    return 0
 
 
 def main(argv=None) -> int:
@@ -445,7 +450,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         placement = choose_activations(args)
-        if placement and int(os.environ.get("RANK", "0")) == 0:
+        if placement and _launcher_rank() == 0:
             print(placement, flush=True)
         refusal = None if args.ignore_plan else check_plan(args)
         if refusal:

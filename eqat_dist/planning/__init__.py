@@ -52,7 +52,7 @@ def settings_from_args(args, ranks: int, ranks_per_node: int, device: str, gpu: 
 def world_size() -> tuple[int, int]:
     """(ranks, ranks per node) of the launcher that started this process (1, 1 when none)."""
     env = os.environ
-    ranks = int(env.get("WORLD_SIZE") or env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or 1)
+    ranks = int(env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)  # MPI first
     local = int(env.get("LOCAL_WORLD_SIZE") or env.get("MPI_LOCALNRANKS") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
                 or ranks)
     return ranks, min(local, ranks)
