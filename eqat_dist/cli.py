@@ -13,6 +13,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 import torch
 
 from .quant import QuantConfig, QuantConfigError
+from .planning.launcher import launcher_rank
 from .utils.settings import DTYPES, describe_differences, run_settings
 
 
@@ -228,7 +229,7 @@ def validate(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
-    if _launcher_rank() == 0:  # one run per output folder: a second is refused at once
+    if launcher_rank() == 0:  # one run per output folder: a second is refused at once
         from .utils.lock import LockError, check
         try:
             check(out, args.take_over_lock)
@@ -433,16 +434,6 @@ def check_plan(args) -> str | None:
             "plan; --ignore-plan runs anyway")
 
 
-def _launcher_rank() -> int:
-    """This process's rank as its launcher says, before any communicator exists: an MPI launcher's
-    variables first (a stale RANK left in the environment must not make two ranks rank 0)."""
-    env = os.environ
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "RANK"):
-        if env.get(var):
-            return int(env[var])
-    return 0
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
@@ -450,12 +441,12 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         placement = choose_activations(args)
-        if placement and _launcher_rank() == 0:
+        if placement and launcher_rank() == 0:
             print(placement, flush=True)
         refusal = None if args.ignore_plan else check_plan(args)
         if refusal:
             raise UsageError(refusal)
-        if _launcher_rank() == 0:  # every check passed: hold the folder until this process exits
+        if launcher_rank() == 0:  # every check passed: hold the folder until this process exits
             from .utils.lock import LockError, acquire
             try:
                 acquire(Path(args.output), args.take_over_lock)

@@ -12,6 +12,7 @@ from pathlib import Path
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
+from .launcher import world_size
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
            "host_memory", "settings_from_args", "this_machine", "to_json", "world_size"]
@@ -47,15 +48,6 @@ def settings_from_args(args, ranks: int, ranks_per_node: int, device: str, gpu: 
         eval_datasets=tuple(d for d in args.eval_datasets.split(",") if d), eval_seqlen=args.eval_seqlen,
         eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, zeroshot_tasks=tasks,
         zeroshot_limit=args.zeroshot_limit, skip_fp_eval=args.skip_fp_eval, tflops=tflops)
-
-
-def world_size() -> tuple[int, int]:
-    """(ranks, ranks per node) of the launcher that started this process (1, 1 when none)."""
-    env = os.environ
-    ranks = int(env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)  # MPI first
-    local = int(env.get("LOCAL_WORLD_SIZE") or env.get("MPI_LOCALNRANKS") or env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-                or ranks)
-    return ranks, min(local, ranks)
 
 
 def host_memory() -> float:
