@@ -72,13 +72,16 @@ def predicted_mib(model: str, flags: list[str], ranks: int, phase: str) -> float
 
 def block_ap(model: str, ranks: int, work: Path, threads: int) -> dict:
     out = work / f"{Path(model).name}-blockap-{ranks}"
+    # two stores per split on 1 and on 2 ranks (student / teacher mode): what is compared is how memory
+    # scales with ranks; pipelined mode holds three (fp in, fp out, quantized) on any number of ranks
+    flags = BLOCKAP + (["--student-input", "teacher"] if ranks > 1 else [])
     if not (out / "results.json").exists():
-        _launch(["--model", model, *BLOCKAP, "--phase", "block-ap", "--output", str(out), "--overwrite", *QUIET],
+        _launch(["--model", model, *flags, "--phase", "block-ap", "--output", str(out), "--overwrite", *QUIET],
                 ranks, threads, "mpi")
     blocks = json.loads((out / "results.json").read_text())["blocks"]
     peaks = [max(b["peak_mem_mib"] for b in blocks if b["rank"] == r) for r in range(ranks)]
     return {"phase": "block-ap", "ranks": ranks, "measured_mib": peaks,
-            "predicted_mib": predicted_mib(model, BLOCKAP, ranks, "block-ap"), "export": out}
+            "predicted_mib": predicted_mib(model, flags, ranks, "block-ap"), "export": out}
 
 
 def e2e(model: str, ranks: int, work: Path, threads: int, source: Path) -> dict:

@@ -43,9 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--student-input", default=None, choices=["student", "teacher"],
-                   help="student: the paper's scheme (quantized stream); teacher: full-precision stream "
-                        "(blocks train concurrently). Default: student on one rank, teacher on several")
+    p.add_argument("--student-input", default=None, choices=["student", "teacher", "pipelined"],
+                   help="student: the paper's scheme (quantized stream, blocks one after another); teacher: "
+                        "full-precision stream (blocks train concurrently, worse at 2-3 bits); pipelined: "
+                        "full-precision stream first, the quantized stream for the last --correction-fraction "
+                        "of each block's steps (concurrent up to that part). Default: student on one rank, "
+                        "pipelined on several (a resumed run keeps the mode it started with)")
+    p.add_argument("--correction-fraction", type=float, default=0.5,
+                   help="pipelined: the fraction of each block's steps trained on the quantized stream "
+                        "(ranks stay busy while it is <= 1/ranks; 1 = student, 0 = teacher)")
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
@@ -90,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--ds-config", default="zero3-offload",
                    help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
+    p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")
     p.add_argument("--ignore-plan", action="store_true",
@@ -120,13 +127,20 @@ def _load_config_file(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"--config {path}: no such file")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - JSON, UTF-8 and YAML errors (yaml is imported lazily)
+        kind = "YAML" if file.suffix in (".yaml", ".yml") else "JSON"
+        raise UsageError(f"--config {path} is not valid {kind}: {' '.join(str(err).split())[:200]}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} holds a {type(data).__name__}, not a mapping of settings "
+                         "(e.g. `wbits: 2` per line)")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +161,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"--device {spec} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec}: eqat-dist runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: no CUDA device is available; use --device cpu")
     return device
@@ -175,14 +194,19 @@ def validate(args) -> None:
                     "e2e_global_batch", "e2e_micro_batch", "e2e_save_every")
     if args.epochs > 0 and args.train_size < 1:
         raise UsageError("--train-size must be >= 1 when --epochs > 0")
+    if not 0 <= args.correction_fraction <= 1:
+        raise UsageError("--correction-fraction must be between 0 and 1 (the share of steps on the quantized stream)")
     if args.min_lr_factor < 1:
         raise UsageError("--min-lr-factor must be >= 1 (the cosine ends at lr / factor)")
-    from .models.loading import BUNDLED, _looks_like_path
-    if args.model not in BUNDLED and _looks_like_path(args.model) and not Path(args.model).expanduser().exists():
-        raise UsageError(f"--model {args.model}: no such file or folder")
-    from .models.loading import check_layers_early
+    from .models.loading import ModelLoadError, check_layers_early, model_config_file
+    args.model_config = None  # config.json of --model, when this run needs the model
+    if args.phase in ("all", "block-ap") or not args.skip_fp_eval:
+        try:
+            args.model_config = model_config_file(args.model)
+        except ModelLoadError as err:
+            raise UsageError(f"--model: {err}") from err
     try:
-        check_layers_early(args.model, args.qcfg)
+        check_layers_early(args.model_config, args.qcfg)
     except QuantConfigError as err:
         raise UsageError(str(err)) from err
     args.device = resolve_device(args.device)
@@ -235,6 +259,12 @@ def validate(args) -> None:
             check(out, args.take_over_lock)
         except LockError as err:
             raise UsageError(str(err)) from err
+        _check_writable(out)
+        from .planning.launcher import check_master_port, world_size
+        rendezvous = (args.e2e_epochs > 0 and args.phase in ("all", "e2e")) or world_size()[0] > 1
+        problem = check_master_port() if rendezvous else None
+        if problem:
+            raise UsageError(problem)
     if args.overwrite and out.exists():
         check_overwrite(out, args.model, args.from_dir)
     if args.phase in ("e2e", "eval"):
@@ -260,15 +290,9 @@ def validate(args) -> None:
 
 def check_context(args) -> None:
     """Windows longer than the model's context are refused up front (config.json, when at hand)."""
-    folder = None
-    from .models.loading import BUNDLED, bundled_model_dir
-    if args.model in BUNDLED:
-        folder = bundled_model_dir(args.model)
-    elif (Path(args.model).expanduser() / "config.json").exists():
-        folder = Path(args.model).expanduser()
-    if folder is None:
+    if args.model_config is None:
         return
-    context = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+    context = json.loads(args.model_config.read_text()).get("max_position_embeddings")
     blockap = args.epochs > 0 and args.phase in ("all", "block-ap")
     e2e = args.e2e_epochs > 0 and args.phase in ("all", "e2e")
     evaluated = bool([d for d in args.eval_datasets.split(",") if d])  # zero-shot truncates instead
@@ -277,6 +301,19 @@ def check_context(args) -> None:
         if used and context and value > context:
             raise UsageError(f"{flag} {value} is longer than the model's context ({context} tokens, "
                              f"max_position_embeddings); use {flag} {context} or less")
+
+
+def _check_writable(out: Path) -> None:
+    """The output folder (or the nearest folder above it that exists) takes new files."""
+    import tempfile
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {out}: {existing} is a file, so no folder can be made there; choose another --output")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise UsageError(f"--output {out}: cannot write in {existing} ({err.strerror}); choose a folder you can "
+                         "write to") from err
 
 
 def _contents(folder: Path) -> list[Path]:
@@ -314,7 +351,8 @@ def check_overwrite(out: Path, model: str | None, from_dir: str | None) -> None:
 
 def finished_phases(out: Path, args) -> set:
     """The phases of this run that its results.json says are finished in `out`."""
-    path = out / "results.json"
+    from .export.staging import settled
+    path = settled(out, "results.json")  # a move of an export cut short is finished when the run starts
     if not path.exists():
         return set()
     try:
@@ -367,16 +405,14 @@ def plan_main(argv) -> int:
     return 0 if result["fits"] else 1
 
 
-def _arch_at_hand(model: str):
-    """The architecture from config.json when it is at hand without loading (else None)."""
-    from .models.loading import BUNDLED
-    from .planning import PLANNING_MODELS, PlanError, load_arch
+def _arch_at_hand(args):
+    """The architecture from --model's config.json when validate() read it (else None: a GGUF file)."""
+    from .planning import PlanError, load_arch
 
-    path = Path(model).expanduser()
-    if not (model in BUNDLED or model in PLANNING_MODELS or (path / "config.json").exists()):
-        return None  # a hub id or GGUF file
+    if args.model_config is None:
+        return None
     try:
-        return load_arch(model)
+        return load_arch(str(args.model_config))
     except PlanError:
         return None
 
@@ -387,7 +423,7 @@ def choose_activations(args) -> str | None:
     if args.activations is not None:
         return None
     args.activations = "cpu"
-    arch = _arch_at_hand(args.model)
+    arch = _arch_at_hand(args)
     if arch is None or args.epochs == 0 or args.phase in ("e2e", "eval"):
         return None
     from .planning import GIB, host_memory, settings_from_args, world_size
@@ -410,7 +446,7 @@ def check_plan(args) -> str | None:
     """The plan for this machine, before any work: None when the run fits, else the reason and the fix."""
     from .planning import report, settings_from_args, this_machine, world_size
 
-    arch = _arch_at_hand(args.model)
+    arch = _arch_at_hand(args)
     if arch is None:
         return None
     ranks, ranks_per_node = world_size()
@@ -455,6 +491,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"eqat-dist: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("eqat-dist: interrupted before any work started; nothing was written", file=sys.stderr)
+        return 130
     from .runner import run
     from .utils.monitor import quiet_library_bars
     quiet_library_bars()

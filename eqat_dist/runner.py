@@ -6,22 +6,28 @@ import os
 import shutil
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .blockap.checkpoint import ResumeError
+from .blockap.checkpoint import MANIFEST, ResumeError
 from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .utils.settings import DTYPES, run_settings
+from .data.text import DataError
 from .data.windows import calibration_windows, eval_windows
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
 from .eval.harness import zero_shot
 from .eval.report import write_report
-from .export import load_packed_model, save_packed_model
+from .export import load_packed_model
 from .export.gptq_v2 import method_after_e2e, read_quant_config
-from .export.streaming import write_packed_blocks
+from .export.staging import new_stage, publish, recover, settled
+from .export.streaming import write_e2e_blocks, write_packed_blocks
 from .models import load_model
+from .models.loading import ModelLoadError
+from .utils.tensors import CheckpointError
+from .models.blocks import blocks_name
 from .models.lazy import LazyModel
 from .models.quantize import check_model, to_fake_quant, to_packed
 from .pipelines.round_robin import Progress, StreamSpec, restored_blocks, run_blockap
@@ -32,7 +38,11 @@ from .utils.monitor import Monitor, summary_table
 def evaluate(model, tokenizer, args, device, label: str) -> dict:
     """Perplexity on each --eval-datasets source and zero-shot accuracy on --zeroshot-tasks."""
     out = {"perplexity": {}, "zero_shot": {}}
-    model.to(device)
+    spread = len(set(getattr(model, "hf_device_map", {}).values())) > 1  # placed by accelerate: leave it there
+    if spread:
+        device = model.device  # where the embedding is; accelerate's hooks move activations on
+    else:
+        model.to(device)
     for name in [d for d in args.eval_datasets.split(",") if d]:
         windows = eval_windows(tokenizer, name, args.eval_seqlen, args.eval_max_windows)
         ppl = perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}")
@@ -41,8 +51,23 @@ def evaluate(model, tokenizer, args, device, label: str) -> dict:
     if args.zeroshot_tasks:
         out["zero_shot"] = zero_shot(model, tokenizer, args.zeroshot_tasks, device, args.zeroshot_limit, label,
                                      max_length=args.eval_seqlen)
-    model.cpu()
+    if not spread:
+        model.cpu()
     return out
+
+
+def evaluate_fp(args, tokenizer, device) -> dict:
+    """The full-precision baseline, in the training dtype (bfloat16 on a GPU: Llama-2-70B in float32 is
+    280 GB) and, on a node with several GPUs, spread over all of them by accelerate's device map."""
+    if device.type != "cuda":
+        fp_model, _ = load_model(args.model)
+    else:
+        dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
+        spread = "balanced" if torch.cuda.device_count() > 1 else None
+        fp_model, _ = load_model(args.model, dtype=dtype, device_map=spread)
+    result = evaluate(fp_model, tokenizer, args, device, "fp")
+    del fp_model
+    return result
 
 
 def _log_eval(out: Path, label: str, result: dict) -> None:
@@ -66,6 +91,9 @@ def run(args) -> int:
     progress = Progress()
     out = Path(args.output)
     try:
+        if transport.rank == 0:
+            for line in recover(out):  # an export a kill cut short: finish its move or drop it
+                print(f"[resume] {line}", flush=True)
         transport.barrier()  # every rank validated the output folder before anyone writes to it
         if args.phase == "e2e":
             return _e2e(args, transport, progress, out, Path(args.from_dir))
@@ -92,19 +120,31 @@ def run(args) -> int:
     except (NonFiniteLossError, ResumeError) as err:
         transport.fail(f"eqat-dist: error (rank {transport.rank}): {err}")
     except PeerFailure as err:
-        transport.fail(f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {err}. "
-                       f"Finished work is kept in {out} (Block-AP blocks, E2E-QP checkpoints); run the same command again "
-                       "to resume.")
+        transport.fail(f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {err}.{_kept(out)}")
     except KeyboardInterrupt:  # Ctrl-C or SIGINT to one rank: stop every rank (MPI: Abort), not only this one
-        transport.fail(f"eqat-dist: rank {transport.rank} interrupted{progress.where()}. Finished work is kept in "
-                       f"{out} (Block-AP blocks, E2E-QP checkpoints); run the same command again to resume.")
+        transport.fail(f"eqat-dist: rank {transport.rank} interrupted{progress.where()}.{_kept(out)}")
         return 130
+    except (ModelLoadError, CheckpointError, DataError, OSError) as err:  # the input or the machine: its message says it
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: {err}{_kept(out)}")
     except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
-        traceback.print_exc()
-        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: "
-                       f"{type(err).__name__}: {err}. Finished work is kept in {out} (Block-AP blocks, E2E-QP "
-                       "checkpoints); run the same command again to resume.")
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: {type(err).__name__}: "
+                       f"{' '.join(str(err).split())[:500]}{_kept(out)}"
+                       f"{'' if getattr(args, 'debug', False) else ' (--debug prints the traceback)'}")
     return 1
+
+
+def _kept(out: Path) -> str:
+    """What a user can resume from after a failure, when there is any."""
+    kept = [what for what, there in (("Block-AP blocks", any((out / "blockap").glob("block_*"))),
+                                     ("E2E-QP checkpoints", (out / "e2e_ckpt" / "latest").exists()),
+                                     ("an export", (out / "config.json").exists())) if there]
+    if not kept:
+        return ""
+    return f" Finished work is kept in {out} ({', '.join(kept)}); run the same command again to resume."
 
 
 def _run(args, transport, progress, out: Path) -> int:
@@ -112,7 +152,7 @@ def _run(args, transport, progress, out: Path) -> int:
 
     torch.manual_seed(args.seed)
     if args.student_input is None:
-        args.student_input = "teacher" if transport.world > 1 else "student"
+        args.student_input = default_student_input(out / "blockap", transport.world)
     device = _rank_device(args, transport)
     t_start = time.time()
     source = LazyModel(args.model)
@@ -147,7 +187,8 @@ def _run(args, transport, progress, out: Path) -> int:
                   f"student input: {args.student_input}, {transport.world} rank(s) over {transport.kind}", flush=True)
         t_blockap = time.time()
         run_blockap(source, args.qcfg, train_ids, val_ids, settings, out / "blockap", run_settings(args), device,
-                    streams, args.student_input, transport, monitor, progress=progress)
+                    streams, args.student_input, transport, monitor, progress=progress,
+                    correction=args.correction_fraction)
         progress.block, progress.phase = None, "waiting for the other ranks"
         transport.barrier()
         results["blockap_wall_s"] = time.time() - t_blockap  # all ranks done
@@ -158,28 +199,50 @@ def _run(args, transport, progress, out: Path) -> int:
         results["method"], results["blocks"] = "block-ap", []
         blocks = restored_blocks(source, args.qcfg, out / "blockap", results["blocks"])
     progress.phase = "export"
-    write_packed_blocks(source, blocks, tokenizer, out, args.qcfg, results["method"], DTYPES[args.export_dtype])
-    if results.get("blocks"):
-        print(summary_table(results["blocks"]))
-    del source
-    progress.phase = "evaluation"
-    packed, _ = load_packed_model(out)  # evaluate what was written, not what is in memory
-    results["quantized"] = evaluate(packed, tokenizer, args, device, args.qcfg.tag())
-    del packed
-    if not args.skip_fp_eval:
-        fp_model, _ = load_model(args.model)
-        results["fp"] = evaluate(fp_model, tokenizer, args, device, "fp")
-        if not args.no_tensorboard:
+    with staged(out) as stage:  # weights, config, results and report appear in `out` together
+        write_packed_blocks(source, blocks, tokenizer, stage, args.qcfg, results["method"], DTYPES[args.export_dtype])
+        if results.get("blocks"):
+            print(summary_table(results["blocks"]))
+        del source
+        progress.phase = "evaluation"
+        packed, _ = load_packed_model(stage)  # evaluate what was written, not what is in memory
+        results["quantized"] = evaluate(packed, tokenizer, args, device, args.qcfg.tag())
+        del packed
+        if not args.skip_fp_eval:
+            results["fp"] = evaluate_fp(args, tokenizer, device)
+        results["seconds"] = time.time() - t_start
+        _write_results(stage, results)
+        publish(stage, out)
+    if not args.no_tensorboard:
+        if "fp" in results:
             _log_eval(out, "fp", results["fp"])
-        del fp_model
-    results["seconds"] = time.time() - t_start
-    _write_results(out, results)
+        _log_eval(out, "quantized", results["quantized"])
     if args.phase == "all" and args.e2e_epochs > 0:
         transport.barrier()  # the other ranks wait here for the export E2E-QP starts from
-    if not args.no_tensorboard:
-        _log_eval(out, "quantized", results["quantized"])
     print(f"[done] {out} ({results['seconds']:.0f} s); results in {out / 'results.json'}")
     return 0
+
+
+@contextmanager
+def staged(out: Path):
+    """A stage folder for an export (export/staging.py), deleted if the export fails before its move."""
+    stage = new_stage(out)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def default_student_input(ckpt_dir: Path, ranks: int) -> str:
+    """The paper's scheme on one rank, pipelined on several; a run resumed on another number of ranks
+    keeps the mode its finished blocks were trained in."""
+    manifest = ckpt_dir / MANIFEST
+    if manifest.exists():
+        try:
+            return json.loads(manifest.read_text())["student_input"]
+        except (ValueError, KeyError):
+            pass  # open_run names the problem
+    return "pipelined" if ranks > 1 else "student"
 
 
 def _rtn_blocks(source: LazyModel, cfg):
@@ -216,8 +279,7 @@ def _eval_phase(args, out: Path) -> int:
     entry["quantized"] = evaluate(packed, tokenizer, args, args.device, qcfg.tag())
     del packed
     if not args.skip_fp_eval:
-        fp_model, _ = load_model(args.model)
-        entry["fp"] = evaluate(fp_model, tokenizer, args, args.device, "fp")
+        entry["fp"] = evaluate_fp(args, tokenizer, args.device)
     results["eval"] = entry
     _write_results(out, results)
     if not args.no_tensorboard:
@@ -231,7 +293,7 @@ def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from .e2e.ds_setup import build_packed_model, gathered_state, init_distributed, load_ds_config, partition_report
+    from .e2e.ds_setup import build_packed_model, gathered_blocks, init_distributed, load_ds_config, partition_report
     from .e2e.trainer import E2ESettings, train_e2e
 
     progress.block, progress.phase = None, "E2E-QP setup"
@@ -261,28 +323,29 @@ def _e2e(args, transport, progress, out: Path, from_dir: Path) -> int:
                        log=lambda m: print(m, flush=True), monitor=monitor)
     engine = report.pop("engine")
     progress.phase = "E2E-QP export"
-    state = gathered_state(engine.module)
-    if monitor:
-        monitor.close()
-    if rank != 0:  # done: rank 0 exports and evaluates alone, nobody waits on it in a collective that can time out
-        return 0
-    packed, tok = load_packed_model(from_dir)
-    before = {k: v.clone() for k, v in packed.state_dict().items()}
-    scales = {k: v.float() for k, v in state.items() if k.endswith(".scales")}
-    packed.load_state_dict(scales, strict=False)
-    after = packed.state_dict()
-    report["integers_unchanged"] = all(torch.equal(before[k], after[k]) for k in before if not before[k].is_floating_point())
-    report["scales_changed"] = sum(not torch.equal(before[k], after[k]) for k in scales)
+    gathered = gathered_blocks(engine.module)  # one block at a time, on every rank in step
+    if rank != 0:
+        for _ in gathered:
+            pass
+        if monitor:
+            monitor.close()
+        return 0  # done: rank 0 evaluates alone, nobody waits on it in a collective that can time out
     report["partition"] = partitions
     report["ds_config"] = args.ds_config
-    save_packed_model(packed.to(DTYPES[args.export_dtype]), tok, out, qcfg, method=method_after_e2e(from_dir))
-    del packed
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    results["e2e"] = report
-    progress.phase = "evaluation after E2E-QP"
-    reloaded, _ = load_packed_model(out)
-    results["quantized_e2e"] = evaluate(reloaded, tok, args, device, qcfg.tag() + "+e2e")
-    _write_results(out, results)
+    results = json.loads(settled(out, "results.json").read_text()) if settled(out, "results.json").exists() else {}
+    with staged(out) as stage:  # the E2E-QP weights, results and report replace the earlier ones together
+        report |= write_e2e_blocks(from_dir, gathered, blocks_name(engine.module), tokenizer, stage,
+                                   method_after_e2e(from_dir), DTYPES[args.export_dtype])
+        if monitor:
+            monitor.close()
+        del engine, model
+        results["e2e"] = report
+        progress.phase = "evaluation after E2E-QP"
+        reloaded, _ = load_packed_model(stage)
+        results["quantized_e2e"] = evaluate(reloaded, tokenizer, args, device, qcfg.tag() + "+e2e")
+        del reloaded
+        _write_results(stage, results)
+        publish(stage, out)
     if not args.no_tensorboard:
         _log_eval(out, "quantized_e2e", results["quantized_e2e"])
     print(f"[done] E2E-QP {report['steps']} steps; {out / 'results.json'}")

@@ -98,13 +98,14 @@ def _folder(tmp, layers):
     return folder
 
 
-def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None):
+def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None, correction=0.5):
     """Block-AP on a saved copy of `model` (a tiny Llama of seed 0); returns the assembled quantized model."""
     layers = len(decoder_layers(model))
     folder = _folder(tmp, layers)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     run_blockap(LazyModel(str(folder)), CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
-                StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor=monitor, log=lambda *a: None)
+                StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor=monitor, log=lambda *a: None,
+                correction=correction)
     quantized, _ = assemble(LazyModel(str(folder)), CFG, tmp / "ckpt")
     return quantized
 
@@ -150,6 +151,43 @@ def test_teacher_mode_trains_every_block_on_the_fp_stream(tmp_path, monkeypatch)
     with torch.no_grad():
         expected = run_block(decoder_layers(fp_model)[0], embed(fp_model, ids), calls[0])
     assert torch.equal(seen[1], expected)
+
+
+def test_pipelined_mode_trains_on_the_fp_stream_then_on_the_quantized_stream(tmp_path, monkeypatch):
+    """Block 1's first steps see block 0's fp output; from the switch on, the output of the quantized
+    block 0 (the paper's input), with the optimizer and schedule going on."""
+    seen, switched = {}, {}
+    real = local.train_block
+
+    def spy(block, index, inputs, *rest, switch_at=None, switch=None, **kw):
+        seen[index] = (inputs.get(list(range(len(inputs)))).clone(), switch_at)
+
+        def recording_switch():
+            new_inputs, new_val = switch()
+            switched[index] = new_inputs.get(list(range(len(new_inputs)))).clone()
+            return new_inputs, new_val
+        return real(block, index, inputs, *rest, switch_at=switch_at, switch=recording_switch, **kw)
+
+    monkeypatch.setattr(local, "train_block", spy)
+    fp_model = tiny_model("llama", layers=2)
+    model = _run(fp_model, tmp_path, student_input="pipelined", correction=0.25)
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))[:4]
+    _, calls = record_block_calls(fp_model, ids[:1])
+    x0 = embed(fp_model, ids)
+    with torch.no_grad():
+        via_fp = run_block(decoder_layers(fp_model)[0], x0, calls[0])
+        via_quantized = run_block(decoder_layers(model)[0], x0, calls[0])
+    total = FAST.epochs * -(-4 // FAST.batch_size)
+    assert seen[1][1] == local.correction_start(total, 0.25) == total - round(total * 0.25)
+    assert torch.equal(seen[1][0], via_fp) and torch.equal(switched[1], via_quantized)
+
+
+@pytest.mark.parametrize("correction, same_as", [(1.0, "student"), (0.0, "teacher")])
+def test_pipelined_mode_at_its_extremes_is_student_or_teacher_mode(tmp_path, correction, same_as):
+    a = _packed_state(_run(tiny_model("llama", layers=3), tmp_path / "p", student_input="pipelined",
+                           correction=correction))
+    b = _packed_state(_run(tiny_model("llama", layers=3), tmp_path / "ref", student_input=same_as))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_disk_and_cpu_stores_give_identical_models(tmp_path):

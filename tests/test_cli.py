@@ -30,7 +30,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, extra, message):
 
 
 def test_missing_model_path(tmp_path):
-    with pytest.raises(UsageError, match="no such file or folder"):
+    with pytest.raises(UsageError, match="--model: model path .*nope' does not exist"):
         parse_args(["--model", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
 
 
@@ -220,3 +220,108 @@ def test_one_run_per_output_folder(tmp_path):
     with pytest.raises(LockError, match="on host some-other-host .* pass --take-over-lock"):
         acquire(out)
     assert acquire(out, take_over=True, log=said.append) == out / LOCK
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    """name -> (extra flags, what the one line must say), each a mistake that used to end in a traceback."""
+    (tmp_path / "bad.yaml").write_text("wbits: [2, 3\n")
+    (tmp_path / "list.yaml").write_text("- wbits\n- 2\n")
+    (tmp_path / "calib.txt").write_bytes(bytes(range(128, 256)) * 40)
+    (tmp_path / "notext.jsonl").write_text('{"body": "no text field"}\n')
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    return {
+        "invalid YAML": (["--config", str(tmp_path / "bad.yaml")], "is not valid YAML"),
+        "YAML list": (["--config", str(tmp_path / "list.yaml")], "holds a list, not a mapping of settings"),
+        "unknown device": (["--device", "tpu"], "--device tpu is not a device; use auto, cpu, cuda or cuda:N"),
+        "binary calibration file": (["--calib-dataset", str(tmp_path / "calib.txt")], "is not UTF-8 text"),
+        "jsonl without text": (["--calib-dataset", str(tmp_path / "notext.jsonl")], "the first line has no 'text' field"),
+        "folder without a model config": (["--model", str(tmp_path / "no_config")], "has no config.json"),
+        "output under a file": (["--output", str(tmp_path / "a_file" / "run")], "is a file, so no folder can be made"),
+        "offline hub id": (["--model", "no-such-org/no-such-model"], "could not read the config of model"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "invalid YAML", "YAML list", "unknown device", "binary calibration file", "jsonl without text",
+    "folder without a model config", "output under a file", "offline hub id"])
+def test_bad_input_is_one_line_and_exit_2_without_a_traceback(tmp_path, capsys, monkeypatch, case):
+    from eqat_dist.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub id case: what a machine without network sees
+    extra, message = _bad_inputs(tmp_path)[case]
+    assert main(["--model", "smollm2-135m", "--output", str(tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eqat-dist: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_is_refused_up_front(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(UsageError, match="cannot write in"):
+        parse_args(_args(tmp_path)[:2] + ["--output", str(ro / "run")])
+
+
+def test_a_port_in_use_is_refused_up_front_and_a_single_process_picks_a_free_one(tmp_path, monkeypatch):
+    """E2E-QP's rendezvous port is checked before Block-AP, not found taken hours later."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        with pytest.raises(UsageError, match=f"port {port} \\(MASTER_PORT\\) is in use.*--master_port \\d+"):
+            parse_args(_args(tmp_path))
+    monkeypatch.delenv("MASTER_PORT")
+    parse_args(_args(tmp_path))
+    assert int(os.environ["MASTER_PORT"]) > 0  # chosen free for this one process
+    monkeypatch.delenv("MASTER_PORT")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_process_ends_with_one_line_naming_the_block_and_what_is_kept(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "2",
+                             "--epochs", "1", "--train-size", "2", "--val-size", "1", "--seqlen", "32", "--batch-size",
+                             "1", "--phase", "block-ap", "--output", str(out), "--eval-datasets", "", "--zeroshot-tasks",
+                             "", "--skip-fp-eval", "--no-tensorboard"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+    deadline = time.time() + 180
+    while not list((out / "blockap").glob("block_0001*")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    assert re.search(rf"^eqat-dist: rank 0 interrupted at block \d+ .*Finished work is kept in {re.escape(str(out))} "
+                     r"\(Block-AP blocks\); run the same command again to resume\.$", err, re.M), err[-2000:]
+
+
+def test_a_runtime_failure_with_nothing_saved_does_not_claim_finished_work(tmp_path):
+    """A corrupt model file is found when the weights are read: exit 1, one line naming the file, no
+    traceback (unless --debug), and no 'Finished work is kept' where there is none."""
+    model = tmp_path / "model"
+    tiny_model("llama", layers=2).save_pretrained(model)
+    from transformers import AutoTokenizer
+
+    from eqat_dist.models.loading import bundled_model_dir
+    AutoTokenizer.from_pretrained(str(bundled_model_dir())).save_pretrained(model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", str(model), "--wbits", "2", "--group-size", "32",
+           "--epochs", "0", "--output", str(tmp_path / "out"), "--eval-datasets", "", "--zeroshot-tasks", "",
+           "--skip-fp-eval", "--no-tensorboard", "--phase", "block-ap"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    lines = [line for line in done.stderr.splitlines() if line.startswith("eqat-dist")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-3000:]
+    assert "model.safetensors" in lines[0] and "Finished work" not in lines[0], lines
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

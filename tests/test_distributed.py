@@ -60,7 +60,7 @@ def _same_model(a, b):
 @pytest.fixture(scope="module")
 def references(model_dir, tmp_path_factory):
     base = tmp_path_factory.mktemp("ref")
-    for mode in ("teacher", "student"):
+    for mode in ("teacher", "student", "pipelined"):
         _single(model_dir, base / mode, mode)
     return base
 
@@ -79,14 +79,24 @@ def test_student_mode_two_mpi_ranks_equal_the_single_process_paper_mode(model_di
     assert not _same_model(references / "teacher", tmp_path / "out")  # the two modes really differ
 
 
+def test_pipelined_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references, tmp_path):
+    """The quantized stream's receive is posted early and lands in the store while the fp phase trains."""
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "pipelined"), env=_env(), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _same_model(references / "pipelined", tmp_path / "out")
+    assert not _same_model(references / "student", tmp_path / "out")
+    assert not _same_model(references / "teacher", tmp_path / "out")
+
+
 def test_deepspeed_launcher_uses_torch_distributed_and_matches(model_dir, references, tmp_path):
     env = _env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
-           env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "teacher")]
+           env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "pipelined")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s) over torch.distributed" in result.stdout
-    assert _same_model(references / "teacher", tmp_path / "out")
+    assert _same_model(references / "pipelined", tmp_path / "out")
 
 
 def _rank_pid(marker: str, rank: int, rank_vars=("PMI_RANK", "RANK")) -> int | None:

@@ -134,6 +134,10 @@ def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank
     assert "resumed from" in result.stdout
     report = json.loads((out / "results.json").read_text())["e2e"]
     assert report["resumed_at"] >= 2
+    whole = json.loads((one_rank / "results.json").read_text())["e2e"]
+    # the history of the steps before the kill comes back from the checkpoint: one loss per step of the run
+    assert len(report["losses"]) == len(report["step_seconds"]) == report["steps"] == len(whole["losses"])
+    assert report["losses"] == pytest.approx(whole["losses"], rel=1e-6)
     a, b = export_tensors(one_rank), export_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -256,7 +260,8 @@ def test_e2e_checkpoint_of_one_rank_resumes_on_two(rtn_export, one_rank, tmp_pat
     assert two.returncode == 0, two.stdout[-3000:]
     assert "converting it to DeepSpeed's universal format" in two.stdout
     report = json.loads((out / "results.json").read_text())["e2e"]
-    assert report["ranks"] == 2 and report["resumed_at"] == 2 and len(report["losses"]) == 2
+    assert report["ranks"] == 2 and report["resumed_at"] == 2 and len(report["losses"]) == 4
+    assert report["losses"][:2] == json.loads((full / "results.json").read_text())["e2e"]["losses"][:2]
     assert sorted(p.name for p in (out / "e2e_ckpt").iterdir() if "universal" in p.name) == []  # copy removed
     assert_same_but_scales_within_tolerance(one_rank, out)
 

@@ -115,6 +115,7 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
 def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypatch):
     """A Block-AP export (shards) followed by E2E-QP's (one file) in the same folder: no stale shard stays
     for a loader to pick up, and the user's own files stay."""
+    from eqat_dist.export.staging import new_stage, publish
     from eqat_dist.export.streaming import write_packed_blocks
     from eqat_dist.models.lazy import LazyModel
     from eqat_dist.runner import _rtn_blocks
@@ -124,8 +125,71 @@ def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypat
     tiny_model("llama", layers=2).save_pretrained(tmp_path / "fp")
     source = LazyModel(str(tmp_path / "fp"))
     out = tmp_path / "out"
-    write_packed_blocks(source, _rtn_blocks(source, cfg), None, out, cfg, "block-ap")
+    stage = new_stage(out)
+    write_packed_blocks(source, _rtn_blocks(source, cfg), None, stage, cfg, "block-ap")
+    publish(stage, out)
     (out / "notes.txt").write_text("mine")
     save_packed_model(quantize_rtn(tiny_model("llama", layers=2), cfg), _NoTokenizer(), out, cfg, method="block-ap+e2e-qp")
     weights = sorted(p.name for p in out.glob("*.safetensors*"))
     assert weights == ["model.safetensors"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_e2e_export_block_by_block_equals_the_whole_model_export(tmp_path, monkeypatch, arch):
+    """After E2E-QP the export is written one gathered block at a time from the checkpoint it started
+    from: the same tensors as saving the whole trained model, and the self-checks see what changed."""
+    from eqat_dist.e2e.ds_setup import gathered_blocks
+    from eqat_dist.export.gptq_v2 import LazyTensors
+    from eqat_dist.export.streaming import write_e2e_blocks
+    from eqat_dist.models.blocks import blocks_name
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    cfg = QuantConfig(2, 32)
+    save_packed_model(quantize_rtn(tiny_model(arch, layers=3), cfg), _NoTokenizer(), tmp_path / "start", cfg,
+                      method="block-ap")
+    trained, _ = load_packed_model(tmp_path / "start")
+    layers = [layer for block in decoder_layers(trained) for layer in packed_linears(block).values()]
+    with torch.no_grad():
+        for layer in layers[::2]:  # "training" moved half of the layers' step sizes
+            layer.scales.mul_(1.01)
+    save_packed_model(trained.to(torch.float16), _NoTokenizer(), tmp_path / "whole", cfg, method="block-ap+e2e-qp")
+    trained, _ = load_packed_model(tmp_path / "whole")
+    checks = write_e2e_blocks(tmp_path / "start", gathered_blocks(trained), blocks_name(trained), None,
+                              tmp_path / "streamed", "block-ap+e2e-qp")
+    a, b = LazyTensors(tmp_path / "whole"), LazyTensors(tmp_path / "streamed")
+    assert set(a) == set(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert checks == {"integers_unchanged": True, "scales_changed": len(layers[::2])}
+    qc = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert qc(tmp_path / "streamed") == qc(tmp_path / "whole")
+    with torch.no_grad():  # integers that moved are reported, not hidden
+        decoder_layers(trained)[1].mlp.up_proj.qweight.add_(1)
+    checks = write_e2e_blocks(tmp_path / "start", gathered_blocks(trained), blocks_name(trained), None,
+                              tmp_path / "moved", "block-ap+e2e-qp")
+    assert checks["integers_unchanged"] is False
+
+
+def test_an_export_move_cut_short_is_finished_on_the_next_start(tmp_path):
+    """publish() journals its renames: a kill between two of them leaves the journal, and recover()
+    completes the move (old shards gone, new files in); a stage never published is deleted."""
+    from eqat_dist.export.staging import JOURNAL, new_stage, recover, settled
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in (("model.safetensors", "old"), ("results.json", '{"old": 1}'), ("notes.txt", "mine")):
+        (out / name).write_text(text)
+    stage = new_stage(out)
+    new = {"model-00001-of-00002.safetensors": "a", "model-00002-of-00002.safetensors": "b",
+           "model.safetensors.index.json": "{}", "results.json": '{"new": 1}', "config.json": "{}"}
+    for name, text in new.items():
+        (stage / name).write_text(text)
+    (out / JOURNAL).write_text(json.dumps({"stage": stage.name, "items": sorted(new)}))
+    (stage / "config.json").rename(out / "config.json")  # the kill came after the first rename
+    assert json.loads(settled(out, "results.json").read_text()) == {"new": 1}  # what a restart will see
+    leftover = new_stage(out)  # a stage of an export killed before its move
+    (leftover / "model.safetensors").write_text("half")
+    done = recover(out)
+    assert len(done) == 2 and not stage.exists() and not leftover.exists() and not (out / JOURNAL).exists()
+    assert {p.name: p.read_text() for p in out.iterdir()} == new | {"notes.txt": "mine"}
+    assert recover(out) == []

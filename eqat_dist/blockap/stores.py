@@ -58,6 +58,15 @@ class ActivationStore:
         else:
             self._data[list(index)] = values.to(self._data.device)
 
+    def host_rows(self, a: int, b: int) -> torch.Tensor | None:
+        """Rows a..b as a writable CPU tensor sharing the store's memory (a receive can land there
+        directly), or None when the rows live on a GPU."""
+        if self.placement == "cpu":
+            return self._data[a:b]
+        if self.placement == "disk":
+            return torch.from_numpy(self._mm[a:b]).view(self.dtype).reshape(b - a, *self.shape)
+        return None
+
     def copy_from(self, other: "ActivationStore", batch: int = 8) -> None:
         for start in range(0, self.count, batch):
             idx = list(range(start, min(start + batch, self.count)))

@@ -97,12 +97,15 @@ def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtyp
 
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
-                on_step=None) -> BlockReport:
+                on_step=None, switch_at: int | None = None, switch=None) -> BlockReport:
     """Train `block` (its linears already QuantLinear, on `device`) in place.
 
     inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
     empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
     `on_step()` is called after every step (the pipeline lets its transfers progress there).
+    `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
+    steps (same targets, optimizer state and schedule): the pipelined schedule trains on the
+    full-precision stream first and on the quantized one last.
     """
     report = BlockReport(index)
     device = torch.device(device)
@@ -126,6 +129,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     for epoch in range(settings.epochs):
         order = torch.randperm(len(inputs), generator=gen).tolist()
         for batch in _batches(len(inputs), settings.batch_size):
+            if step == switch_at and switch is not None:
+                inputs, val_inputs = switch()
+                check_in = val_inputs if has_val else inputs
             idx = [order[i] for i in batch]
             x, y = inputs.get(idx), targets.get(idx)
             with torch.autocast(device.type, dtype=amp, enabled=amp_on):

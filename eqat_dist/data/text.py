@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import codecs
 import json
 import os
 import re
@@ -105,6 +106,7 @@ def check_source(source: str) -> None:
     if path.suffix in (".txt", ".jsonl", ".json", ".parquet"):
         if not path.is_file():
             raise DataError(f"data file {path} does not exist.")
+        _check_local_file(path)
         return
     if source not in _HUB_DATASETS:
         raise DataError(f"unknown data source '{source}': use a bundled text ({', '.join(BUNDLED_TEXT)}), a hub "
@@ -120,6 +122,42 @@ def check_source(source: str) -> None:
                         "or a local .txt/.jsonl/.parquet file.") from err
 
 
+def _check_local_file(path: Path) -> None:
+    """The start of a local data file is what its suffix says: UTF-8 text (JSON lines with a 'text'
+    field), or a parquet file with a 'text' column."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+            columns = pq.read_schema(path).names
+        except Exception as err:  # noqa: BLE001 - not parquet, truncated
+            raise DataError(f"{path} is not a readable parquet file ({str(err)[:200]}).") from err
+        if "text" not in columns:
+            raise DataError(f"{path} has no 'text' column (columns: {', '.join(columns)}).")
+        return
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut character at the end is fine
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (a binary file? byte {err.start} cannot be read); pass a "
+                        ".txt file of plain text, .jsonl with a 'text' field per line, or .parquet.") from err
+    if "\x00" in text or not text.strip():
+        raise DataError(f"{path} holds no text{' (NUL bytes: a binary file?)' if text.strip() else ''}; pass a .txt "
+                        "file of plain text, .jsonl with a 'text' field per line, or .parquet.")
+    if path.suffix == ".jsonl":
+        first, newline, _ = text.lstrip().partition("\n")
+        try:
+            record = json.loads(first)
+        except ValueError as err:
+            if newline or len(head) < 1 << 16:  # a whole first line that is not JSON (else: read too little)
+                raise DataError(f"{path}: the first line is not JSON ({err}); .jsonl needs one JSON object per "
+                                "line with a 'text' field.") from err
+            return
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f"{path}: the first line has no 'text' field; .jsonl needs one JSON object per line "
+                            "with a 'text' field.")
+
+
 def load_texts(source: str) -> tuple[str, ...]:
     """Documents from a bundled name, a hub dataset name, or a local .txt/.jsonl/.json/.parquet file."""
     if source in BUNDLED_TEXT:
@@ -131,7 +169,11 @@ def load_texts(source: str) -> tuple[str, ...]:
         import datasets
 
         if path.suffix == ".txt":  # blank lines separate documents
-            return tuple(d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip())
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not UTF-8 text (byte {err.start} cannot be read).") from err
+            return tuple(d.strip() for d in re.split(r"\n\s*\n", text) if d.strip())
         kind = "parquet" if path.suffix == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         if "text" not in ds.column_names:

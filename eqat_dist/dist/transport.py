@@ -35,6 +35,14 @@ class Transport:
     def recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
         raise NotImplementedError
 
+    def post_recv(self, tensor: torch.Tensor, src: int, tag: int):
+        """Start receiving into `tensor` now (it fills while this rank computes); wait_recvs() ends it.
+        A peer's send to a receive posted early completes at once, so the sender never waits on us."""
+        raise NotImplementedError
+
+    def wait_recvs(self, handles: list) -> None:
+        raise NotImplementedError
+
     def poll(self) -> None:
         pass
 
@@ -70,6 +78,7 @@ class MPITransport(Transport):
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
         self._pending = []  # (request, tensor kept alive)
+        self._posted = []  # receives posted early, tested in poll() so that MPI moves their data on
 
     def send(self, tensor, dst, tag):
         buf = _bytes(tensor).numpy()
@@ -78,6 +87,16 @@ class MPITransport(Transport):
     def recv(self, tensor, src, tag):
         buf = _bytes(tensor).numpy()
         self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)])
+
+    def post_recv(self, tensor, src, tag):
+        request = self.comm.Irecv([_bytes(tensor).numpy(), self.MPI.BYTE], source=src, tag=tag)
+        self._posted.append(request)
+        return request, tensor
+
+    def wait_recvs(self, handles):
+        self._wait([r for r, _ in handles])
+        done = {id(r) for r, _ in handles}
+        self._posted = [r for r in self._posted if id(r) not in done]
 
     def _wait(self, requests) -> None:
         """Wait by polling, not inside a blocking MPI call: Python can then act on a signal (Ctrl-C
@@ -91,6 +110,8 @@ class MPITransport(Transport):
         if self._pending:
             self.MPI.Request.Testall([r for r, _ in self._pending])
             self._pending = [(r, t) for r, t in self._pending if r != self.MPI.REQUEST_NULL]
+        if self._posted:
+            self.MPI.Request.Testall(self._posted)
 
     def wait_sends(self):
         if self._pending:
@@ -142,6 +163,19 @@ class TorchTransport(Transport):
             self.dist.recv(_bytes(tensor), src=src, tag=tag, group=self.group)
         except RuntimeError as err:
             raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
+
+    def post_recv(self, tensor, src, tag):
+        try:
+            return self.dist.irecv(_bytes(tensor), src=src, tag=tag, group=self.group), tensor, src
+        except RuntimeError as err:
+            raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
+
+    def wait_recvs(self, handles):
+        for work, _, src in handles:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
 
     def wait_sends(self):
         for work, _, dst in self._pending:

@@ -76,8 +76,9 @@ def remove_universal_copy(ckpt_dir: Path, point: ResumePoint) -> None:
     (Path(ckpt_dir) / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to it
 
 
-def load_resume_point(engine, ckpt_dir: Path, point: ResumePoint, plan: dict) -> int:
-    """Load the checkpoint into the engine; returns the step to go on from."""
+def load_resume_point(engine, ckpt_dir: Path, point: ResumePoint, plan: dict) -> tuple[int, dict]:
+    """Load the checkpoint into the engine; returns the step to go on from and the per-step history
+    (losses, step seconds) of the steps before it, so results.json holds the whole run."""
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=point.load_tag)
     except Exception as err:  # noqa: BLE001 - truncated or foreign files: say which and what to do
@@ -87,7 +88,9 @@ def load_resume_point(engine, ckpt_dir: Path, point: ResumePoint, plan: dict) ->
         raise ResumeError(f"the E2E-QP checkpoint {Path(ckpt_dir) / point.tag} is incomplete; "
                           f"{_restart_hint(Path(ckpt_dir))}")
     check_same_plan(client.get("plan"), plan, Path(ckpt_dir))
-    return int(client["step"])
+    step = int(client["step"])
+    history = {k: list(client.get("history", {}).get(k, []))[:step] for k in ("losses", "step_seconds")}
+    return step, history
 
 
 def resume_plan(settings, windows: torch.Tensor) -> dict:

@@ -1,6 +1,6 @@
 """Everything DeepSpeed-specific of E2E-QP: the config, the model built under zero.Init (so the
 whole model never lands on one device), loading weights into partitioned parameters, the engine,
-and gathering parameters back for export."""
+and gathering parameters back, one block at a time, for the export."""
 from __future__ import annotations
 
 import os
@@ -90,22 +90,20 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     return model, cfg
 
 
-def gathered_state(model) -> dict[str, torch.Tensor]:
-    """Full CPU copies of every parameter (on rank 0; empty elsewhere), gathered one module at a time."""
+def gathered_blocks(model):
+    """Each decoder block's parameters, gathered one block at a time: yields (index, {name in the block:
+    CPU copy}) on rank 0 and (index, {}) elsewhere, so no rank ever holds more than one whole block.
+    The gathers are collectives: every rank must consume the generator to its end, in step."""
     import deepspeed
+
+    from ..models.blocks import decoder_layers
 
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    out = {}
-    for name, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        if not params:
-            continue
+    for index, block in enumerate(decoder_layers(model)):
+        params = dict(block.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero3):
-            if rank0:
-                for pname, p in params.items():
-                    out[f"{name}.{pname}" if name else pname] = p.detach().cpu().clone()
-    return out
+            yield index, ({k: p.detach().cpu().clone() for k, p in params.items()} if rank0 else {})
 
 
 def partition_report(model) -> dict:

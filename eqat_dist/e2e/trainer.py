@@ -92,16 +92,16 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
     engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                           config=ds_config)
-    start = 0
+    start, history = 0, {"losses": [], "step_seconds": []}
     if point is not None:
-        start = load_resume_point(engine, ckpt_dir, point, plan)
+        start, history = load_resume_point(engine, ckpt_dir, point, plan)
         if point.reshard:
             dist.barrier()  # every rank has read its share of the converted copy
             if rank == 0:
                 remove_universal_copy(ckpt_dir, point)
         log(f"[e2e] resumed from {ckpt_dir / point.tag} at step {start}/{total}")
     optimizer_names = trainable  # the only parameters handed to the optimizer
-    losses, step_seconds = [], []
+    losses, step_seconds = history["losses"], history["step_seconds"]  # the whole run's, across resumes
     t0, tokens = time.time(), 0
     per_rank = settings.micro_batch * accum
     for step in range(start, total):
@@ -138,7 +138,8 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
                 f"{pace:.1f} s/step, eta {eta}")
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "plan": plan})
+                                   client_state={"step": step + 1, "plan": plan,
+                                                 "history": {"losses": losses, "step_seconds": step_seconds}})
             # save_checkpoint returns after a barrier: every rank's shard of the new one is written
             if int(os.environ.get("LOCAL_RANK", rank)) == 0:
                 prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
@@ -148,7 +149,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     state_elements = torch.tensor(optimizer_state_elements(optimizer), dtype=torch.int64, device=device)
     dist.all_reduce(state_elements)
     scale_elements = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    return {"steps": total, "resumed_at": start, "losses": losses, "optimizer_params": optimizer_names,
+    return {"steps": total, "resumed_at": start, "losses": losses, "step_seconds": step_seconds, "optimizer_params": optimizer_names,
             "optimizer_state_elements_all_ranks": int(state_elements), "scale_elements": scale_elements,
             "accumulation_steps": accum, "ranks": world, "seconds": seconds,
             "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else None,

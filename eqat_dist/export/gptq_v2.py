@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from .. import __version__
-from ..models.blocks import decoder_layers
+from ..models.blocks import blocks_name, decoder_layers
 from ..models.quantize import packed_linears, packed_skeleton
 from ..quant import QuantConfig
+from .staging import INDEX, new_stage, publish
 from ..utils.tensors import CheckpointError, LazyTensors  # noqa: F401  (re-exported)
 
 EXPORT_DTYPE = torch.float16  # GPTQ kernels expect fp16 scales
-INDEX = "model.safetensors.index.json"
 
 
 METHODS = {"rtn": "round-to-nearest (min/max initialisation)", "block-ap": "EfficientQAT Block-AP",
@@ -49,8 +48,7 @@ def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantCo
     """Write the model (its blocks' linears already PackedLinear) as an HF GPTQ-v2 folder, atomically;
     `method` (a key of METHODS) is recorded in the config's `meta`."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_stage(out_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for i, block in enumerate(decoder_layers(model)):
         prefix = _block_prefix(model, i)
@@ -67,32 +65,11 @@ def save_packed_model(model, tokenizer, out_dir: str | os.PathLike, cfg: QuantCo
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     # vLLM's gptq config and AutoGPTQ-era tools read this file
     (tmp / "quantize_config.json").write_text(json.dumps(quantization_config(cfg, method), indent=2))
-    return publish_export(tmp, out_dir)
-
-
-def publish_export(tmp: Path, out_dir: Path) -> Path:
-    """Move a finished export into `out_dir`, replacing an earlier export's weights (a single file or
-    shards, whichever it was) and keeping the user's other files there."""
-    if out_dir.exists():
-        for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX]:
-            stale.unlink(missing_ok=True)
-        for item in tmp.iterdir():
-            target = out_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        tmp.rmdir()
-    else:
-        os.replace(tmp, out_dir)
-    return out_dir
+    return publish(tmp, out_dir)
 
 
 def _block_prefix(model, index: int) -> str:
-    layers = decoder_layers(model)
-    for name, module in model.named_modules():
-        if module is layers:
-            return f"{name}.{index}."
-    raise RuntimeError("decoder blocks not found among the model's modules")
+    return f"{blocks_name(model)}.{index}."
 
 
 def _read_state(path: Path) -> dict:

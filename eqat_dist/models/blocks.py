@@ -34,6 +34,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return max(candidates, key=len)
 
 
+def blocks_name(model: nn.Module) -> str:
+    """The decoder blocks' module name ('model.layers' for Llama): block i's tensors are '<name>.<i>.*'."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers to quantize inside one block, by their name relative to the block."""
     return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}

@@ -89,8 +89,9 @@ def resolve_folder(spec: str) -> Path:
             f"local folder or a bundled model ({', '.join(BUNDLED)}).") from err
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for `spec`: a bundled name, a folder, a .gguf file or a hub id."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | None = None):
+    """(model, tokenizer) for `spec`: a bundled name, a folder, a .gguf file or a hub id; `device_map`
+    (e.g. "balanced") places a full-precision model's layers over the GPUs as it is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_folder(spec)
@@ -100,22 +101,52 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     if config.get("quantization_config", {}).get("checkpoint_format") == "gptq_v2":
         from ..export.gptq_v2 import load_packed_model
         return load_packed_model(path, dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def check_layers_early(spec: str, cfg) -> None:
+def model_config_file(spec: str) -> Path | None:
+    """The config.json of `spec`, read without any weights: a bundled model's, a folder's, or a hub id's
+    (that file alone, fetched once into the hub cache). None for a .gguf file (its config is inside).
+    Raises ModelLoadError naming what is wrong, so a bad --model fails in seconds."""
+    if spec in BUNDLED:
+        return bundled_model_dir(spec) / "config.json"
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name == "config.json":
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist.")
+        return None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder. Pass the folder "
+                                 "that holds config.json and the weights.")
+        return path / "config.json"
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model path '{spec}' does not exist. Pass an existing folder, a .gguf file, a hub id "
+                             f"(org/name) or a bundled model ({', '.join(BUNDLED)}).")
+    try:
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(spec, "config.json"))
+    except Exception as err:  # noqa: BLE001 - offline, unknown id, gated repo: one line, not a traceback
+        raise ModelLoadError(
+            f"could not read the config of model '{spec}' from the Hugging Face hub ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}). Check the id and your network, or pass a "
+            f"local folder or a bundled model ({', '.join(BUNDLED)}).") from err
+
+
+def check_layers_early(config_file: Path | None, cfg) -> None:
     """Check every block's linear layers against `cfg` from the config alone (a model on the meta
-    device: no weights read), so an unusable group size fails in seconds. Silent where no config
-    can be read without loading (GGUF, unreachable hub): the check then runs after loading."""
+    device: no weights read), so an unusable group size fails in seconds. Silent for GGUF (no config
+    before loading): the check then runs after loading."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .quantize import check_model
 
-    folder = bundled_model_dir(spec) if spec in BUNDLED else Path(spec).expanduser()
-    if not (folder.is_dir() and (folder / "config.json").exists()):
+    if config_file is None:
         return
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(config_file.parent)
     if hasattr(config, "quantization_config"):
         return  # an already-quantized export: its layers are checked when loaded
     with torch.device("meta"):

@@ -7,7 +7,15 @@ result on to the owner of block i+1 at once (non-blocking), so every rank starts
 student_input="teacher": block i's student input is the fp stream; blocks train concurrently.
 student_input="student": the paper's scheme; the quantized stream is handed on after each block is
                          trained (sequential in time, memory spread over ranks).
-Streams are updated in place where the schedule allows, so a rank holds two stores per split.
+student_input="pipelined": block i trains on the fp stream first (concurrently, as in teacher mode),
+                         then, for the last `correction` fraction of its steps, on the quantized
+                         stream (the output of the finished quantized blocks before it), which it
+                         hands on when done. Only the corrections run one after another, so with
+                         `correction` <= 1/N the N ranks stay busy; the final blocks see the paper's
+                         inputs. The receive of the quantized stream is posted when the block starts,
+                         so the rank that sends it never waits for this one's fp phase to end.
+Streams are updated in place where the schedule allows, so a rank holds two stores per split (three
+in pipelined mode: fp input, fp output, quantized stream).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
 
-STUDENT_INPUTS = ("student", "teacher")
+STUDENT_INPUTS = ("student", "teacher", "pipelined")
 SPLITS = ("train", "val")
 
 
@@ -62,7 +70,7 @@ class _Rank:
     """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
 
     def __init__(self, source: LazyModel, cfg, splits, settings, ckpt_dir, device, streams, student_input,
-                 transport, monitor, progress):
+                 transport, monitor, progress, correction: float = 0.5):
         self.source, self.cfg, self.splits, self.settings = source, cfg, splits, settings
         self.ckpt_dir, self.device, self.streams, self.mode = Path(ckpt_dir), torch.device(device), streams, student_input
         self.t, self.monitor, self.progress = transport, monitor, progress
@@ -79,12 +87,21 @@ class _Rank:
         other = "q" if self.mode == "student" else "fp-out"
         self.fp = {k: store(len(v), f"fp-{k}") for k, v in splits.items()}
         self.other = {k: store(len(v), f"{other}-{k}") for k, v in splits.items()}
+        # the quantized ("student") stream: none in teacher mode
+        self.q = {"student": self.other, "teacher": None}.get(self.mode)
+        if self.mode == "pipelined":
+            self.q = {k: store(len(v), f"q-{k}") for k, v in splits.items()}
+        self.correction = correction
+        self.posted = []  # pipelined: receives of the quantized stream, posted when the block starts
         self.start = time.time()
         self.wait_s = 0.0
 
     def memory_line(self) -> str:
-        return describe_memory({f"fp_{k}": s for k, s in self.fp.items()} |
-                               {f"{self.mode}_{k}": s for k, s in self.other.items()})
+        names = {"student": "q", "teacher": "fp_out", "pipelined": "fp_out"}[self.mode]
+        stores = {f"fp_{k}": s for k, s in self.fp.items()} | {f"{names}_{k}": s for k, s in self.other.items()}
+        if self.mode == "pipelined":
+            stores |= {f"q_{k}": s for k, s in self.q.items()}
+        return describe_memory(stores)
 
     def _recv_into(self, store: ActivationStore, a: int, b: int, src: int, tag: int) -> None:
         buf = torch.empty(b - a, *store.shape, dtype=store.dtype)
@@ -107,8 +124,8 @@ class _Rank:
                 if i == 0:
                     for c, d in _chunks(b - a, self.bs):
                         fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
-                    if self.mode == "student":  # the student stream starts from the same embeddings
-                        self.other[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
+                    if self.q is not None:  # the student stream starts from the same embeddings
+                        self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
                 elif remote_in:
                     self._recv_into(fp_in, a, b, src, _tag(i, 0, s))
                 for c, d in _chunks(b - a, self.bs):
@@ -127,15 +144,40 @@ class _Rank:
             for a, b in _chunks(len(ids), self.chunk_rows):
                 self._recv_into(self.other[k], a, b, (i - 1) % self.t.world, _tag(i, 1, s))
 
-    def student_stream_out(self, i: int, packed, call) -> None:
-        if self.mode != "student":
+    def post_student_stream(self, i: int) -> None:
+        """Pipelined: receive block i's quantized input while its fp phase trains (straight into the
+        store's memory when it is in host memory or on disk)."""
+        if self.mode != "pipelined" or i == 0 or self.t.world == 1:
             return
+        for s, (k, ids) in enumerate(self.splits.items()):
+            for a, b in _chunks(len(ids), self.chunk_rows):
+                rows = self.q[k].host_rows(a, b)
+                buf = rows if rows is not None else torch.empty(b - a, *self.q[k].shape, dtype=self.q[k].dtype)
+                self.posted.append((k, a, b, buf, rows is None,
+                                    self.t.post_recv(buf, (i - 1) % self.t.world, _tag(i, 1, s))))
+
+    def student_stream_ready(self) -> dict:
+        """Pipelined: the quantized stream is in (waits for the posted receives); returns its stores."""
+        if self.posted:
+            t0 = time.time()
+            self.t.wait_recvs([h for *_, h in self.posted])
+            self.wait_s += time.time() - t0
+            for k, a, b, buf, copy, _ in self.posted:
+                if copy:  # the store is on a GPU: the rows came through host memory
+                    self.q[k].put(list(range(a, b)), buf)
+            self.posted = []
+        return self.q
+
+    def student_stream_out(self, i: int, packed, call) -> None:
+        if self.q is None:
+            return
+        self.student_stream_ready()
         packed_dev = packed.to(self.device)
         for s, k in enumerate(self.splits):
-            advance(packed_dev, self.other[k], self.other[k], call, self.bs, self.settings.amp_dtype)
+            advance(packed_dev, self.q[k], self.q[k], call, self.bs, self.settings.amp_dtype)
             if self.t.world > 1 and i + 1 < self.L:
                 for a, b in _chunks(len(self.splits[k]), self.chunk_rows):
-                    self._send_from(self.other[k], a, b, (i + 1) % self.t.world, _tag(i + 1, 1, s))
+                    self._send_from(self.q[k], a, b, (i + 1) % self.t.world, _tag(i + 1, 1, s))
         packed.cpu()
 
     def timeline(self, block: int) -> None:
@@ -149,12 +191,22 @@ class _Rank:
         inputs = self.other if self.mode == "student" else self.fp
         targets = self.fp if self.mode == "student" else self.other
         student = make_student(self.source.block(i), self.cfg, self.device)
-        steps_bar.reset(total=self.settings.epochs * -(-len(self.splits["train"]) // self.bs))
+        total = self.settings.epochs * -(-len(self.splits["train"]) // self.bs)
+        steps_bar.reset(total=total)
+        switch_at, switch = None, None
+        if self.mode == "pipelined":
+            switch_at = correction_start(total, self.correction)
+
+            def switch():
+                self.progress.phase = "waiting for the quantized stream"
+                q = self.student_stream_ready()
+                self.progress.phase = "training on the quantized stream"
+                return q["train"], q["val"]
         self.timeline(i)
         t0 = time.time()
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
-                          progress=steps_bar, on_step=self.t.poll)
+                          progress=steps_bar, on_step=self.t.poll, switch_at=switch_at, switch=switch)
         self.timeline(-1)
         packed = finish_student(student, self.cfg)
         report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.t.rank, "wait_s": self.wait_s}
@@ -175,6 +227,7 @@ class _Rank:
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
             self.t.wait_sends()  # the stores are about to be rewritten
             call = calls[i].to(self.device)
+            self.post_student_stream(i)
             self.progress.phase = "full-precision stream"
             fp_block = self.source.block(i).to(self.device)
             self.teacher_stream(i, fp_block, call)
@@ -192,7 +245,7 @@ class _Rank:
                                   trained_s, trained))
             self.progress.phase = "student stream"
             self.student_stream_out(i, packed, call)
-            if self.mode == "teacher" and self.t.world == 1:
+            if self.mode != "student" and self.t.world == 1:
                 self.fp, self.other = self.other, self.fp  # block i's output is block i+1's input
             self.source.release(i)
             bar.update(1)
@@ -200,15 +253,24 @@ class _Rank:
         self.t.wait_sends()
         steps_bar.close()
         bar.close()
-        for s in list(self.fp.values()) + list(self.other.values()):
+        for s in [*self.fp.values(), *self.other.values(), *(self.q.values() if self.mode == "pipelined" else [])]:
             s.close()
         return reports
+
+
+def correction_start(total_steps: int, correction: float) -> int:
+    """The step from which a pipelined block trains on the quantized stream: the last `correction`
+    fraction of its steps (at least one when the fraction is above 0)."""
+    if correction <= 0:
+        return total_steps
+    return min(total_steps - 1, round(total_steps * (1 - correction))) if total_steps else 0
 
 
 def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
                 settings: BlockAPSettings, ckpt_dir: Path, run_settings: dict, device, streams: StreamSpec,
                 student_input: str = "student", transport: Transport | None = None,
-                monitor: Monitor | None = None, log=print, progress: Progress | None = None) -> list[dict]:
+                monitor: Monitor | None = None, log=print, progress: Progress | None = None,
+                correction: float = 0.5) -> list[dict]:
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
     `ckpt_dir` and reused on a restart, whatever the number of ranks. Returns this rank's reports."""
     if student_input not in STUDENT_INPUTS:
@@ -223,7 +285,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
         open_run(ckpt_dir, run_settings)  # checks the manifest rank 0 wrote or found
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
-                 student_input, transport, monitor, progress)
+                 student_input, transport, monitor, progress, correction)
     log(f"[rank {transport.rank}/{transport.world}] blocks {list(range(transport.rank, source.num_blocks, transport.world))}; "
         + rank.memory_line())
     return rank.run(calls)

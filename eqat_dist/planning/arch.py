@@ -84,22 +84,12 @@ def load_arch(spec: str) -> Arch:
     config.json file), or a hub id (its config.json only)."""
     if spec in PLANNING_MODELS:
         return from_config(json.loads((CONFIGS / f"{spec}.json").read_text()), spec)
-    from ..models.loading import BUNDLED, bundled_model_dir
-    if spec in BUNDLED:
-        return from_config(json.loads((bundled_model_dir(spec) / "config.json").read_text()), spec)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.name == "config.json":
-        path = path.parent
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise PlanError(f"{path} has no config.json")
-        return from_config(json.loads((path / "config.json").read_text()), spec)
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.endswith(".gguf"):
-        raise PlanError(f"--model {spec}: plan from a folder holding config.json, a hub id, or one of "
-                        f"{', '.join(PLANNING_MODELS + list(BUNDLED))}")
-    try:  # a hub id: its config.json alone
-        from transformers import AutoConfig
-        return from_config(AutoConfig.from_pretrained(spec).to_dict(), spec)
-    except OSError as err:
-        raise PlanError(f"--model {spec}: no config.json could be read ({str(err).splitlines()[0][:200]}); "
-                        f"pass a folder holding config.json or one of {', '.join(PLANNING_MODELS)}") from err
+    from ..models.loading import ModelLoadError, model_config_file
+    try:
+        config_file = model_config_file(spec)
+    except ModelLoadError as err:
+        raise PlanError(f"--model {spec}: {err}") from err
+    if config_file is None:
+        raise PlanError(f"--model {spec}: a .gguf file holds its config inside; plan from a folder holding "
+                        f"config.json, a hub id, or one of {', '.join(PLANNING_MODELS)}")
+    return from_config(json.loads(config_file.read_text()), spec)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .arch import Arch
+from .timeline import BlockTimes, blockap_seconds
 
 GIB = 2**30
 CUDA_CONTEXT = 0.6 * GIB
@@ -32,6 +33,7 @@ ACT_H, ACT_I = 18, 5
 FAKE_QUANT_COPIES = 3
 BLOCKAP_PROCESS = 0.6 * GIB
 E2E_CPU_FIXED, E2E_CPU_PER_WEIGHT, E2E_CPU_PER_WEIGHT_SHARDED = 0.19 * GIB, 2.0, 3.35
+LINK_BYTES_PER_S = {"gpu": 10e9, "cpu": 2e9}  # activations rank to rank through host memory (assumed)
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
 EFFICIENCY = {"block-ap": 0.28, "e2e": 0.54, "eval": 0.40}
 EVAL_TOKENS = {"wikitext2": 340_000, "c4": 256 * 2048, "wiki": 584_000, "news": 76_000}  # per dataset
@@ -58,6 +60,7 @@ class Settings:
     activations: str = "cpu"
     act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
     student_input: str | None = None
+    correction: float = 0.5  # pipelined: share of each block's steps on the quantized stream
     e2e_epochs: int = 1
     e2e_train_size: int = 4096
     e2e_seqlen: int = 4096
@@ -78,7 +81,7 @@ class Settings:
 
     @property
     def mode(self) -> str:
-        return self.student_input or ("teacher" if self.ranks > 1 else "student")
+        return self.student_input or ("pipelined" if self.ranks > 1 else "student")
 
 
 @dataclass
@@ -129,7 +132,8 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         return _place(Phase(seconds=a.layers * P * 4 / 2e9, note="round-to-nearest (--epochs 0): no training"),
                       {}, host, s)
     tokens = s.batch_size * s.seqlen
-    store = 2 * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes  # fp + student, train + val
+    # fp + student (pipelined: fp in, fp out, quantized), train + val
+    store = (3 if s.mode == "pipelined" else 2) * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": P * 4,
         "student weights, grads, Adam (float32)": Pq * 16 + 2 * G * 16 + 2 * a.hidden * 16,
@@ -149,11 +153,15 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
     steps_tokens = s.epochs * s.train_size * s.seqlen
     eval_tokens = (2 * s.train_size + (s.epochs + 1) * s.val_size + s.train_size + s.val_size) * s.seqlen
-    flops = a.layers * (6 * P * steps_tokens + 2 * P * eval_tokens
-                        + 6 * 2 * a.hidden * s.seqlen * steps_tokens)  # attention scores, fwd + bwd
-    blocks_in_sequence = a.layers if s.mode == "student" else -(-a.layers // s.ranks)
-    phase.seconds = flops / a.layers * blocks_in_sequence / _flops_per_second(s, "block-ap")
-    phase.note = (f"{s.mode} mode: {blocks_in_sequence} blocks one after another per rank; stores "
+    train_flops = 6 * P * steps_tokens + 2 * P * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
+    stream_tokens = (s.train_size + s.val_size) * s.seqlen
+    rate = _flops_per_second(s, "block-ap")
+    times = BlockTimes(train=train_flops / rate, forward=(2 * P + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
+                       transfer=store / (3 if s.mode == "pipelined" else 2) / 2 / LINK_BYTES_PER_S[s.device])
+    phase.seconds = blockap_seconds(a.layers, s.ranks, s.mode, times, s.correction)
+    alone = blockap_seconds(a.layers, 1, "student", times)
+    detail = f", last {s.correction:.0%} of each block's steps on the quantized stream" if s.mode == "pipelined" else ""
+    phase.note = (f"{s.mode} mode{detail}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
                   f"{store / GIB:.1f} GiB per rank on {s.activations}")
     return _place(phase, device, host, s)
 
@@ -195,19 +203,17 @@ def e2e(a: Arch, s: Settings) -> Phase:
 
 
 def export(a: Arch, s: Settings) -> Phase:
-    """Block-AP / RTN: written block by block (about one block in memory). After E2E-QP rank 0 still
-    gathers the whole model (ZeRO-3 partitions -> one state dict) and writes it in one piece."""
+    """Written block by block, also after E2E-QP (each block's partitions gathered in turn, the block's
+    integers read from the checkpoint E2E-QP started from): about one block in memory, never the model."""
     packed = sum(packed_bytes(a, s, scale_bytes=4).values())
     written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
     host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32, and their 16-bit copy)": a.embedding_params * 6,
             "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers}
-    note = "block by block"
     if s.e2e_epochs > 0:
-        gathered = {"base": HOST_BASE[s.device], "E2E-QP: gathered state of the whole model": packed + a.embedding_params * 4,
-                    "E2E-QP: packed model rebuilt on rank 0 (float32)": packed + a.embedding_params * 4}
-        if sum(gathered.values()) > sum(host.values()):
-            host, note = gathered, "Block-AP block by block; after E2E-QP rank 0 gathers the whole model"
-    phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9, note=note)
+        after_e2e = {"base": HOST_BASE[s.device], "E2E-QP: embeddings, lm_head read (16-bit)": a.embedding_params * 2,
+                     "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers}
+        host = max(host, after_e2e, key=lambda terms: sum(terms.values()))
+    phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9, note="block by block")
     return _place(phase, {}, host, s)
 
 
@@ -225,9 +231,13 @@ def evaluate(a: Arch, s: Settings) -> Phase:
               "one layer unpacked and dequantized (float32)": a.largest_linear() * 8,
               "logits and loss (float32)": s.eval_batch_size * s.eval_seqlen * a.vocab * 8}
     if not s.skip_fp_eval:  # loaded after the packed model is freed: the larger of the two counts
-        fp = a.total_params * 4
+        # float32 on a CPU; on GPUs the training dtype, spread over the node's GPUs (accelerate's device map)
+        gpus = min(s.ranks, s.ranks_per_node) if s.device == "gpu" else 1
+        fp = a.total_params * (2 if s.device == "gpu" else 4) / gpus
         if fp > quantized:
-            device = {"full-precision model (float32)": fp, "logits and loss (float32)": device["logits and loss (float32)"]}
+            what = "full-precision model (float32)" if s.device == "cpu" else \
+                f"full-precision model (16-bit), 1/{gpus} of it per GPU" if gpus > 1 else "full-precision model (16-bit)"
+            device = {what: fp, "logits and loss (float32)": device["logits and loss (float32)"]}
     host = {"base": HOST_BASE[s.device], "model read before moving to the device": max(device.values())}
     models = 1 if s.skip_fp_eval else 2
     phase = Phase(seconds=models * 2 * a.total_params * tokens / _flops_per_second(s, "eval"),

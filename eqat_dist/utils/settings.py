@@ -20,4 +20,5 @@ def run_settings(args) -> dict:
             "seqlen": args.seqlen, "quant_lr": args.quant_lr, "weight_lr": args.weight_lr,
             "min_lr_factor": args.min_lr_factor, "max_grad_norm": args.max_grad_norm,
             "train_norms": not args.no_train_norms, "calib_dataset": args.calib_dataset,
-            "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed}
+            "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed} | (
+                {"correction_fraction": args.correction_fraction} if args.student_input == "pipelined" else {})

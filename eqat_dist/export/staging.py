@@ -1,0 +1,84 @@
+"""An export as one step for the user: the weights, config, results.json and report.md of a phase are
+written into a stage folder beside the output, and moved in together; until then the output keeps its
+earlier state whole.
+
+The move itself is several renames, so it is journalled: `.eqat-publish.json` in the output names the
+stage and the files it brings, and is written before the first rename. A run killed between renames
+finishes the move when it starts again (`recover`); a stage left by a run killed before its move is
+deleted (nothing in it was published, and the phase that wrote it runs again).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+INDEX = "model.safetensors.index.json"
+JOURNAL = ".eqat-publish.json"
+
+
+def _stage_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}-export-"
+
+
+def new_stage(out_dir: str | os.PathLike) -> Path:
+    """An empty folder on the output's filesystem (so the move is renames, not copies)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=_stage_prefix(out_dir), dir=out_dir.parent))
+
+
+def publish(stage: Path, out_dir: Path) -> Path:
+    """Move everything in `stage` into `out_dir`, replacing an earlier export's weights (a single file or
+    shards, whichever it was) and keeping the user's other files there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (JOURNAL + ".tmp")
+    tmp.write_text(json.dumps({"stage": stage.name, "items": sorted(p.name for p in stage.iterdir())}))
+    os.replace(tmp, out_dir / JOURNAL)
+    _finish(out_dir)
+    return out_dir
+
+
+def _finish(out_dir: Path) -> None:
+    journal = json.loads((out_dir / JOURNAL).read_text())
+    stage, items = out_dir.parent / journal["stage"], set(journal["items"])
+    for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX]:
+        if stale.name not in items:  # the earlier export's weights: a loader must not pick them up
+            stale.unlink(missing_ok=True)
+    for name in sorted(items):
+        item, target = stage / name, out_dir / name
+        if not item.exists():
+            continue  # moved before the kill
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(stage, ignore_errors=True)
+    (out_dir / JOURNAL).unlink()
+
+
+def recover(out_dir: str | os.PathLike) -> list[str]:
+    """Finish a move a kill interrupted and delete stages that were never published; returns what was
+    done, for the log. Call with the output's lock held."""
+    out_dir, done = Path(out_dir), []
+    if (out_dir / JOURNAL).exists():
+        _finish(out_dir)
+        done.append(f"finished moving an export into {out_dir} that a stopped run had begun")
+    for stage in [*out_dir.parent.glob(_stage_prefix(out_dir) + "*"), out_dir.with_name(out_dir.name + ".partial")]:
+        if stage.is_dir():
+            shutil.rmtree(stage, ignore_errors=True)
+            done.append(f"removed {stage}, an export a stopped run had not finished")
+    return done
+
+
+def settled(out_dir: str | os.PathLike, name: str) -> Path:
+    """Where the output's file `name` is once an interrupted move is finished: in the stage when the
+    journal says it was still to come, else in the output itself."""
+    out_dir = Path(out_dir)
+    try:
+        journal = json.loads((out_dir / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return out_dir / name
+    pending = out_dir.parent / journal.get("stage", "") / name
+    return pending if name in journal.get("items", []) and pending.exists() else out_dir / name

@@ -1,0 +1,61 @@
+"""Block-AP wall time of each schedule on N ranks, from three per-block times: training one block
+(`train`, its loss evaluations included), running one block forward over the calibration set
+(`forward`: the fp stream, and in student/pipelined mode the quantized stream after training) and
+handing one stream to the next rank (`transfer`).
+
+It replays what pipelines/round_robin.py does. Block i belongs to rank i mod N; each rank takes its
+blocks in order, and for each:
+  1. starts when it is free and block i's fp input is in (block i-1's fp output, sent as its owner
+     ran it), and runs the fp block forward;
+  2. trains: teacher mode all steps on the fp stream; student mode all steps on the quantized stream,
+     which it first waits for; pipelined mode the first (1 - c) of the steps on the fp stream, then
+     waits for the quantized stream (block i-1 finished and advanced) and trains the last c;
+  3. student/pipelined: runs the finished block over the quantized stream and sends it on.
+The quantized stream's receive is posted early (pipelined), so a sender never waits for its receiver.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEDULES = ("student", "teacher", "pipelined")
+
+
+@dataclass
+class BlockTimes:
+    train: float  # seconds to train one block (all its steps)
+    forward: float  # seconds to run one block over the calibration windows
+    transfer: float = 0.0  # seconds to hand one stream to the next rank (0 on one rank)
+
+
+def correction_share(schedule: str, correction: float) -> float:
+    return {"student": 1.0, "teacher": 0.0}.get(schedule, correction)
+
+
+def blockap_seconds(blocks: int, ranks: int, schedule: str, t: BlockTimes, correction: float = 0.5) -> float:
+    """Wall time from the first block's start to the last block's end."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    c = correction_share(schedule, correction)
+    hop = t.transfer if ranks > 1 else 0.0
+    free = [0.0] * ranks
+    fp_out = q_out = 0.0  # when block i-1's fp output / quantized output reached block i's rank
+    end = 0.0
+    for i in range(blocks):
+        r = i % ranks
+        start = max(free[r], fp_out if i else 0.0)
+        fp_done = start + t.forward
+        fp_out = fp_done + (hop if (i + 1) % ranks != r else 0.0)
+        if schedule == "teacher":
+            end = free[r] = fp_done + t.train
+            continue
+        first = fp_done + (1 - c) * t.train
+        second = max(first, q_out if i else 0.0) + c * t.train
+        end = free[r] = second + t.forward  # the finished block advances the quantized stream
+        q_out = end + (hop if (i + 1) % ranks != r else 0.0)
+    return end
+
+
+def speedups(blocks: int, t: BlockTimes, correction: float = 0.5, ranks=(1, 2, 4, 8)) -> dict:
+    """{schedule: {N: speed-up over student mode on one rank}}."""
+    base = blockap_seconds(blocks, 1, "student", t)
+    return {s: {n: base / blockap_seconds(blocks, n, s, t, correction) for n in ranks} for s in SCHEDULES}
