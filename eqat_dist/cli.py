@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-grad-checkpointing", action="store_true")
     p.add_argument("--ds-config", default="zero3-offload",
                    help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
+    p.add_argument("--peer-timeout", type=float, default=600.0,
+                   help="seconds without a sign of life from another rank (stopped, hung) before the run stops "
+                        "naming it; a dead rank is noticed at once")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")
@@ -194,6 +197,8 @@ def validate(args) -> None:
                     "e2e_global_batch", "e2e_micro_batch", "e2e_save_every")
     if args.epochs > 0 and args.train_size < 1:
         raise UsageError("--train-size must be >= 1 when --epochs > 0")
+    if args.peer_timeout < 5:
+        raise UsageError("--peer-timeout must be >= 5 seconds")
     if not 0 <= args.correction_fraction <= 1:
         raise UsageError("--correction-fraction must be between 0 and 1 (the share of steps on the quantized stream)")
     if args.min_lr_factor < 1:

@@ -16,6 +16,7 @@ from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .utils.settings import DTYPES, run_settings
 from .data.text import DataError
 from .data.windows import calibration_windows, eval_windows
+from .dist.heartbeat import FOLDER as HEARTBEATS, Heartbeat
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
 from .eval.harness import zero_shot
@@ -90,7 +91,11 @@ def run(args) -> int:
     transport = make_transport() if not args.single_gpu else LocalTransport()
     progress = Progress()
     out = Path(args.output)
+    heartbeat = None
     try:
+        if transport.world > 1:  # a stopped or hung peer ends the run after --peer-timeout, naming it
+            heartbeat = Heartbeat(out / HEARTBEATS, transport.rank, transport.world, args.peer_timeout, progress.where)
+            transport.watchdog = heartbeat.check
         if transport.rank == 0:
             for line in recover(out):  # an export a kill cut short: finish its move or drop it
                 print(f"[resume] {line}", flush=True)
@@ -103,7 +108,7 @@ def run(args) -> int:
         if transport.rank == 0:
             if args.overwrite and out.exists():
                 for item in out.iterdir():  # everything but our lock: the folder stays ours meanwhile
-                    if item.name != LOCK:
+                    if item.name not in (LOCK, HEARTBEATS):
                         shutil.rmtree(item) if item.is_dir() else item.unlink()
             out.mkdir(parents=True, exist_ok=True)
         transport.barrier()
@@ -134,6 +139,9 @@ def run(args) -> int:
         transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: {type(err).__name__}: "
                        f"{' '.join(str(err).split())[:500]}{_kept(out)}"
                        f"{'' if getattr(args, 'debug', False) else ' (--debug prints the traceback)'}")
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()
     return 1
 
 

@@ -36,8 +36,8 @@ def _env():
                 MASTER_PORT=str(random.randint(20000, 40000)))
 
 
-def _args(model_dir, out, mode, train_size=8, epochs=2):
-    return ["--model", str(model_dir), "--wbits", "2", "--group-size", "32", "--output", str(out),
+def _args(model_dir, out, mode, train_size=8, epochs=2, extra=()):
+    return [*extra, "--model", str(model_dir), "--wbits", "2", "--group-size", "32", "--output", str(out),
             "--epochs", str(epochs), "--phase", "block-ap", "--train-size", str(train_size), "--val-size", "2", "--seqlen", "32",
             "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "2", "--quant-lr", "1e-3",
             "--weight-lr", "1e-4", "--skip-fp-eval", "--student-input", mode]
@@ -194,3 +194,55 @@ def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, 
     assert proc.returncode != 0 and time.time() - interrupted_at < 30
     assert re.search(r"rank 1 interrupted at block \d+ \(.*\)\. Finished work is kept in", stdout + stderr), \
         (stdout + stderr)[-3000:]
+
+
+def test_a_stopped_mpi_rank_ends_the_run_within_the_peer_timeout_naming_it(model_dir, tmp_path):
+    """SIGSTOP to rank 1 (nothing dies, nothing is sent): rank 0 notices its silent heartbeat within
+    --peer-timeout, names it and where it was, and MPI ends both (the stopped one included)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3,
+                                 extra=("--peer-timeout", "10")), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "blockap" / "block_0000.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the stop"
+        time.sleep(0.05)
+    pid = _rank_pid(str(out), 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        for sig in (signal.SIGKILL, signal.SIGCONT):  # never leave a stopped process behind
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0 and time.time() - stopped_at < 60, (stdout + stderr)[-3000:]
+    assert re.search(r"rank 0 stopping at block \d+ \(.*\): rank 1 has given no sign of life for \d+ s "
+                     r"\(last seen at block \d+ \(.*\)\); it is stopped or hung", stdout + stderr), (stdout + stderr)[-3000:]
+
+
+def test_heartbeat_names_a_silent_peer_and_not_a_working_or_finished_one(tmp_path):
+    import time as clock
+
+    from eqat_dist.dist.heartbeat import Heartbeat
+    from eqat_dist.dist.transport import PeerFailure
+
+    mine = Heartbeat(tmp_path, 0, 2, timeout=1.5, where=lambda: " (waiting)")
+    peer = Heartbeat(tmp_path, 1, 2, timeout=1.5, where=lambda: " at block 3 (training)")
+    for _ in range(8):  # 2.4 s: longer than the timeout, but the peer keeps beating
+        mine.check()
+        clock.sleep(0.3)
+    peer._stop.set()  # as if SIGSTOPped: its thread beats no more
+    peer._thread.join()
+    with pytest.raises(PeerFailure, match=r"rank 1 has given no sign of life for \d+ s \(last seen at block 3 \(training\)\)"):
+        for _ in range(20):
+            mine.check()
+            clock.sleep(0.2)
+    peer._beat(done=True)  # a rank that finished its part is not waited on
+    for _ in range(10):
+        mine.check()
+        clock.sleep(0.2)
+    mine.close()

@@ -28,6 +28,13 @@ class Transport:
     rank: int = 0
     world: int = 1
     kind: str = "local"
+    watchdog = None  # called about once a second while this rank waits on peers; raises PeerFailure
+
+    def _watch(self, state: dict) -> None:
+        now = time.monotonic()
+        if self.watchdog is not None and now - state.setdefault("t", now) >= 1.0:
+            state["t"] = now
+            self.watchdog()
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         raise NotImplementedError
@@ -101,10 +108,11 @@ class MPITransport(Transport):
     def _wait(self, requests) -> None:
         """Wait by polling, not inside a blocking MPI call: Python can then act on a signal (Ctrl-C
         raises KeyboardInterrupt here, and the run stops every rank) while a peer is slow."""
-        delay = 1e-4
+        delay, state = 1e-4, {}
         while not self.MPI.Request.Testall(requests):
             time.sleep(delay)
             delay = min(2 * delay, 0.01)
+            self._watch(state)
 
     def poll(self):
         if self._pending:
@@ -159,10 +167,21 @@ class TorchTransport(Transport):
             raise PeerFailure(f"lost rank {dst} while sending to it ({str(err).splitlines()[0][:200]})") from err
 
     def recv(self, tensor, src, tag):
+        self.wait_recvs([self.post_recv(tensor, src, tag)])
+
+    def _wait(self, work, what: str) -> None:
+        """Wait by polling, so that a stopped or hung peer is noticed (watchdog) instead of waited on."""
+        delay, state = 1e-4, {}
         try:
-            self.dist.recv(_bytes(tensor), src=src, tag=tag, group=self.group)
+            while not work.is_completed():
+                time.sleep(delay)
+                delay = min(2 * delay, 0.01)
+                self._watch(state)
+            work.wait()
+        except PeerFailure:
+            raise
         except RuntimeError as err:
-            raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
+            raise PeerFailure(f"{what} ({str(err).splitlines()[0][:200]})") from err
 
     def post_recv(self, tensor, src, tag):
         try:
@@ -172,24 +191,19 @@ class TorchTransport(Transport):
 
     def wait_recvs(self, handles):
         for work, _, src in handles:
-            try:
-                work.wait()
-            except RuntimeError as err:
-                raise PeerFailure(f"lost rank {src} while receiving from it ({str(err).splitlines()[0][:200]})") from err
+            self._wait(work, f"lost rank {src} while receiving from it")
 
     def wait_sends(self):
         for work, _, dst in self._pending:
-            try:
-                work.wait()
-            except RuntimeError as err:
-                raise PeerFailure(f"lost rank {dst} while sending to it ({str(err).splitlines()[0][:200]})") from err
+            self._wait(work, f"lost rank {dst} while sending to it")
         self._pending = []
 
     def barrier(self):
         try:
-            self.dist.barrier(group=self.group)
+            work = self.dist.barrier(group=self.group, async_op=True)
         except RuntimeError as err:
             raise PeerFailure(f"a peer rank failed before the barrier ({str(err).splitlines()[0][:200]})") from err
+        self._wait(work, "a peer rank failed before the barrier")
 
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)

@@ -209,7 +209,8 @@ class _Rank:
                           progress=steps_bar, on_step=self.t.poll, switch_at=switch_at, switch=switch)
         self.timeline(-1)
         packed = finish_student(student, self.cfg)
-        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.t.rank, "wait_s": self.wait_s}
+        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.t.rank, "wait_s": self.wait_s,
+                                  "fp_stream_s": self.fp_stream_s}
         save_block(self.ckpt_dir, i, packed, report)
         if self.monitor:
             for tag in ("loss_before", "loss_after", "seconds", "tokens_per_s", "peak_mem_mib", "wait_s"):
@@ -230,7 +231,9 @@ class _Rank:
             self.post_student_stream(i)
             self.progress.phase = "full-precision stream"
             fp_block = self.source.block(i).to(self.device)
+            t_stream = time.time()
             self.teacher_stream(i, fp_block, call)
+            self.fp_stream_s = time.time() - t_stream  # the block forward over the stream (timeline model)
             fp_block.cpu()
             self.progress.phase = "waiting for the student stream"
             self.student_stream_in(i)

@@ -1,0 +1,79 @@
+"""Signs of life between ranks, so that a rank that is stopped (SIGSTOP, a debugger) or hung does not
+stall its peers for ever: a dead rank shows at once (its connection drops), a hung one never does.
+
+Each rank's thread rewrites `folder/rank<r>` every few seconds with a counter and where the rank is
+(block and phase). A rank waiting on a peer calls `check()` from its wait loop: a peer whose file has
+not changed for `timeout` seconds of this rank's clock (so clocks of other nodes do not matter) is
+reported as stopped or hung, naming where it was. A legitimately long wait (rank 1 waits hours for
+rank 0 to train block 0 in student mode; ranks wait while rank 0 evaluates) is fine: the peer's thread
+goes on beating while it works.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .transport import PeerFailure
+
+FOLDER = ".eqat-dist-heartbeats"
+
+
+class Heartbeat:
+    def __init__(self, folder: Path, rank: int, world: int, timeout: float, where: Callable[[], str]):
+        self.folder, self.rank, self.world, self.timeout, self.where = Path(folder), rank, world, timeout, where
+        self.interval = max(0.5, min(10.0, timeout / 6))
+        self._seen = {}  # peer -> (last content, when it changed on our clock)
+        self._stop = threading.Event()
+        self._beats = 0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="eqat-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self, done: bool = False) -> None:
+        self._beats += 1
+        path = self.folder / f"rank{self.rank}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"beat": self._beats, "pid": os.getpid(), "where": self.where(), "done": done}))
+        os.replace(tmp, path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except OSError:
+                pass  # a full or flaky disk: peers see silence only if it lasts the whole timeout
+
+    def check(self) -> None:
+        """Raise PeerFailure when a peer has given no sign of life for `timeout` seconds."""
+        now = time.monotonic()
+        for peer in range(self.world):
+            if peer == self.rank:
+                continue
+            try:
+                content = (self.folder / f"rank{peer}").read_text()
+            except OSError:
+                content = None  # not started yet, or between write and rename
+            last, since = self._seen.get(peer, (None, now))
+            if content is not None and json.loads(content).get("done"):
+                continue  # finished its part: nobody should be waiting on it any more
+            if content is not None and content != last:
+                self._seen[peer] = (content, now)
+            elif now - since > self.timeout:
+                where = json.loads(last)["where"] if last else "before its first sign of life"
+                raise PeerFailure(f"rank {peer} has given no sign of life for {now - since:.0f} s (last seen{where}); "
+                                  "it is stopped or hung (--peer-timeout sets this bound)")
+            else:
+                self._seen.setdefault(peer, (last, since))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._beat(done=True)
+        except OSError:
+            pass
