@@ -16,7 +16,7 @@ from .blockap.trainer import BlockAPSettings, NonFiniteLossError
 from .utils.settings import DTYPES, run_settings
 from .data.text import DataError
 from .data.windows import calibration_windows, eval_windows
-from .dist.heartbeat import FOLDER as HEARTBEATS, Heartbeat
+from .dist.heartbeat import FOLDER as HEARTBEATS, Heartbeat, unfinished_ranks
 from .dist.transport import LocalTransport, PeerFailure, make_transport
 from .eval import perplexity
 from .eval.harness import zero_shot
@@ -93,13 +93,15 @@ def run(args) -> int:
     out = Path(args.output)
     heartbeat = None
     try:
-        if transport.world > 1:  # a stopped or hung peer ends the run after --peer-timeout, naming it
-            heartbeat = Heartbeat(out / HEARTBEATS, transport.rank, transport.world, args.peer_timeout, progress.where)
-            transport.watchdog = heartbeat.check
         if transport.rank == 0:
             for line in recover(out):  # an export a kill cut short: finish its move or drop it
                 print(f"[resume] {line}", flush=True)
+            for line in unfinished_ranks(out / HEARTBEATS):
+                print(f"[resume] {line}", flush=True)
         transport.barrier()  # every rank validated the output folder before anyone writes to it
+        if transport.world > 1:  # a stopped or hung peer ends the run after --peer-timeout, naming it
+            heartbeat = Heartbeat(out / HEARTBEATS, transport.rank, transport.world, args.peer_timeout, progress.where)
+            transport.watchdog = heartbeat.check
         if args.phase == "e2e":
             return _e2e(args, transport, progress, out, Path(args.from_dir))
         if args.phase == "eval":

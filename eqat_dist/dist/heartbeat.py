@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -38,13 +39,19 @@ class Heartbeat:
         self._beats += 1
         path = self.folder / f"rank{self.rank}"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"beat": self._beats, "pid": os.getpid(), "where": self.where(), "done": done}))
+        tmp.write_text(json.dumps({"beat": self._beats, "pid": os.getpid(), "host": socket.gethostname(),
+                                   "where": self.where(), "done": done}))
         os.replace(tmp, path)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        last, written = self.where(), time.monotonic()
+        while not self._stop.wait(0.5):  # also written when the rank moves on: a kill leaves where it was
+            now, where = time.monotonic(), self.where()
+            if where == last and now - written < self.interval:
+                continue
             try:
                 self._beat()
+                last, written = where, now
             except OSError:
                 pass  # a full or flaky disk: peers see silence only if it lasts the whole timeout
 
@@ -77,3 +84,20 @@ class Heartbeat:
             self._beat(done=True)
         except OSError:
             pass
+
+
+def unfinished_ranks(folder: Path) -> list[str]:
+    """Where each rank of an earlier run on this folder was when it stopped without finishing (a kill
+    leaves its last heartbeat): MPI's own banner names only a pid; this names the rank and block. The
+    files are removed once read."""
+    lines = []
+    for path in sorted(Path(folder).glob("rank*")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not state.get("done"):
+            lines.append(f"{path.name.replace('rank', 'rank ')} (pid {state.get('pid')} on {state.get('host')}) was"
+                         f"{state.get('where', '')} when the earlier run stopped")
+        path.unlink(missing_ok=True)
+    return lines

@@ -19,6 +19,8 @@ in pipelined mode: fp input, fp output, quantized stream).
 """
 from __future__ import annotations
 
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,8 +291,8 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
                  student_input, transport, monitor, progress, correction)
-    log(f"[rank {transport.rank}/{transport.world}] blocks {list(range(transport.rank, source.num_blocks, transport.world))}; "
-        + rank.memory_line())
+    log(f"[rank {transport.rank}/{transport.world}] pid {os.getpid()} on {socket.gethostname()}, blocks "
+        f"{list(range(transport.rank, source.num_blocks, transport.world))}; " + rank.memory_line())
     return rank.run(calls)
 
 
