@@ -227,6 +227,11 @@ def validate(args) -> None:
     if args.e2e_lr is None:
         from .e2e.trainer import default_e2e_lr
         args.e2e_lr = default_e2e_lr(args.wbits)
+    import math
+    for name in ("quant_lr", "weight_lr", "e2e_lr", "max_grad_norm", "e2e_max_grad_norm", "e2e_warmup"):
+        value = getattr(args, name, None)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be a finite number >= 0")
     from .data.text import DataError
     from .eval.harness import parse_tasks
     try:

@@ -174,6 +174,10 @@ def test_overwrite_never_deletes_a_folder_that_is_not_an_eqat_dist_run_nor_the_m
     (["--e2e-global-batch", "3", "--e2e-micro-batch", "2"], "--e2e-global-batch 3 is not a multiple of micro batch 2"),
     (["--eval-max-windows", "0"], "--eval-max-windows must be >= 1"),
     (["--seqlen", "9000"], "--seqlen 9000 is longer than the model's context (8192 tokens"),
+    (["--quant-lr", "nan"], "--quant-lr nan must be a finite number >= 0"),
+    (["--e2e-lr=-1e-4"], "--e2e-lr -0.0001 must be a finite number >= 0"),
+    (["--correction-fraction", "1.5"], "--correction-fraction must be between 0 and 1"),
+    (["--peer-timeout", "1"], "--peer-timeout must be >= 5 seconds"),
 ])
 def test_settings_that_would_fail_after_hours_are_refused_up_front(tmp_path, extra, message):
     """What used to fail after Block-AP and the export (issue 14) fails in parsing, naming the fix."""

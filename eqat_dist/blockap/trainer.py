@@ -140,8 +140,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"Block-AP: non-finite loss ({loss.item()}) at block {index}, epoch {epoch}, step {step}. "
-                    "Finished blocks are saved; lower --quant-lr/--weight-lr or use --dtype float32, then run "
-                    "the same command again to resume.")
+                    "Finished blocks are saved, but they belong to these settings: the same command would fail "
+                    "the same way, so start again with --overwrite and a lower --quant-lr/--weight-lr (or "
+                    "--dtype float32).")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..blockap.trainer import NonFiniteLossError
 from ..utils.memory import peak_memory_mib
 from .checkpoints import (convert_to_universal, find_resume_point, load_resume_point, prune_checkpoints,
                           remove_universal_copy, resume_plan)
@@ -121,7 +122,9 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         dist.all_reduce(loss_sum)
         mean_loss = (loss_sum / (world * accum)).item()
         if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"E2E-QP: non-finite loss at step {step}; lower --e2e-lr")
+            raise NonFiniteLossError(
+                f"E2E-QP: non-finite loss at step {step}. Its checkpoints belong to this --e2e-lr: delete "
+                f"{ckpt_dir} and run again with a lower --e2e-lr (the model E2E-QP starts from is kept)")
         losses.append(mean_loss)
         step_seconds.append(time.perf_counter() - step_start)
         if monitor:
