@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-timeout", type=float, default=600.0,
                    help="seconds without a sign of life from another rank (stopped, hung) before the run stops "
                         "naming it; a dead rank is noticed at once")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="on a GPU, use the PyTorch layers instead of the Triton kernels (eqat_dist/kernels)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")
@@ -197,6 +199,8 @@ def validate(args) -> None:
                     "e2e_global_batch", "e2e_micro_batch", "e2e_save_every")
     if args.epochs > 0 and args.train_size < 1:
         raise UsageError("--train-size must be >= 1 when --epochs > 0")
+    if args.no_kernels:
+        os.environ["EQAT_KERNELS"] = "0"  # read by every layer, inherited by launched children
     if args.peer_timeout < 5:
         raise UsageError("--peer-timeout must be >= 5 seconds")
     if not 0 <= args.correction_fraction <= 1:

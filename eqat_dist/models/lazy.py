@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from ..utils.memory import return_freed_memory
 from ..utils.tensors import CheckpointError, LazyTensors
 from .blocks import BlockCall, decoder_layers, embed, record_block_calls
 from .loading import ModelLoadError, resolve_folder
@@ -62,8 +63,9 @@ class LazyModel:
         self.layers[index] = module
 
     def release(self, index: int) -> None:
-        """Drop a block's weights (back to meta)."""
+        """Drop a block's weights (back to meta) and give their memory back to the OS."""
         self.layers[index] = self.layers[index].to("meta")
+        return_freed_memory()
 
     def calls(self, ids: torch.Tensor) -> list[BlockCall]:
         return record_block_calls(self.model, ids)[1]

@@ -2,13 +2,15 @@
 
 `qweight` and `qzeros` are int32 *frozen parameters*, not buffers: DeepSpeed ZeRO-3 partitions and
 offloads parameters but replicates buffers on every rank. `scales` is the only trainable tensor.
-The forward dequantizes (W_int - z) * s so autograd reaches the scales, then matmuls.
+The forward dequantizes (W_int - z) * s so autograd reaches the scales, then matmuls; on a GPU the
+Triton kernel (eqat_dist/kernels) does both without writing the float weight.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .. import kernels
 from .config import QuantConfig
 from .fake_quant import dequantize
 from .packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
@@ -59,6 +61,10 @@ class PackedLinear(nn.Module):
         return dequantize(self.int_codes(), self.scales.t(), self.int_zeros(), group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled_for(x):  # dequantized tile by tile in registers; no float weight saved (eqat_dist/kernels)
+            from ..kernels.packed_linear import packed_linear
+            return packed_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.cfg.bits,
+                                 self.cfg.effective_group(self.in_features))
         w = self.dequantized_weight().to(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

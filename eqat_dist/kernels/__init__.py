@@ -1,0 +1,25 @@
+"""Triton kernels for the quantizer and the packed layers (the top-level `cuda/` links here).
+
+The PyTorch code in eqat_dist.quant is the reference and the CPU path; on a CUDA device the layers
+call these kernels instead, unless EQAT_KERNELS=0 (the CLI's --no-kernels) turns them off. Triton
+ships with CUDA builds of PyTorch, so GPU users need no compiler; with TRITON_INTERPRET=1 the same
+kernels run on CPU tensors in Triton's interpreter, which is how the tests check them.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def enabled_for(tensor: torch.Tensor) -> bool:
+    """Whether a layer computing on `tensor` should use the kernels."""
+    return tensor.is_cuda and os.environ.get("EQAT_KERNELS", "1") != "0" and available()

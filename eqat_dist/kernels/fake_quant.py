@@ -1,0 +1,114 @@
+"""Fused fake quantization for Block-AP (Triton): one pass over W forward, one backward.
+
+Forward, per group of one row:  W_hat = (clamp(round(W / s) + round(z), 0, qmax) - round(z)) * s
+with s clamped to [1e-4, 1e4] and z to [0, qmax] (both straight-through), exactly as
+`eqat_dist.quant.fake_quant.fake_quantize`. Backward, with g = dL/dW_hat and m = 1 where the code
+was inside [0, qmax] before the clamp (the plain clamp's gradient):
+    dW = g * m
+    ds = sum over the group of g * ((c - round(z)) - m * W / s)
+    dz = sum over the group of g * s * (m - 1)
+The PyTorch path materialises five elementwise results (and autograd saves them); here W is read once
+forward and W, g once backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SCALE_MIN, SCALE_MAX = 1e-4, 1e4
+
+
+@triton.jit
+def _round(x):
+    """Round half to even, as torch.round: floor(x + 0.5), minus one on exact .5 ties of odd results."""
+    f = tl.floor(x + 0.5)
+    tie = (f - x) == 0.5
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where(tie & odd, f - 1.0, f)
+
+
+@triton.jit
+def _fq_fwd(w_ptr, s_ptr, z_ptr, out_ptr, rows, cols, groups, group, qmax,
+            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1)
+    rmask = r < rows
+    s = tl.load(s_ptr + r * groups + g, mask=rmask, other=1.0).to(tl.float32)
+    s = tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX)
+    z = tl.load(z_ptr + r * groups + g, mask=rmask, other=0.0).to(tl.float32)
+    z = _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+    for start in range(0, group, BLOCK_G):
+        c = start + tl.arange(0, BLOCK_G)
+        cmask = c < group
+        offs = r[:, None] * cols + g * group + c[None, :]
+        mask = rmask[:, None] & cmask[None, :]
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = _round(tl.div_rn(w, s[:, None])) + z[:, None]
+        q = tl.minimum(tl.maximum(q, 0.0), qmax)
+        tl.store(out_ptr + offs, ((q - z[:, None]) * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fq_bwd(w_ptr, s_ptr, z_ptr, g_ptr, dw_ptr, ds_ptr, dz_ptr, rows, cols, groups, group, qmax,
+            BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    gi = tl.program_id(1)
+    rmask = r < rows
+    s = tl.load(s_ptr + r * groups + gi, mask=rmask, other=1.0).to(tl.float32)
+    s = tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX)
+    z = tl.load(z_ptr + r * groups + gi, mask=rmask, other=0.0).to(tl.float32)
+    z = _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+    ds = tl.zeros([BLOCK_R], dtype=tl.float32)
+    dz = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, group, BLOCK_G):
+        c = start + tl.arange(0, BLOCK_G)
+        mask = rmask[:, None] & (c < group)[None, :]
+        offs = r[:, None] * cols + gi * group + c[None, :]
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        ratio = tl.div_rn(w, s[:, None])
+        q = _round(ratio) + z[:, None]
+        inside = (q >= 0.0) & (q <= qmax)
+        code = tl.minimum(tl.maximum(q, 0.0), qmax)
+        tl.store(dw_ptr + offs, tl.where(inside, grad, 0.0).to(dw_ptr.dtype.element_ty), mask=mask)
+        ds += tl.sum(grad * ((code - z[:, None]) - tl.where(inside, ratio, 0.0)), axis=1)
+        dz += tl.sum(tl.where(inside, 0.0, -grad), axis=1)
+    tl.store(ds_ptr + r * groups + gi, ds, mask=rmask)
+    tl.store(dz_ptr + r * groups + gi, dz * s, mask=rmask)
+
+
+def _blocks(group: int) -> tuple[int, int]:
+    return 16, min(128, triton.next_power_of_2(group))
+
+
+class FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, scale, zero, qmax: int, group: int):
+        w, s, z = weight.contiguous(), scale.contiguous(), zero.contiguous()
+        rows, cols = w.shape
+        out = torch.empty_like(w)
+        block_r, block_g = _blocks(group)
+        grid = (triton.cdiv(rows, block_r), cols // group)
+        _fq_fwd[grid](w, s, z, out, rows, cols, cols // group, group, float(qmax), BLOCK_R=block_r, BLOCK_G=block_g)
+        ctx.save_for_backward(w, s, z)
+        ctx.qmax, ctx.group = qmax, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, s, z = ctx.saved_tensors
+        rows, cols = w.shape
+        groups = cols // ctx.group
+        dw = torch.empty_like(w)
+        ds = torch.empty(rows, groups, dtype=torch.float32, device=w.device)
+        dz = torch.empty_like(ds)
+        block_r, block_g = _blocks(ctx.group)
+        _fq_bwd[(triton.cdiv(rows, block_r), groups)](w, s, z, grad.contiguous(), dw, ds, dz, rows, cols, groups,
+                                                     ctx.group, float(ctx.qmax), BLOCK_R=block_r, BLOCK_G=block_g)
+        return dw, ds.to(s.dtype), dz.to(z.dtype), None, None
+
+
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, group: int) -> torch.Tensor:
+    """The fused equivalent of quant.fake_quant.fake_quantize (weight [out, in], scale/zero [out, groups])."""
+    return FakeQuantize.apply(weight, scale, zero, qmax, group)

@@ -1,0 +1,139 @@
+"""The Triton kernels (eqat_dist/kernels, linked as cuda/) against the PyTorch reference they replace
+on GPUs. Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET)."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from eqat_dist.kernels.fake_quant import fake_quantize as fused_fake_quantize  # noqa: E402
+from eqat_dist.kernels.packed_linear import packed_linear  # noqa: E402
+from eqat_dist.quant import QuantConfig  # noqa: E402
+from eqat_dist.quant.fake_quant import QuantLinear, fake_quantize, minmax_init  # noqa: E402
+from eqat_dist.quant.packed_linear import PackedLinear  # noqa: E402
+
+CASES = [(2, 32, 37, 96), (3, 64, 19, 128), (4, 128, 5, 256), (8, -1, 7, 96), (2, -1, 3, 160), (3, 32, 1, 64)]
+
+
+@pytest.mark.parametrize("bits, group, rows, cols", CASES)
+@pytest.mark.parametrize("clipped", [False, True])
+def test_fused_fake_quantization_matches_the_reference_forward_and_gradients(bits, group, rows, cols, clipped):
+    """Forward bit-identical; dW, ds, dz equal to autograd through the PyTorch quantizer, including
+    clipped elements (no gradient to W, all of it to s and z) and zero points off the integer grid."""
+    torch.manual_seed(bits * 100 + rows)
+    cfg = QuantConfig(bits, group)
+    g = cfg.effective_group(cols)
+    w = torch.randn(rows, cols)
+    s, z = minmax_init(w, cfg)
+    if clipped:  # a smaller step clips the largest weights of every group
+        s = s * 0.6
+    z = z + torch.rand_like(z) * 0.8 - 0.4
+    ref_w, ref_s, ref_z = (t.clone().requires_grad_() for t in (w, s, z))
+    fw, fs, fz = (t.clone().requires_grad_() for t in (w, s, z))
+    want = fake_quantize(ref_w, ref_s, ref_z, cfg)
+    got = fused_fake_quantize(fw, fs, fz, cfg.qmax, g)
+    assert torch.equal(want, got)
+    codes = (w.reshape(rows, -1, g) / s.clamp(1e-4, 1e4).unsqueeze(-1)).round() + z.clamp(0, cfg.qmax).round().unsqueeze(-1)
+    outside = ((codes < 0) | (codes > cfg.qmax)).sum().item()
+    assert (outside > 0) == clipped or not clipped  # the clipped cases do clip
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(fw.grad, ref_w.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fs.grad, ref_s.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fz.grad, ref_z.grad, rtol=1e-4, atol=1e-5)
+
+
+def _packed(bits, group, out_f, in_f, seed=0, bias=False):
+    torch.manual_seed(seed)
+    cfg = QuantConfig(bits, group)
+    g = cfg.effective_group(in_f)
+    codes = torch.randint(0, 2**bits, (out_f, in_f))
+    zeros = torch.randint(0, 2**bits, (out_f, in_f // g)).float()
+    scales = torch.rand(out_f, in_f // g) * 0.05 + 0.005
+    return PackedLinear.from_int(codes, zeros, scales, cfg, bias=torch.randn(out_f) if bias else None), g
+
+
+@pytest.mark.parametrize("bits, group, out_f, in_f, tokens", [
+    (2, 32, 96, 128, 5), (3, 64, 64, 128, 17), (4, 128, 160, 256, 1), (8, -1, 64, 96, 3), (3, 32, 96, 96, 2),
+    (2, -1, 64, 160, 1)])
+def test_packed_linear_matches_the_reference_forward_and_gradients(bits, group, out_f, in_f, tokens):
+    """y, dx and the scales' gradient as PackedLinear's dequantize-then-matmul (3-bit layout included,
+    batch-1 GEMV and odd row counts)."""
+    layer, g = _packed(bits, group, out_f, in_f, seed=bits + tokens, bias=bits == 3)
+    x = torch.randn(2, tokens, in_f)
+    rx, kx = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ks = layer.scales.detach().clone().requires_grad_()
+    want = layer(rx)
+    got = packed_linear(kx, layer.qweight, layer.qzeros, ks, layer.bias, bits, g)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(kx.grad, rx.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ks.grad, layer.scales.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_linear_in_float16():
+    layer, g = _packed(4, 64, 64, 128)
+    x = torch.randn(3, 128).to(torch.float16)
+    want = layer(x)
+    got = packed_linear(x, layer.qweight, layer.qzeros, layer.scales.detach(), None, 4, g)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+def test_packed_linear_saves_no_float_weight_for_backward():
+    """What autograd keeps between forward and backward: the PyTorch path saves the dequantized float
+    weight (out x in x 4 bytes); the kernel saves the input and the packed tensors only."""
+    layer, g = _packed(2, 64, 256, 512)
+    x = torch.randn(4, 512)
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn().sum().backward()
+        return sizes
+
+    reference = saved_bytes(lambda: layer(x.clone().requires_grad_()))
+    kernel = saved_bytes(lambda: packed_linear(x.clone().requires_grad_(), layer.qweight, layer.qzeros,
+                                               layer.scales, None, 2, g))
+    float_weight = 256 * 512 * 4
+    assert any(sorted(shape) == [256, 512] and dtype.is_floating_point for shape, dtype, _ in reference)
+    assert not any(dtype.is_floating_point and n >= float_weight for shape, dtype, n in kernel), kernel
+    packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+    assert sum(n for *_, n in kernel) <= x.numel() * 4 + packed
+    assert sum(n for *_, n in reference) > sum(n for *_, n in kernel) + float_weight - packed
+
+
+def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
+    """QuantLinear and PackedLinear take the kernel path when `enabled_for` says so (on CUDA tensors in
+    real runs; forced here) and give the reference path's results; EQAT_KERNELS=0 turns it off."""
+    from eqat_dist import kernels
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64)
+    q = QuantLinear(lin, QuantConfig(3, 64))
+    layer, g = _packed(4, 32, 64, 128)
+    x = torch.randn(5, 128)
+    want_q, want_p = q(x), layer(x)
+    calls = []
+    import eqat_dist.kernels.fake_quant as fq
+    import eqat_dist.kernels.packed_linear as pl
+    real_fq, real_pl = fq.fake_quantize, pl.packed_linear
+    monkeypatch.setattr(fq, "fake_quantize", lambda *a: calls.append("fake_quant") or real_fq(*a))
+    monkeypatch.setattr(pl, "packed_linear", lambda *a: calls.append("packed") or real_pl(*a))
+    monkeypatch.setattr(kernels, "enabled_for", lambda t: True)
+    torch.testing.assert_close(q(x), want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), want_p, rtol=1e-5, atol=1e-5)
+    assert calls == ["fake_quant", "packed"]
+    monkeypatch.undo()
+
+    class OnCuda:  # what enabled_for looks at
+        is_cuda = True
+    assert kernels.enabled_for(OnCuda()) and not kernels.enabled_for(x)
+    monkeypatch.setenv("EQAT_KERNELS", "0")  # --no-kernels
+    assert not kernels.enabled_for(OnCuda())
