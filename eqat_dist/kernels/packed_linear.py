@@ -12,6 +12,8 @@ packed along k in `qweight` [in * bits / 32, out] and z packed along n in `qzero
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,7 @@ def _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits: tl.constexpr, m
 @triton.jit
 def _forward(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, group, bits: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -53,7 +55,10 @@ def _forward(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, group, bits: t
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits, (k[:, None] < K) & (n[None, :] < N))
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+        w = w.to(x.dtype)
+        if DOT_F32:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(m[:, None] < M) & (n[None, :] < N))
@@ -62,7 +67,7 @@ def _forward(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, group, bits: t
 @triton.jit
 def _grad_input(dy_ptr, qw_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, group, bits: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
@@ -70,14 +75,17 @@ def _grad_input(dy_ptr, qw_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, group, bits: tl.
         n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + m[:, None] * N + n[None, :], mask=(m[:, None] < M) & (n[None, :] < N), other=0.0)
         w = _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits, (k[:, None] < K) & (n[None, :] < N))
-        acc += tl.dot(dy, tl.trans(w.to(dy.dtype)), input_precision=PRECISION)
+        w = w.to(dy.dtype)
+        if DOT_F32:
+            dy, w = dy.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(dy, tl.trans(w), input_precision=PRECISION)
     tl.store(dx_ptr + m[:, None] * K + k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=(m[:, None] < M) & (k[None, :] < K))
 
 
 @triton.jit
 def _grad_scales(x_ptr, dy_ptr, qw_ptr, qz_ptr, ds_ptr, M, N, K, group, bits: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     """One program per (column tile, group): ds[g, n] = sum_k (q - z)[k, n] * sum_m dy[m, n] x[m, k]."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1)
@@ -91,6 +99,8 @@ def _grad_scales(x_ptr, dy_ptr, qw_ptr, qz_ptr, ds_ptr, M, N, K, group, bits: tl
             m = m0 + tl.arange(0, BLOCK_M)
             dy = tl.load(dy_ptr + m[:, None] * N + n[None, :], mask=(m[:, None] < M) & (n[None, :] < N), other=0.0)
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & kmask[None, :], other=0.0)
+            if DOT_F32:
+                dy, x = dy.to(tl.float32), x.to(tl.float32)
             acc += tl.dot(tl.trans(dy), x, input_precision=PRECISION)
         mask = kmask[:, None] & (n[None, :] < N)
         q = _unpack(qw_ptr, k[:, None], n[None, :], N, K * bits // 32, bits, mask)
@@ -101,6 +111,12 @@ def _grad_scales(x_ptr, dy_ptr, qw_ptr, qz_ptr, ds_ptr, M, N, K, group, bits: tl
 
 def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"  # float32 stays float32 (Triton's default is TF32)
+
+
+def _dot_f32(x: torch.Tensor) -> bool:
+    """Triton's CPU interpreter multiplies bfloat16 tiles wrongly (a 16 x 16 tl.dot came out ~1e10 off),
+    so there bfloat16 tiles are multiplied in float32; on a GPU they go to the tensor cores as they are."""
+    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _tiles(M: int) -> tuple[int, int, int]:
@@ -114,7 +130,7 @@ def _forward_2d(x2, qweight, qzeros, scales, bias, bits, group):
     bm, bn, bk = _tiles(M)
     _forward[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x2, qweight, qzeros, scales, bias if bias is not None else scales, y, M, N, K, group, bits=bits,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x2))
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
     return y
 
 
@@ -143,13 +159,13 @@ class PackedLinearFunction(torch.autograd.Function):
             dx = torch.empty_like(x2)
             _grad_input[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
                 dy, qweight, qzeros, scales, dx, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                PRECISION=_precision(x2))
+                PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
             dx = dx.reshape(ctx.shape)
         if ctx.needs_input_grad[3]:
             ds = torch.empty(scales.shape, dtype=torch.float32, device=scales.device)
             _grad_scales[(triton.cdiv(N, bn), K // ctx.group)](
                 x2, dy, qweight, qzeros, ds, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                PRECISION=_precision(x2))
+                PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
             ds = ds.to(scales.dtype)
         return dx, None, None, ds, None, None, None
 
