@@ -115,11 +115,15 @@ def _rank_pid(marker: str, rank: int, rank_vars=("PMI_RANK", "RANK")) -> int | N
     return None
 
 
-def _kill_rank_when(proc, out: Path, rank: int, block_file: str):
+def _when_block_exists(proc, out: Path, block_file: str) -> None:
     deadline = time.time() + 120
     while not (out / "blockap" / block_file).exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal was sent"
         time.sleep(0.05)
+
+
+def _kill_rank_when(proc, out: Path, rank: int, block_file: str):
+    _when_block_exists(proc, out, block_file)
     pid = _rank_pid(str(out), rank)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -188,10 +192,7 @@ def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, 
     out = tmp_path / "run"
     proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "blockap" / "block_0000.safetensors").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the interrupt"
-        time.sleep(0.05)
+    _when_block_exists(proc, out, "block_0000.safetensors")
     pid = _rank_pid(str(out), 1)
     assert pid is not None
     os.kill(pid, signal.SIGINT)
@@ -209,10 +210,7 @@ def test_a_stopped_mpi_rank_ends_the_run_within_the_peer_timeout_naming_it(model
     proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3,
                                  extra=("--peer-timeout", "10")), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "blockap" / "block_0000.safetensors").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the stop"
-        time.sleep(0.05)
+    _when_block_exists(proc, out, "block_0000.safetensors")
     pid = _rank_pid(str(out), 1)
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)

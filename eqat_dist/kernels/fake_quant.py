@@ -29,15 +29,20 @@ def _round(x):
 
 
 @triton.jit
+def _step_and_zero(s_ptr, z_ptr, offs, mask, qmax):
+    """The group's step size clamped to [1e-4, 1e4] and zero point clamped to [0, qmax] and rounded."""
+    s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX), _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+
+
+@triton.jit
 def _fq_fwd(w_ptr, s_ptr, z_ptr, out_ptr, rows, cols, groups, group, qmax,
             BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     g = tl.program_id(1)
     rmask = r < rows
-    s = tl.load(s_ptr + r * groups + g, mask=rmask, other=1.0).to(tl.float32)
-    s = tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX)
-    z = tl.load(z_ptr + r * groups + g, mask=rmask, other=0.0).to(tl.float32)
-    z = _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+    s, z = _step_and_zero(s_ptr, z_ptr, r * groups + g, rmask, qmax)
     for start in range(0, group, BLOCK_G):
         c = start + tl.arange(0, BLOCK_G)
         cmask = c < group
@@ -55,10 +60,7 @@ def _fq_bwd(w_ptr, s_ptr, z_ptr, g_ptr, dw_ptr, ds_ptr, dz_ptr, rows, cols, grou
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     gi = tl.program_id(1)
     rmask = r < rows
-    s = tl.load(s_ptr + r * groups + gi, mask=rmask, other=1.0).to(tl.float32)
-    s = tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX)
-    z = tl.load(z_ptr + r * groups + gi, mask=rmask, other=0.0).to(tl.float32)
-    z = _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+    s, z = _step_and_zero(s_ptr, z_ptr, r * groups + gi, rmask, qmax)
     ds = tl.zeros([BLOCK_R], dtype=tl.float32)
     dz = tl.zeros([BLOCK_R], dtype=tl.float32)
     for start in range(0, group, BLOCK_G):
