@@ -14,7 +14,7 @@ import torch
 
 from .quant import QuantConfig, QuantConfigError
 from .planning.launcher import launcher_rank
-from .utils.settings import DTYPES, describe_differences, run_settings
+from .utils.settings import DTYPES, describe_differences, run_settings, trains_blocks, trains_e2e
 
 
 
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "full-precision stream first, the quantized stream for the last --correction-fraction "
                         "of each block's steps (concurrent up to that part). Default: student on one rank, "
                         "pipelined on several (a resumed run keeps the mode it started with)")
-    p.add_argument("--correction-fraction", type=float, default=0.5,
+    p.add_argument("--correction-fraction", type=float, default=None,
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
-                        "(ranks stay busy while it is <= 1/ranks; 1 = student, 0 = teacher)")
+                        "(default 1/ranks, the most that keeps every rank busy; 1 = student, 0 = teacher)")
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
@@ -203,7 +203,7 @@ def validate(args) -> None:
         os.environ["EQAT_KERNELS"] = "0"  # read by every layer, inherited by launched children
     if args.peer_timeout < 5:
         raise UsageError("--peer-timeout must be >= 5 seconds")
-    if not 0 <= args.correction_fraction <= 1:
+    if args.correction_fraction is not None and not 0 <= args.correction_fraction <= 1:
         raise UsageError("--correction-fraction must be between 0 and 1 (the share of steps on the quantized stream)")
     if args.min_lr_factor < 1:
         raise UsageError("--min-lr-factor must be >= 1 (the cosine ends at lr / factor)")
@@ -248,7 +248,7 @@ def validate(args) -> None:
         raise UsageError("--eval-max-windows must be >= 1 (leave it out for every window)")
     from .data.text import check_source
     sources = [("--eval-datasets", d) for d in args.eval_datasets.split(",") if d]
-    if (args.epochs > 0 and args.phase in ("all", "block-ap")) or (args.e2e_epochs > 0 and args.phase in ("all", "e2e")):
+    if trains_blocks(args) or trains_e2e(args):
         sources.append(("--calib-dataset", args.calib_dataset))
     for flag, source in sources:
         try:
@@ -256,7 +256,7 @@ def validate(args) -> None:
         except DataError as err:
             raise UsageError(f"{flag}: {err}") from err
     check_context(args)
-    if args.e2e_epochs > 0 and args.phase in ("all", "e2e"):
+    if trains_e2e(args):
         from .e2e.ds_config import accumulation_steps, read_ds_config
         from .planning import world_size
         try:
@@ -275,7 +275,7 @@ def validate(args) -> None:
             raise UsageError(str(err)) from err
         _check_writable(out)
         from .planning.launcher import check_master_port, world_size
-        rendezvous = (args.e2e_epochs > 0 and args.phase in ("all", "e2e")) or world_size()[0] > 1
+        rendezvous = trains_e2e(args) or world_size()[0] > 1
         problem = check_master_port() if rendezvous else None
         if problem:
             raise UsageError(problem)
@@ -307,8 +307,7 @@ def check_context(args) -> None:
     if args.model_config is None:
         return
     context = json.loads(args.model_config.read_text()).get("max_position_embeddings")
-    blockap = args.epochs > 0 and args.phase in ("all", "block-ap")
-    e2e = args.e2e_epochs > 0 and args.phase in ("all", "e2e")
+    blockap, e2e = trains_blocks(args), trains_e2e(args)
     evaluated = bool([d for d in args.eval_datasets.split(",") if d])  # zero-shot truncates instead
     for flag, value, used in (("--seqlen", args.seqlen, blockap), ("--e2e-seqlen", args.e2e_seqlen, e2e),
                               ("--eval-seqlen", args.eval_seqlen, evaluated)):
@@ -438,7 +437,7 @@ def choose_activations(args) -> str | None:
         return None
     args.activations = "cpu"
     arch = _arch_at_hand(args)
-    if arch is None or args.epochs == 0 or args.phase in ("e2e", "eval"):
+    if arch is None or not trains_blocks(args):
         return None
     from .planning import GIB, host_memory, settings_from_args, world_size
     from .planning.estimate import block_ap

@@ -163,6 +163,8 @@ def _run(args, transport, progress, out: Path) -> int:
     torch.manual_seed(args.seed)
     if args.student_input is None:
         args.student_input = default_student_input(out / "blockap", transport.world)
+    if args.correction_fraction is None and args.student_input == "pipelined":
+        args.correction_fraction = default_correction(out / "blockap", transport.world)
     device = _rank_device(args, transport)
     t_start = time.time()
     source = LazyModel(args.model)
@@ -243,16 +245,24 @@ def staged(out: Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _from_manifest(ckpt_dir: Path, key: str):
+    """A setting of the run whose blocks are in `ckpt_dir`, if any: a run resumed on another number of
+    ranks keeps the schedule its finished blocks were trained with."""
+    try:
+        return json.loads((ckpt_dir / MANIFEST).read_text()).get(key)
+    except (OSError, ValueError):
+        return None  # none yet, or open_run names the problem
+
+
 def default_student_input(ckpt_dir: Path, ranks: int) -> str:
-    """The paper's scheme on one rank, pipelined on several; a run resumed on another number of ranks
-    keeps the mode its finished blocks were trained in."""
-    manifest = ckpt_dir / MANIFEST
-    if manifest.exists():
-        try:
-            return json.loads(manifest.read_text())["student_input"]
-        except (ValueError, KeyError):
-            pass  # open_run names the problem
-    return "pipelined" if ranks > 1 else "student"
+    """The paper's scheme on one rank, pipelined on several (or what the resumed run used)."""
+    return _from_manifest(ckpt_dir, "student_input") or ("pipelined" if ranks > 1 else "student")
+
+
+def default_correction(ckpt_dir: Path, ranks: int) -> float:
+    """1/N: the largest share of each block's steps on the quantized stream that keeps N ranks busy
+    (timeline.py), or what the resumed run used."""
+    return _from_manifest(ckpt_dir, "correction_fraction") or 1.0 / ranks
 
 
 def _rtn_blocks(source: LazyModel, cfg):

@@ -40,7 +40,8 @@ def _args(model_dir, out, mode, train_size=8, epochs=2, extra=()):
     return [*extra, "--model", str(model_dir), "--wbits", "2", "--group-size", "32", "--output", str(out),
             "--epochs", str(epochs), "--phase", "block-ap", "--train-size", str(train_size), "--val-size", "2", "--seqlen", "32",
             "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "2", "--quant-lr", "1e-3",
-            "--weight-lr", "1e-4", "--skip-fp-eval", "--student-input", mode]
+            "--weight-lr", "1e-4", "--skip-fp-eval", "--student-input", mode,
+            *(["--correction-fraction", "0.5"] if mode == "pipelined" else [])]
 
 
 def _single(model_dir, out, mode, **kw):

@@ -13,6 +13,7 @@ from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
 from .launcher import world_size
+from ..utils.settings import trains_e2e
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
            "host_memory", "settings_from_args", "this_machine", "to_json", "world_size"]
@@ -41,7 +42,7 @@ def settings_from_args(args, ranks: int, ranks_per_node: int, device: str, gpu: 
         ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=args.wbits,
         group_size=args.group_size, epochs=args.epochs, train_size=args.train_size, val_size=args.val_size,
         seqlen=args.seqlen, batch_size=args.batch_size, activations=args.activations or "cpu", act_bytes=act_bytes,
-        student_input=args.student_input, correction=args.correction_fraction, e2e_epochs=args.e2e_epochs if args.phase in ("all", "e2e") else 0,
+        student_input=args.student_input, correction=args.correction_fraction or 1.0 / ranks, e2e_epochs=args.e2e_epochs if trains_e2e(args) else 0,
         e2e_train_size=args.e2e_train_size, e2e_seqlen=args.e2e_seqlen, e2e_micro_batch=args.e2e_micro_batch,
         e2e_global_batch=args.e2e_global_batch, grad_checkpointing=not args.no_grad_checkpointing,
         zero_stage=stage, offload=offload, keep_checkpoints=args.e2e_keep_checkpoints or 10,

@@ -22,3 +22,13 @@ def run_settings(args) -> dict:
             "train_norms": not args.no_train_norms, "calib_dataset": args.calib_dataset,
             "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed} | (
                 {"correction_fraction": args.correction_fraction} if args.student_input == "pipelined" else {})
+
+
+def trains_blocks(args) -> bool:
+    """Whether this command runs Block-AP training (not RTN, not a later phase alone)."""
+    return args.epochs > 0 and args.phase in ("all", "block-ap")
+
+
+def trains_e2e(args) -> bool:
+    """Whether this command runs E2E-QP."""
+    return args.e2e_epochs > 0 and args.phase in ("all", "e2e")
