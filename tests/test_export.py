@@ -89,7 +89,7 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
     from eqat_dist.export.gptq_v2 import LazyTensors
     from eqat_dist.export.streaming import write_packed_blocks
     from eqat_dist.models.lazy import LazyModel
-    from eqat_dist.runner import _rtn_blocks
+    from eqat_dist.phases.blockap import rtn_blocks
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     cfg = QuantConfig(3, 32)
@@ -97,7 +97,7 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
     whole = quantize_rtn(tiny_model(arch, layers=3), cfg).to(torch.float16)
     save_packed_model(whole, _NoTokenizer(), tmp_path / "whole", cfg, method="rtn")
     source = LazyModel(str(tmp_path / "fp"))
-    write_packed_blocks(source, _rtn_blocks(source, cfg), None, tmp_path / "streamed", cfg, "rtn", torch.float16)
+    write_packed_blocks(source, rtn_blocks(source, cfg), None, tmp_path / "streamed", cfg, "rtn", torch.float16)
     a, b = LazyTensors(tmp_path / "whole"), LazyTensors(tmp_path / "streamed")
     assert set(a) == set(b)
     for key in a:
@@ -118,7 +118,7 @@ def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypat
     from eqat_dist.export.staging import new_stage, publish
     from eqat_dist.export.streaming import write_packed_blocks
     from eqat_dist.models.lazy import LazyModel
-    from eqat_dist.runner import _rtn_blocks
+    from eqat_dist.phases.blockap import rtn_blocks
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     cfg = QuantConfig(2, 32)
@@ -126,7 +126,7 @@ def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypat
     source = LazyModel(str(tmp_path / "fp"))
     out = tmp_path / "out"
     stage = new_stage(out)
-    write_packed_blocks(source, _rtn_blocks(source, cfg), None, stage, cfg, "block-ap")
+    write_packed_blocks(source, rtn_blocks(source, cfg), None, stage, cfg, "block-ap")
     publish(stage, out)
     (out / "notes.txt").write_text("mine")
     save_packed_model(quantize_rtn(tiny_model("llama", layers=2), cfg), _NoTokenizer(), out, cfg, method="block-ap+e2e-qp")

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
@@ -82,3 +83,13 @@ def settled(out_dir: str | os.PathLike, name: str) -> Path:
         return out_dir / name
     pending = out_dir.parent / journal.get("stage", "") / name
     return pending if name in journal.get("items", []) and pending.exists() else out_dir / name
+
+
+@contextmanager
+def staged(out: Path):
+    """A stage folder for an export (export/staging.py), deleted if the export fails before its move."""
+    stage = new_stage(out)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
