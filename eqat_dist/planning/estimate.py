@@ -16,8 +16,9 @@ so each figure can be read and checked. Constants that are not shapes are stated
   2 ranks (bench/scaling.py; DeepSpeed's buckets and gathered copies, not broken down yet). Where it
   lives on a GPU run is not measured here (no GPU), so GPU plans leave it out;
 - time = FLOPs / (device peak x efficiency); the efficiencies are fitted to the paper's Llama-2-7B
-  times on one A100-80GB (Block-AP 3.3 h, E2E-QP 1.5 h) and checked against its 70B times (Block-AP
-  +27%, E2E-QP +7%).
+  times on one A100-80GB (Block-AP 3.3 h, E2E-QP 1.5 h; the plan gives 3.0 h and 1.5 h) and checked
+  against its 70B times (Block-AP 30.7 h vs 26.6 h, +15%; E2E-QP +7%). Block-AP's wall time on N ranks
+  comes from the schedule's timeline (timeline.py) over per-block training, forward and transfer times.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         phase.disk = store * min(s.ranks, s.ranks_per_node)
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
     steps_tokens = s.epochs * s.train_size * s.seqlen
-    eval_tokens = (2 * s.train_size + (s.epochs + 1) * s.val_size + s.train_size + s.val_size) * s.seqlen
+    eval_tokens = (s.epochs + 2) * s.val_size * s.seqlen  # loss before, after each epoch, after (the streams: below)
     train_flops = 6 * P * steps_tokens + 2 * P * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
     stream_tokens = (s.train_size + s.val_size) * s.seqlen
     rate = _flops_per_second(s, "block-ap")
