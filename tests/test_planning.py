@@ -99,3 +99,22 @@ def test_without_activations_flag_the_stores_go_to_disk_when_they_exceed_the_hos
     assert choose_activations(roomy) is None and roomy.activations == "cpu"
     chosen = parse_args([*common, "--host-memory-budget", "1", "--activations", "cpu"])
     assert choose_activations(chosen) is None and chosen.activations == "cpu"  # the user's choice stands
+
+
+def test_timeline_model_of_the_block_ap_schedules():
+    """Hand-checkable cases: with no forward or transfer time, teacher mode on N ranks takes ceil(L/N)
+    blocks' training, student mode L whatever N, and pipelined mode sits between, reaching teacher
+    mode's time while its correction share c is at most 1/N and student mode's at c = 1."""
+    from eqat_dist.planning.timeline import BlockTimes, blockap_seconds, speedups
+
+    t = BlockTimes(train=10.0, forward=0.0)
+    assert blockap_seconds(30, 1, "student", t) == blockap_seconds(30, 1, "teacher", t) == 300
+    assert blockap_seconds(30, 4, "teacher", t) == 80 and blockap_seconds(30, 4, "student", t) == 300
+    assert blockap_seconds(30, 4, "pipelined", t, correction=1.0) == 300
+    assert blockap_seconds(32, 4, "pipelined", t, correction=0.25) == pytest.approx(80 + 7.5)  # the last block's tail
+    slow_chain = blockap_seconds(32, 4, "pipelined", t, correction=0.5)
+    assert slow_chain == pytest.approx(32 * 5 + 5)  # chain-bound: c x T per block, one after another
+    # forward and transfer times add to every block's chain in student and pipelined mode
+    with_io = BlockTimes(train=10.0, forward=1.0, transfer=0.5)
+    assert blockap_seconds(2, 2, "student", with_io) == pytest.approx(1 + 10 + 1 + 0.5 + 10 + 1)
+    assert speedups(32, with_io)["teacher"][8] > speedups(32, with_io)["pipelined"][8] > 1
