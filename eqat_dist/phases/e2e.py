@@ -24,8 +24,8 @@ def e2e_phase(args, transport, progress, out: Path, from_dir: Path) -> int:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from .e2e.ds_setup import build_packed_model, gathered_blocks, init_distributed, load_ds_config, partition_report
-    from .e2e.trainer import E2ESettings, train_e2e
+    from ..e2e.ds_setup import build_packed_model, gathered_blocks, init_distributed, load_ds_config, partition_report
+    from ..e2e.trainer import E2ESettings, train_e2e
 
     progress.block, progress.phase = None, "E2E-QP setup"
     init_distributed()
