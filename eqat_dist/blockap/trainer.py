@@ -51,6 +51,7 @@ class BlockReport:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     peak_mem_mib: float = 0.0
+    loss_at_switch: float | None = None  # pipelined: loss on the quantized stream when training switched to it
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -132,6 +133,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             if step == switch_at and switch is not None:
                 inputs, val_inputs = switch()
                 check_in = val_inputs if has_val else inputs
+                report.loss_at_switch = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
             idx = [order[i] for i in batch]
             x, y = inputs.get(idx), targets.get(idx)
             with torch.autocast(device.type, dtype=amp, enabled=amp_on):

@@ -64,10 +64,13 @@ class StepLog:
 def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, trained_s: float, trained: int) -> str:
     """One line per finished Block-AP block: block i/L, rank, loss before -> after, time, throughput and
     the ETA of this rank's share of the phase (from the blocks it trained, not those it restored)."""
-    change = (report["loss_after"] / report["loss_before"] - 1) * 100 if report["loss_before"] else float("nan")
+    # pipelined mode: before -> after on the quantized stream (from the switch on), not across the switch
+    before = report.get("loss_at_switch") or report["loss_before"]
+    change = (report["loss_after"] / before - 1) * 100 if before else float("nan")
     eta = trained_s / trained * (mine - done) if trained else 0.0
     restored = " (restored from its checkpoint)" if report.get("restored") else ""
-    return (f"[block-ap] block {report['index']} of {blocks}, rank {rank}: loss {report['loss_before']:.4g} -> "
+    stream = " on the quantized stream" if report.get("loss_at_switch") else ""
+    return (f"[block-ap] block {report['index']} of {blocks}, rank {rank}: loss{stream} {before:.4g} -> "
             f"{report['loss_after']:.4g} ({change:+.1f}%), {report['seconds']:.1f} s, "
             f"{report['tokens_per_s']:,.0f} tok/s; rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
 
