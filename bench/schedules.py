@@ -99,8 +99,8 @@ def main() -> None:
                                                     indent=1))
     print(f"\nBlock-AP: {a.train_size} x {a.seqlen} tokens (+{a.val_size} val), {a.epochs} epochs, batch 2, 1 thread per "
           "rank; E2E-QP: 32 x 256 tokens, 2 epochs, global batch 4, lr 2e-4, one process\n")
-    print("| setting | schedule | ranks | Block-AP wall s | timeline model s | wiki / news ppl after Block-AP | "
-          "after + E2E-QP | vs student x1 after E2E-QP |")
+    print("| setting | schedule | ranks | Block-AP wall s | timeline model s: 1-rank block times / this run's | "
+          "wiki / news ppl after Block-AP | after + E2E-QP | vs student x1 after E2E-QP |")
     print("|---|---|---|---|---|---|---|---|")
     for bits in a.bits:
         mine = [r for r in rows if r["bits"] == bits]
@@ -108,10 +108,11 @@ def main() -> None:
         times = block_times(ref)
         for r in mine:
             predicted = blockap_seconds(30, r["ranks"], r["schedule"], times, r["correction"] or 0.5)
+            own = blockap_seconds(30, r["ranks"], r["schedule"], block_times(r), r["correction"] or 0.5)
             label = r["schedule"] + (f" {r['correction']:g}" if r["correction"] is not None else "")
             delta = 100 * (r["e2e_ppl"]["wiki"] / ref["e2e_ppl"]["wiki"] - 1)
             print(f"| w{bits}g64 | {label} | {r['ranks']} | {r['blockap_wall_s']:.0f} "
-                  f"({ref['blockap_wall_s'] / r['blockap_wall_s']:.2f}x) | {predicted:.0f} | "
+                  f"({r['blockap_wall_s'] / ref['blockap_wall_s']:.2f}x) | {predicted:.0f} / {own:.0f} | "
                   f"{r['blockap_ppl']['wiki']:.1f} / {r['blockap_ppl']['news']:.1f} | "
                   f"{r['e2e_ppl']['wiki']:.1f} / {r['e2e_ppl']['news']:.1f} | {delta:+.1f}% |")
         print(f"\ntimeline model, w{bits}g64 block times from the 1-rank run (train {times.train:.1f} s, forward "
