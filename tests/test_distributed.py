@@ -251,3 +251,22 @@ def test_heartbeat_names_a_silent_peer_and_not_a_working_or_finished_one(tmp_pat
         mine.check()
         clock.sleep(0.2)
     mine.close()
+
+
+def test_heartbeat_does_not_blame_peers_for_a_pause_of_the_whole_job(tmp_path):
+    """SIGSTOP and SIGCONT to every rank (or a suspended machine): the checker itself was not running,
+    so the peers' silence in that time is not held against them."""
+    import time as clock
+
+    from eqat_dist.dist.heartbeat import Heartbeat
+
+    mine = Heartbeat(tmp_path, 0, 2, timeout=1.0, where=lambda: " (waiting)")
+    peer = Heartbeat(tmp_path, 1, 2, timeout=1.0, where=lambda: " at block 1 (training)")
+    mine.check()
+    peer._stop.set()
+    peer._thread.join()
+    clock.sleep(1.5)  # as if both were stopped: nobody checked, nobody beat
+    mine.check()  # the first check after the pause: the peer has not had a chance to beat yet
+    peer._beat()  # it goes on
+    mine.check()
+    mine.close()

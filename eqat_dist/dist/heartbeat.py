@@ -28,6 +28,7 @@ class Heartbeat:
         self.folder, self.rank, self.world, self.timeout, self.where = Path(folder), rank, world, timeout, where
         self.interval = max(0.5, min(10.0, timeout / 6))
         self._seen = {}  # peer -> (last content, when it changed on our clock)
+        self._last_check = time.monotonic()
         self._stop = threading.Event()
         self._beats = 0
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,11 @@ class Heartbeat:
     def check(self) -> None:
         """Raise PeerFailure when a peer has given no sign of life for `timeout` seconds."""
         now = time.monotonic()
+        if now - self._last_check > self.timeout / 2:
+            # this rank itself did not run meanwhile (the whole job stopped and continued, a suspended
+            # machine): its peers' silence in that time says nothing, so their clocks start again
+            self._seen = {peer: (last, now) for peer, (last, _) in self._seen.items()}
+        self._last_check = now
         for peer in range(self.world):
             if peer == self.rank:
                 continue
