@@ -53,13 +53,14 @@ def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None,
         if correction is not None:
             cmd += ["--correction-fraction", str(correction)]
         _run(cmd, ranks, 1, work / (name + ".log"))
-    if not (e2e / "results.json").exists():
+    if a.e2e and not (e2e / "results.json").exists():
         cmd = ["--model", "smollm2-135m", "--phase", "e2e", "--from", str(blockap), "--output", str(e2e),
                "--e2e-epochs", "2", "--e2e-train-size", "32", "--e2e-seqlen", "256", "--e2e-global-batch", "4",
                "--e2e-micro-batch", "1", "--e2e-lr", "2e-4", "--ds-config", "single-gpu", "--wbits", str(bits),
                "--group-size", "64", *EVAL]
         _run(cmd, 1, a.threads, work / (name + "-e2e.log"))
-    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (blockap, e2e))
+    r1 = json.loads((blockap / "results.json").read_text())
+    r2 = json.loads((e2e / "results.json").read_text()) if a.e2e else {"quantized_e2e": {"perplexity": {}}}
     ppl = lambda res, key: {k: v["ppl"] for k, v in res[key]["perplexity"].items()}  # noqa: E731
     return {"bits": bits, "schedule": schedule, "ranks": ranks, "correction": correction,
             "blockap_wall_s": r1["blockap_wall_s"], "blocks": r1["blocks"], "blockap_ppl": ppl(r1, "quantized"),
@@ -84,6 +85,7 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="threads of the E2E-QP process")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", help="Block-AP only (timing runs)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -110,11 +112,12 @@ def main() -> None:
             predicted = blockap_seconds(30, r["ranks"], r["schedule"], times, r["correction"] or 0.5)
             own = blockap_seconds(30, r["ranks"], r["schedule"], block_times(r), r["correction"] or 0.5)
             label = r["schedule"] + (f" {r['correction']:g}" if r["correction"] is not None else "")
-            delta = 100 * (r["e2e_ppl"]["wiki"] / ref["e2e_ppl"]["wiki"] - 1)
+            delta = 100 * (r["e2e_ppl"]["wiki"] / ref["e2e_ppl"]["wiki"] - 1) if a.e2e else float("nan")
             print(f"| w{bits}g64 | {label} | {r['ranks']} | {r['blockap_wall_s']:.0f} "
                   f"({r['blockap_wall_s'] / ref['blockap_wall_s']:.2f}x) | {predicted:.0f} / {own:.0f} | "
                   f"{r['blockap_ppl']['wiki']:.1f} / {r['blockap_ppl']['news']:.1f} | "
-                  f"{r['e2e_ppl']['wiki']:.1f} / {r['e2e_ppl']['news']:.1f} | {delta:+.1f}% |")
+                  f"{r['e2e_ppl'].get('wiki', float('nan')):.1f} / {r['e2e_ppl'].get('news', float('nan')):.1f} | "
+                  f"{delta:+.1f}% |")
         print(f"\ntimeline model, w{bits}g64 block times from the 1-rank run (train {times.train:.1f} s, forward "
               f"{times.forward:.2f} s per block): predicted speed-up over student x1")
         for blocks, label in ((32, "32 blocks (Llama-2-7B)"), (80, "80 blocks (Llama-2-70B)")):
