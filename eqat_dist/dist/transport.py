@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -170,18 +171,24 @@ class TorchTransport(Transport):
         self.wait_recvs([self.post_recv(tensor, src, tag)])
 
     def _wait(self, work, what: str) -> None:
-        """Wait by polling, so that a stopped or hung peer is noticed (watchdog) instead of waited on."""
-        delay, state = 1e-4, {}
-        try:
-            while not work.is_completed():
-                time.sleep(delay)
-                delay = min(2 * delay, 0.01)
-                self._watch(state)
-            work.wait()
-        except PeerFailure:
-            raise
-        except RuntimeError as err:
-            raise PeerFailure(f"{what} ({str(err).splitlines()[0][:200]})") from err
+        """Wait in a helper thread while this one watches the peers (the watchdog): gloo's send and
+        receive works never report themselves completed (`is_completed()` stays False), so only
+        `wait()` can be used, and it blocks."""
+        failure = []
+
+        def wait():
+            try:
+                work.wait()
+            except RuntimeError as err:
+                failure.append(err)
+        waiter = threading.Thread(target=wait, name="eqat-wait", daemon=True)
+        waiter.start()
+        state = {}
+        while waiter.is_alive():
+            waiter.join(timeout=0.5)  # returns at once when the work is done
+            self._watch(state)
+        if failure:
+            raise PeerFailure(f"{what} ({str(failure[0]).splitlines()[0][:200]})") from failure[0]
 
     def post_recv(self, tensor, src, tag):
         try:
