@@ -25,8 +25,11 @@ DEFAULT_PORT = 29500  # torch.distributed's and DeepSpeed's
 
 
 def _in_use(port: int) -> bool:
+    """Whether something listens on `port`. SO_REUSEADDR as torch's TCPStore binds: a port left in
+    TIME_WAIT by a run that just ended is free for it, and must not be refused here."""
     import socket
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("", port))
         except OSError:
