@@ -13,7 +13,7 @@ from .. import __version__
 from ..models.blocks import blocks_name, decoder_layers
 from ..models.quantize import packed_linears, packed_skeleton
 from ..quant import QuantConfig
-from .staging import INDEX, new_stage, publish
+from .staging import new_stage, publish
 from ..utils.tensors import CheckpointError, LazyTensors  # noqa: F401  (re-exported)
 
 EXPORT_DTYPE = torch.float16  # GPTQ kernels expect fp16 scales

@@ -195,15 +195,12 @@ class _Rank:
         student = make_student(self.source.block(i), self.cfg, self.device)
         total = self.settings.epochs * -(-len(self.splits["train"]) // self.bs)
         steps_bar.reset(total=total)
-        switch_at, switch = None, None
-        if self.mode == "pipelined":
-            switch_at = correction_start(total, self.correction)
-
-            def switch():
-                self.progress.phase = "waiting for the quantized stream"
-                q = self.student_stream_ready()
-                self.progress.phase = "training on the quantized stream"
-                return q["train"], q["val"]
+        def switch():
+            self.progress.phase = "waiting for the quantized stream"
+            q = self.student_stream_ready()
+            self.progress.phase = "training on the quantized stream"
+            return q["train"], q["val"]
+        switch_at = correction_start(total, self.correction) if self.mode == "pipelined" else None
         self.timeline(i)
         t0 = time.time()
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,

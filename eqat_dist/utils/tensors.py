@@ -8,7 +8,6 @@ memory use and, at 70B, looks like a leak of the checkpoint's size.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
