@@ -41,8 +41,9 @@ def _run(cmd: list[str], ranks: int, threads: int, log: Path) -> None:
         sys.exit(f"failed ({log}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
 
 
-def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None, a, work: Path) -> dict:
-    name = f"w{bits}-{schedule}{'' if correction is None else correction}-x{ranks}"
+def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None, correction_lr: str | None, a,
+                 work: Path) -> dict:
+    name = f"w{bits}-{schedule}{'' if correction is None else correction}{correction_lr or ''}-x{ranks}"
     blockap, e2e = work / name, work / (name + "-e2e")
     qlr, wlr = LRS[bits]
     if not (blockap / "results.json").exists():
@@ -52,6 +53,8 @@ def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None,
                "--student-input", schedule, "--output", str(blockap), "--overwrite", *EVAL]
         if correction is not None:
             cmd += ["--correction-fraction", str(correction)]
+        if correction_lr is not None:
+            cmd += ["--correction-lr", correction_lr]
         _run(cmd, ranks, 1, work / (name + ".log"))
     if a.e2e and not (e2e / "results.json").exists():
         cmd = ["--model", "smollm2-135m", "--phase", "e2e", "--from", str(blockap), "--output", str(e2e),
@@ -62,7 +65,7 @@ def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None,
     r1 = json.loads((blockap / "results.json").read_text())
     r2 = json.loads((e2e / "results.json").read_text()) if a.e2e else {"quantized_e2e": {"perplexity": {}}}
     ppl = lambda res, key: {k: v["ppl"] for k, v in res[key]["perplexity"].items()}  # noqa: E731
-    return {"bits": bits, "schedule": schedule, "ranks": ranks, "correction": correction,
+    return {"bits": bits, "schedule": schedule, "ranks": ranks, "correction": correction, "correction_lr": correction_lr,
             "blockap_wall_s": r1["blockap_wall_s"], "blocks": r1["blocks"], "blockap_ppl": ppl(r1, "quantized"),
             "e2e_ppl": ppl(r2, "quantized_e2e")}
 
@@ -79,7 +82,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/schedules")
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     p.add_argument("--runs", nargs="+", default=["student:1", "pipelined:2:0.5", "teacher:2", "pipelined:2:0.25"],
-                   help="schedule:ranks[:correction fraction]; the first must be a 1-rank run (the reference)")
+                   help="schedule:ranks[:correction fraction[:restart|continue]]; the first must be a 1-rank run (the reference)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-size", type=int, default=128)
     p.add_argument("--val-size", type=int, default=8)
@@ -93,7 +96,8 @@ def main() -> None:
     for bits in a.bits:
         for spec in a.runs:
             schedule, ranks, *rest = spec.split(":")
-            rows.append(schedule_run(bits, schedule, int(ranks), float(rest[0]) if rest else None, a, work))
+            rows.append(schedule_run(bits, schedule, int(ranks), float(rest[0]) if rest else None,
+                                     rest[1] if len(rest) > 1 else None, a, work))
             r = rows[-1]
             print(f"w{bits} {spec}: Block-AP {r['blockap_wall_s']:.0f} s, ppl {r['blockap_ppl']}, after E2E-QP "
                   f"{r['e2e_ppl']}", flush=True)
@@ -111,7 +115,8 @@ def main() -> None:
         for r in mine:
             predicted = blockap_seconds(30, r["ranks"], r["schedule"], times, r["correction"] or 0.5)
             own = blockap_seconds(30, r["ranks"], r["schedule"], block_times(r), r["correction"] or 0.5)
-            label = r["schedule"] + (f" {r['correction']:g}" if r["correction"] is not None else "")
+            label = r["schedule"] + (f" {r['correction']:g}" if r["correction"] is not None else "") + (
+                f" ({r['correction_lr']} lr)" if r["correction_lr"] else "")
             delta = 100 * (r["e2e_ppl"]["wiki"] / ref["e2e_ppl"]["wiki"] - 1) if a.e2e else float("nan")
             print(f"| w{bits}g64 | {label} | {r['ranks']} | {r['blockap_wall_s']:.0f} "
                   f"({r['blockap_wall_s'] / ref['blockap_wall_s']:.2f}x) | {predicted:.0f} / {own:.0f} | "

@@ -91,6 +91,32 @@ def test_non_finite_loss_stops_with_block_and_step():
         train_block(student, 5, xs, ys, vx, vy, call, BlockAPSettings(epochs=1, batch_size=2), "cpu")
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_pipelined_switch_restarts_the_cosine_or_continues_it(restart):
+    """With restart_at_switch the steps on the quantized stream start again at the full rates and decay to
+    lr / min_lr_factor by the end; without it they go on down the block's one cosine."""
+    fp_block, call, x, y = _block_setup()
+    xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
+    settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, min_lr_factor=20.0,
+                               restart_at_switch=restart)
+    lrs = {}
+    log = lambda tag, value, step: lrs.__setitem__(step, value) if tag == "lr_quant" else None  # noqa: E731
+    train_block(make_student(fp_block, CFG, "cpu"), 1, xs, ys, vx, vy, call, settings, "cpu", log=log,
+                switch_at=4, switch=lambda: (xs, vx))
+    total = 8  # 2 epochs x 4 batches
+    assert lrs[0] == pytest.approx(1e-3) and lrs[3] < lrs[2] < lrs[1] < lrs[0]
+    if restart:
+        assert lrs[4] == pytest.approx(1e-3)
+        assert lrs[3] == pytest.approx(1e-3 * local_cosine(3, 4)) and lrs[7] == pytest.approx(1e-3 * local_cosine(3, 4))
+    else:
+        assert lrs[4] == pytest.approx(1e-3 * local_cosine(4, total)) and lrs[7] < lrs[4]
+
+
+def local_cosine(step, total, factor=20.0):
+    import math
+    return 1 / factor + (1 - 1 / factor) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
 def _folder(tmp, layers):
     folder = Path(tmp) / f"model{layers}"
     if not folder.exists():

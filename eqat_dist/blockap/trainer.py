@@ -33,6 +33,7 @@ class BlockAPSettings:
     train_norms: bool = True  # the official code trains every parameter named "weight", norms included
     amp_dtype: torch.dtype | None = None  # autocast dtype, None = train in the stores' dtype
     seed: int = 0
+    restart_at_switch: bool = True  # pipelined: the quantized-stream steps get a cosine of their own
 
 
 def default_weight_lr(bits: int) -> float:
@@ -80,6 +81,17 @@ def cosine_factor(step: int, total: int, min_lr_factor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
+def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | None = None) -> float:
+    """One cosine over the block's steps, or (restart_at set) one up to `restart_at` and a second from it
+    to the end: the pipelined schedule's steps on the quantized stream then start at the full rate
+    instead of at the tail of the first cosine, where the block could hardly move towards its new input."""
+    if restart_at is None or not 0 < restart_at < total:
+        return cosine_factor(step, total, min_lr_factor)
+    if step < restart_at:
+        return cosine_factor(step, restart_at, min_lr_factor)
+    return cosine_factor(step - restart_at, total - restart_at, min_lr_factor)
+
+
 def _batches(count: int, batch_size: int):
     return [list(range(s, min(s + batch_size, count))) for s in range(0, count, batch_size)]
 
@@ -105,8 +117,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
     `on_step()` is called after every step (the pipeline lets its transfers progress there).
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
-    steps (same targets, optimizer state and schedule): the pipelined schedule trains on the
-    full-precision stream first and on the quantized one last.
+    steps (same targets and optimizer state; the cosine restarts there unless
+    settings.restart_at_switch is off): the pipelined schedule trains on the full-precision stream
+    first and on the quantized one last.
     """
     report = BlockReport(index)
     device = torch.device(device)
@@ -117,7 +130,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     batches = _batches(len(inputs), settings.batch_size)
     total = settings.epochs * len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total, settings.min_lr_factor))
+    restart_at = switch_at if settings.restart_at_switch and switch is not None else None
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, settings.min_lr_factor, restart_at))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     has_val = len(val_inputs) > 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 from ..blockap.checkpoint import ResumeError
 from ..utils.settings import describe_differences
+from .ds_setup import convert_to_universal_format, load_engine_checkpoint
 
 STEP_TAG = re.compile(r"step(\d+)")
 UNIVERSAL_SUFFIX = "-universal"
@@ -55,13 +54,10 @@ def find_resume_point(ckpt_dir: Path, world: int, zero: bool) -> ResumePoint | N
 
 
 def convert_to_universal(ckpt_dir: Path, point: ResumePoint) -> Path:
-    """DeepSpeed's own converter, in a child process (it runs worker pools); on one rank only."""
+    """DeepSpeed's own converter; on one rank only."""
     target = Path(ckpt_dir) / point.load_tag
     shutil.rmtree(target, ignore_errors=True)  # a conversion cut short earlier
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-           str(Path(ckpt_dir) / point.tag), "--output_folder", str(target), "--inject_missing_state",
-           "--num_extract_workers", "2", "--num_merge_workers", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = convert_to_universal_format(Path(ckpt_dir) / point.tag, target)
     if done.returncode != 0:
         shutil.rmtree(target, ignore_errors=True)
         raise ResumeError(f"the E2E-QP checkpoint {Path(ckpt_dir) / point.tag} was written by {point.saved_by_ranks} "
@@ -80,7 +76,7 @@ def load_resume_point(engine, ckpt_dir: Path, point: ResumePoint, plan: dict) ->
     """Load the checkpoint into the engine; returns the step to go on from and the per-step history
     (losses, step seconds) of the steps before it, so results.json holds the whole run."""
     try:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=point.load_tag)
+        path, client = load_engine_checkpoint(engine, Path(ckpt_dir), point.load_tag)
     except Exception as err:  # noqa: BLE001 - truncated or foreign files: say which and what to do
         raise ResumeError(f"the E2E-QP checkpoint {Path(ckpt_dir) / point.tag} cannot be loaded "
                           f"({type(err).__name__}: {str(err)[:300]}); {_restart_hint(Path(ckpt_dir))}") from err

@@ -1,9 +1,12 @@
 """Everything DeepSpeed-specific of E2E-QP: the config, the model built under zero.Init (so the
-whole model never lands on one device), loading weights into partitioned parameters, the engine,
-and gathering parameters back, one block at a time, for the export."""
+whole model never lands on one device), loading weights into partitioned parameters, the engine and
+its checkpoints (saving, loading, converting between numbers of ranks), and gathering parameters
+back, one block at a time, for the export. No other module imports deepspeed."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -88,6 +91,35 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
                     elif not (key == "lm_head.weight" and config.tie_word_embeddings):
                         raise KeyError(f"{folder} has no tensor {key}")
     return model, cfg
+
+
+def make_engine(model, optimizer, schedule, ds_config: dict):
+    """The DeepSpeed engine around `model`; returns (engine, its optimizer, its scheduler)."""
+    import deepspeed
+
+    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                          config=ds_config)
+    return engine, optimizer, schedule
+
+
+def save_engine_checkpoint(engine, folder: Path, tag: str, client_state: dict) -> None:
+    """Every rank writes its shard; returns after DeepSpeed's barrier, once the whole checkpoint is on disk
+    and `latest` names it."""
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state)
+
+
+def load_engine_checkpoint(engine, folder: Path, tag: str):
+    """(path, client_state) as DeepSpeed returns them; path None when nothing was loaded."""
+    return engine.load_checkpoint(str(folder), tag=tag)
+
+
+def convert_to_universal_format(source: Path, target: Path) -> subprocess.CompletedProcess:
+    """DeepSpeed's converter from per-rank ZeRO partitions to one file per parameter, in a child process
+    (it runs worker pools)."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "2",
+           "--num_merge_workers", "2"]
+    return subprocess.run(cmd, capture_output=True, text=True)
 
 
 def gathered_blocks(model):

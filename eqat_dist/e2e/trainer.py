@@ -18,7 +18,7 @@ from ..blockap.trainer import NonFiniteLossError
 from ..utils.memory import peak_memory_mib
 from .checkpoints import (convert_to_universal, find_resume_point, load_resume_point, prune_checkpoints,
                           remove_universal_copy, resume_plan)
-from .ds_setup import zero_stage
+from .ds_setup import make_engine, save_engine_checkpoint, zero_stage
 
 
 @dataclass
@@ -65,7 +65,6 @@ def optimizer_state_elements(optimizer) -> int:
 
 def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: dict, accum: int, ckpt_dir: Path,
               device, log=print, monitor=None) -> dict:
-    import deepspeed
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,8 +90,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
             convert_to_universal(ckpt_dir, point)
         dist.barrier()
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    engine, optimizer, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                          config=ds_config)
+    engine, optimizer, schedule = make_engine(model, optimizer, schedule, ds_config)
     start, history = 0, {"losses": [], "step_seconds": []}
     if point is not None:
         start, history = load_resume_point(engine, ckpt_dir, point, plan)
@@ -140,10 +138,9 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
             log(f"[e2e] step {step + 1}/{total} loss {mean_loss:.4f} lr {schedule.get_last_lr()[0]:.2e} "
                 f"{pace:.1f} s/step, eta {eta}")
         if (step + 1) % settings.save_every == 0 or step + 1 == total:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "plan": plan,
-                                                 "history": {"losses": losses, "step_seconds": step_seconds}})
-            # save_checkpoint returns after a barrier: every rank's shard of the new one is written
+            save_engine_checkpoint(engine, ckpt_dir, f"step{step + 1}",
+                                   {"step": step + 1, "plan": plan,
+                                    "history": {"losses": losses, "step_seconds": step_seconds}})
             if int(os.environ.get("LOCAL_RANK", rank)) == 0:
                 prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
     seconds = time.time() - t0

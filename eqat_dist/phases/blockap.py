@@ -32,6 +32,8 @@ def blockap_phase(args, transport, progress, out: Path) -> int:
         args.student_input = default_student_input(out / "blockap", transport.world)
     if args.correction_fraction is None and args.student_input == "pipelined":
         args.correction_fraction = default_correction(out / "blockap", transport.world)
+    if args.correction_lr is None and args.student_input == "pipelined":
+        args.correction_lr = _from_manifest(out / "blockap", "correction_lr") or "restart"
     device = rank_device(args, transport)
     t_start = time.time()
     source = LazyModel(args.model)
@@ -57,7 +59,8 @@ def blockap_phase(args, transport, progress, out: Path) -> int:
         settings = BlockAPSettings(epochs=args.epochs, batch_size=args.batch_size, quant_lr=args.quant_lr,
                                    weight_lr=args.weight_lr, min_lr_factor=args.min_lr_factor,
                                    max_grad_norm=args.max_grad_norm, train_norms=not args.no_train_norms,
-                                   amp_dtype=args.amp_dtype, seed=args.seed)
+                                   amp_dtype=args.amp_dtype, seed=args.seed,
+                                   restart_at_switch=args.correction_lr != "continue")
         streams = StreamSpec(args.activations, torch.float32 if args.amp_dtype is None else args.amp_dtype,
                              Path(args.activations_dir) if args.activations_dir else out / "acts")
         if transport.rank == 0:

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import resource
+import sys
 
 import torch
 
 
 def host_peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far. Linux: the memory map's high-water mark (VmHWM).
+    Not ru_maxrss: exec keeps the larger of the new and the old image's peak, so a process started by a
+    big parent (a benchmark, a launcher that imported torch) reports the parent's peak as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:

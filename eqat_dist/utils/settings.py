@@ -21,7 +21,8 @@ def run_settings(args) -> dict:
             "min_lr_factor": args.min_lr_factor, "max_grad_norm": args.max_grad_norm,
             "train_norms": not args.no_train_norms, "calib_dataset": args.calib_dataset,
             "student_input": args.student_input, "dtype": args.dtype, "seed": args.seed} | (
-                {"correction_fraction": args.correction_fraction} if args.student_input == "pipelined" else {})
+                {"correction_fraction": args.correction_fraction, "correction_lr": args.correction_lr}
+                if args.student_input == "pipelined" else {})
 
 
 def trains_blocks(args) -> bool:
