@@ -165,7 +165,8 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
 @pytest.mark.parametrize("ds_config", ["single-gpu", "zero3"])
 def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypatch, ds_config):
     """Same float32 logits as `load_packed_model` (catches an untied lm_head, a tensor left unloaded, and
-    zero.Init silently building the model in bfloat16)."""
+    zero.Init silently building the model in bfloat16), and no float linear made for the blocks on the
+    way (at 70B they would be 137 GB in bf16, allocated only to be replaced)."""
     import deepspeed
     from eqat_dist.e2e.ds_setup import build_packed_model, init_distributed
     from eqat_dist.export import load_packed_model
@@ -175,7 +176,16 @@ def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypat
         monkeypatch.setenv(var, value)  # restored afterwards: later launches must not inherit a world of 1
     init_distributed()
     config, _ = load_ds_config(ds_config, 1, 1, 1, 0.3, False)
+    made, real_init = [], torch.nn.Linear.__init__
+
+    def counting_init(self, in_features, out_features, *args, **kwargs):
+        made.append((in_features, out_features))
+        real_init(self, in_features, out_features, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", counting_init)
     model, _ = build_packed_model(rtn_export / "rtn", config, torch.float32)
+    monkeypatch.undo()
+    assert made == [(model.config.hidden_size, model.config.vocab_size)]  # the output head only
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
     reference, _ = load_packed_model(rtn_export / "rtn")
     ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     from ..models.blocks import decoder_layers
     from ..models.quantize import packed_skeleton
     from ..quant import QuantConfig
+    from ..quant.packed_linear import PackedLinear
 
     config = AutoConfig.from_pretrained(folder)
     qc = config.quantization_config
@@ -69,9 +71,16 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     from transformers.initialization import no_init_weights
 
     with context, no_init_weights():  # every weight is loaded below; init would touch empty partitions
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with linears_built_packed(cfg, dtype, config.vocab_size):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for block in decoder_layers(model):
-            packed_skeleton(block, cfg, dtype)
+            packed_skeleton(block, cfg, dtype)  # any block linear the stand-in did not reach
+    blocks = block_prefixes(model)
+    stray = [n for n, m in model.named_modules()
+             if isinstance(m, PackedLinear) and not any(n.startswith(b + ".") for b in blocks)]
+    if stray:  # only the output head is expected outside the blocks; this one has other linears
+        raise RuntimeError(f"{folder}: linear layers outside the decoder blocks ({', '.join(stray[:3])}) are not "
+                           "supported by the E2E-QP model build")
     wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
     if wrong:
         raise RuntimeError(f"the packed model was built in {', '.join(sorted(wrong))} instead of {dtype}")
@@ -91,6 +100,38 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
                     elif not (key == "lm_head.weight" and config.tie_word_embeddings):
                         raise KeyError(f"{folder} has no tensor {key}")
     return model, cfg
+
+
+@contextmanager
+def linears_built_packed(cfg, dtype: torch.dtype, vocab_size: int):
+    """While the model is constructed, `nn.Linear(...)` makes an empty PackedLinear instead, except for
+    the output head (out_features == vocab size), which stays a float layer. Otherwise every float
+    linear of the model is allocated (and, under zero.Init, partitioned) only to be replaced: at 70B
+    that is 137 GB in bf16, on one GPU more than it has, split over N GPUs a 1/N spike at start."""
+    from ..quant.packed_linear import PackedLinear
+
+    real = torch.nn.Linear
+
+    class PackedUnlessHead:  # stands in for the class; nothing is ever an instance of it
+        def __new__(cls, in_features, out_features, bias=True, device=None, dtype=None):
+            if out_features == vocab_size:
+                return real(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            return PackedLinear(in_features, out_features, cfg, bias=bias, dtype=layer_dtype, device=device)
+
+    layer_dtype = dtype
+    torch.nn.Linear = PackedUnlessHead
+    try:
+        yield
+    finally:
+        torch.nn.Linear = real
+
+
+def block_prefixes(model) -> list[str]:
+    """The module names of the decoder blocks."""
+    from ..models.blocks import decoder_layers
+
+    blocks = {id(b) for b in decoder_layers(model)}
+    return [n for n, m in model.named_modules() if id(m) in blocks]
 
 
 def make_engine(model, optimizer, schedule, ds_config: dict):
