@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
                         "(default 1/ranks, the most that keeps every rank busy; 1 = student, 0 = teacher)")
     p.add_argument("--correction-lr", default=None, choices=["restart", "continue"],
-                   help="pipelined: restart the cosine learning-rate schedule for the steps on the quantized "
-                        "stream (default), or continue the block's one schedule through them")
+                   help="pipelined: go on down the block's one cosine learning-rate schedule through the steps "
+                        "on the quantized stream (default), or restart it there (measured worse at w2g64: "
+                        "docs/benchmarks.md)")
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")

@@ -33,7 +33,7 @@ class BlockAPSettings:
     train_norms: bool = True  # the official code trains every parameter named "weight", norms included
     amp_dtype: torch.dtype | None = None  # autocast dtype, None = train in the stores' dtype
     seed: int = 0
-    restart_at_switch: bool = True  # pipelined: the quantized-stream steps get a cosine of their own
+    restart_at_switch: bool = False  # pipelined: a cosine of their own for the quantized-stream steps (measured worse)
 
 
 def default_weight_lr(bits: int) -> float:
@@ -83,8 +83,9 @@ def cosine_factor(step: int, total: int, min_lr_factor: float) -> float:
 
 def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | None = None) -> float:
     """One cosine over the block's steps, or (restart_at set) one up to `restart_at` and a second from it
-    to the end: the pipelined schedule's steps on the quantized stream then start at the full rate
-    instead of at the tail of the first cosine, where the block could hardly move towards its new input."""
+    to the end, so that the pipelined schedule's steps on the quantized stream start at the full rates
+    again. Measured at w2g64 (docs/benchmarks.md) the restart loses to the one cosine: the full rates
+    undo much of what the block learned on the full-precision stream."""
     if restart_at is None or not 0 < restart_at < total:
         return cosine_factor(step, total, min_lr_factor)
     if step < restart_at:
@@ -117,8 +118,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
     `on_step()` is called after every step (the pipeline lets its transfers progress there).
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
-    steps (same targets and optimizer state; the cosine restarts there unless
-    settings.restart_at_switch is off): the pipelined schedule trains on the full-precision stream
+    steps (same targets, optimizer state and schedule, or a restarted cosine with
+    settings.restart_at_switch): the pipelined schedule trains on the full-precision stream
     first and on the quantized one last.
     """
     report = BlockReport(index)

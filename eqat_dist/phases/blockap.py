@@ -33,7 +33,7 @@ def blockap_phase(args, transport, progress, out: Path) -> int:
     if args.correction_fraction is None and args.student_input == "pipelined":
         args.correction_fraction = default_correction(out / "blockap", transport.world)
     if args.correction_lr is None and args.student_input == "pipelined":
-        args.correction_lr = _from_manifest(out / "blockap", "correction_lr") or "restart"
+        args.correction_lr = _from_manifest(out / "blockap", "correction_lr") or "continue"
     device = rank_device(args, transport)
     t_start = time.time()
     source = LazyModel(args.model)

@@ -183,6 +183,8 @@ def e2e(a: Arch, s: Settings) -> Phase:
             (1 if s.grad_checkpointing else a.layers) * mb * T * (ACT_H * a.hidden + ACT_I * a.intermediate) * w,
         "logits, float32 loss and its gradient": mb * T * a.vocab * (w + 8),
     }
+    if shards > 1:  # the embedding and the output head are gathered whole for their forward (one at a time)
+        working["gathered embedding / output head"] = a.vocab * a.hidden * w
     sharded = {"integer weights, embeddings, norms": frozen / shards, "scales": scales * w / shards}
     host = {"base": HOST_BASE[s.device]}
     if s.device == "cpu":
