@@ -36,6 +36,7 @@ def run(args) -> int:
         if transport.world > 1:  # a stopped or hung peer ends the run after --peer-timeout, naming it
             heartbeat = Heartbeat(out / HEARTBEATS, transport.rank, transport.world, args.peer_timeout, progress.where)
             transport.watchdog = heartbeat.check
+            progress.on_change = heartbeat.moved
         if args.phase == "e2e":
             return e2e_phase(args, transport, progress, out, Path(args.from_dir))
         if args.phase == "eval":
@@ -77,6 +78,7 @@ def run(args) -> int:
                        f"{'' if getattr(args, 'debug', False) else ' (--debug prints the traceback)'}")
     finally:
         if heartbeat is not None:
+            progress.on_change = None  # the last beat says done; nothing may overwrite it
             heartbeat.close()
     return 1
 

@@ -270,3 +270,23 @@ def test_heartbeat_does_not_blame_peers_for_a_pause_of_the_whole_job(tmp_path):
     peer._beat()  # it goes on
     mine.check()
     mine.close()
+
+
+def test_a_move_is_in_the_heartbeat_file_at_once_not_at_the_threads_next_look(tmp_path):
+    """A rank killed or stopped right after it moves on must be reported where it was: the move is
+    written by the rank itself, before the next statement runs (the thread looks only every 0.5 s)."""
+    import json
+
+    from eqat_dist.dist.heartbeat import Heartbeat
+    from eqat_dist.pipelines.round_robin import Progress
+
+    progress = Progress()
+    beat = Heartbeat(tmp_path, 1, 2, timeout=600, where=progress.where)
+    beat._stop.set()  # no thread: only the rank's own writes can change the file
+    beat._thread.join()
+    progress.on_change = beat.moved
+    progress.block, progress.phase = 3, "waiting for the student stream"
+    assert json.loads((tmp_path / "rank1").read_text())["where"] == " at block 3 (waiting for the student stream)"
+    progress.on_change = None
+    progress.phase = "training"  # not watched any more: the file keeps the last move
+    assert json.loads((tmp_path / "rank1").read_text())["where"] == " at block 3 (waiting for the student stream)"

@@ -31,18 +31,27 @@ class Heartbeat:
         self._last_check = time.monotonic()
         self._stop = threading.Event()
         self._beats = 0
+        self._writing = threading.Lock()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._beat()
         self._thread = threading.Thread(target=self._run, name="eqat-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self, done: bool = False) -> None:
-        self._beats += 1
-        path = self.folder / f"rank{self.rank}"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"beat": self._beats, "pid": os.getpid(), "host": socket.gethostname(),
-                                   "where": self.where(), "done": done}))
-        os.replace(tmp, path)
+        with self._writing:  # the thread's beats and `moved` from the rank's own thread share one file
+            self._beats += 1
+            path = self.folder / f"rank{self.rank}"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"beat": self._beats, "pid": os.getpid(), "host": socket.gethostname(),
+                                       "where": self.where(), "done": done}))
+            os.replace(tmp, path)
+
+    def moved(self) -> None:
+        """The rank moved on (a block, a phase): written at once, so a kill right after leaves this."""
+        try:
+            self._beat()
+        except OSError:
+            pass  # as in the thread: only a silence as long as the timeout matters
 
     def _run(self) -> None:
         last, written = self.where(), time.monotonic()

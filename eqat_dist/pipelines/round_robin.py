@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,17 @@ class StreamSpec:
 
 @dataclass
 class Progress:
-    """Where this rank is: read by the error handler to name the block in its message."""
+    """Where this rank is: read by the error handler to name the block in its message, and handed to
+    `on_change` (the heartbeat) the moment it changes, so a rank killed or stopped right after a move is
+    reported where it really was, not where the heartbeat thread last looked."""
     block: int | None = None
     phase: str = "starting"
+    on_change: Callable[[], None] | None = None
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("block", "phase") and getattr(self, "on_change", None) is not None:
+            self.on_change()
 
     def where(self) -> str:
         """' at block 7 (training)' or ' (E2E-QP training)' when no block is in hand."""
