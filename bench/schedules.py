@@ -71,8 +71,9 @@ def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None,
 
 
 def block_times(row: dict) -> BlockTimes:
-    """Per-block times of a 1-rank run: training (loss evaluations included) and the stream forward."""
-    return BlockTimes(train=statistics.median(b["wall_s"] for b in row["blocks"]),
+    """Per-block times of a run: training (loss evaluations included, the wait for the quantized stream
+    inside a pipelined block's training left out) and the stream forward."""
+    return BlockTimes(train=statistics.median(b["wall_s"] - b.get("switch_wait_s", 0.0) for b in row["blocks"]),
                       forward=statistics.median(b["fp_stream_s"] for b in row["blocks"][1:]),
                       transfer=0.0)
 

@@ -112,6 +112,23 @@ def test_pipelined_switch_restarts_the_cosine_or_continues_it(restart):
         assert lrs[4] == pytest.approx(1e-3 * local_cosine(4, total)) and lrs[7] < lrs[4]
 
 
+def test_the_wait_for_the_quantized_stream_is_reported_apart_from_training():
+    """The timeline model takes a block's training time from its report: the wait inside a pipelined
+    block's training (its switch) must be reported on its own, or the model counts it twice."""
+    fp_block, call, x, y = _block_setup()
+    xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
+
+    def slow_switch():
+        time.sleep(0.3)  # the quantized stream arrives late
+        return xs, vx
+
+    report = train_block(make_student(fp_block, CFG, "cpu"), 1, xs, ys, vx, vy, call,
+                         BlockAPSettings(epochs=1, batch_size=2), "cpu", switch_at=2, switch=slow_switch)
+    assert 0.3 <= report.switch_wait_s < report.seconds
+    plain = train_block(make_student(fp_block, CFG, "cpu"), 1, xs, ys, vx, vy, call, BlockAPSettings(epochs=1, batch_size=2), "cpu")
+    assert plain.switch_wait_s == 0.0
+
+
 def local_cosine(step, total, factor=20.0):
     import math
     return 1 / factor + (1 - 1 / factor) * 0.5 * (1 + math.cos(math.pi * step / total))

@@ -53,6 +53,7 @@ class BlockReport:
     tokens_per_s: float = 0.0
     peak_mem_mib: float = 0.0
     loss_at_switch: float | None = None  # pipelined: loss on the quantized stream when training switched to it
+    switch_wait_s: float = 0.0  # pipelined: time spent waiting for that stream (in `seconds`, not training)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,7 +148,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
         order = torch.randperm(len(inputs), generator=gen).tolist()
         for batch in _batches(len(inputs), settings.batch_size):
             if step == switch_at and switch is not None:
+                waited = time.perf_counter()
                 inputs, val_inputs = switch()
+                report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
                 report.loss_at_switch = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
             idx = [order[i] for i in batch]
