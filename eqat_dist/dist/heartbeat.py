@@ -2,11 +2,11 @@
 stall its peers for ever: a dead rank shows at once (its connection drops), a hung one never does.
 
 Each rank's thread rewrites `folder/rank<r>` every few seconds with a counter and where the rank is
-(block and phase). A rank waiting on a peer calls `check()` from its wait loop: a peer whose file has
-not changed for `timeout` seconds of this rank's clock (so clocks of other nodes do not matter) is
-reported as stopped or hung, naming where it was. A legitimately long wait (rank 1 waits hours for
-rank 0 to train block 0 in student mode; ranks wait while rank 0 evaluates) is fine: the peer's thread
-goes on beating while it works.
+(block and phase); the rank itself rewrites it the moment it moves on (`moved`). A rank waiting on a
+peer calls `check()` from its wait loop: a peer whose file has not changed for `timeout` seconds of
+this rank's clock (so clocks of other nodes do not matter) is reported as stopped or hung, naming where
+it was. A legitimately long wait (rank 1 waits hours for rank 0 to train block 0 in student mode; ranks
+wait while rank 0 evaluates) is fine: the peer's thread goes on beating while it works.
 """
 from __future__ import annotations
 
@@ -54,14 +54,9 @@ class Heartbeat:
             pass  # as in the thread: only a silence as long as the timeout matters
 
     def _run(self) -> None:
-        last, written = self.where(), time.monotonic()
-        while not self._stop.wait(0.5):  # also written when the rank moves on: a kill leaves where it was
-            now, where = time.monotonic(), self.where()
-            if where == last and now - written < self.interval:
-                continue
+        while not self._stop.wait(self.interval):  # moves are written by `moved`; this only says alive
             try:
                 self._beat()
-                last, written = where, now
             except OSError:
                 pass  # a full or flaky disk: peers see silence only if it lasts the whole timeout
 
