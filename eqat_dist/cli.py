@@ -13,7 +13,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 import torch
 
 from .quant import QuantConfig, QuantConfigError
-from .planning.launcher import launcher_rank
+from .dist.launch import LaunchError, bind_device, export_to_environ, from_environ, resolve, single_process
 from .utils.settings import DTYPES, describe_differences, run_settings, trains_blocks, trains_e2e
 
 
@@ -164,7 +164,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     validate(args)
+    settle_launch(args)
     return args
+
+
+def settle_launch(args) -> None:
+    """Where this process stands in the job (dist/launch.py), exported for DeepSpeed and torch, and its
+    device made current before anything touches a GPU. A launcher whose world MPI does not see, or a
+    rendezvous port already taken, is refused here, before any work."""
+    rendezvous = trains_e2e(args)
+    try:
+        args.launch = single_process(rendezvous) if args.single_gpu else resolve(rendezvous=rendezvous)
+    except LaunchError as err:
+        raise UsageError(str(err)) from err
+    export_to_environ(args.launch)
+    args.device = bind_device(args.device, args.launch)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -265,24 +279,19 @@ def validate(args) -> None:
         from .planning import world_size
         try:
             read_ds_config(args.ds_config)
-            accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, world_size()[0])
+            accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, 1 if args.single_gpu else from_environ().world)
         except ValueError as err:
             raise UsageError(str(err)) from err
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
-    if launcher_rank() == 0:  # one run per output folder: a second is refused at once
+    if from_environ().rank == 0:  # one run per output folder: a second is refused at once
         from .utils.lock import LockError, check
         try:
             check(out, args.take_over_lock)
         except LockError as err:
             raise UsageError(str(err)) from err
         _check_writable(out)
-        from .planning.launcher import check_master_port, world_size
-        rendezvous = trains_e2e(args) or world_size()[0] > 1
-        problem = check_master_port() if rendezvous else None
-        if problem:
-            raise UsageError(problem)
     if args.overwrite and out.exists():
         check_overwrite(out, args.model, args.from_dir)
     if args.phase in ("e2e", "eval"):
@@ -443,11 +452,11 @@ def choose_activations(args) -> str | None:
     arch = _arch_at_hand(args)
     if arch is None or not trains_blocks(args):
         return None
-    from .planning import GIB, host_memory, settings_from_args, world_size
+    from .planning import GIB, host_memory, settings_from_args
     from .planning.estimate import block_ap
     from .planning.fit import node_host
 
-    ranks, per_node = world_size()
+    ranks, per_node = args.launch.world, args.launch.local_world
     settings = settings_from_args(args, ranks, per_node, "gpu" if args.device.type == "cuda" else "cpu")
     budget = (args.host_memory_budget or 0.9 * host_memory() / GIB) * GIB
     need = node_host("block-ap", block_ap(arch, settings), settings)
@@ -461,16 +470,16 @@ def choose_activations(args) -> str | None:
 
 def check_plan(args) -> str | None:
     """The plan for this machine, before any work: None when the run fits, else the reason and the fix."""
-    from .planning import report, settings_from_args, this_machine, world_size
+    from .planning import report, settings_from_args, this_machine
 
     arch = _arch_at_hand(args)
     if arch is None:
         return None
-    ranks, ranks_per_node = world_size()
+    ranks, ranks_per_node = args.launch.world, args.launch.local_world
     device = "gpu" if args.device.type == "cuda" else "cpu"
     gpu = "a100"
     if device == "gpu":
-        name = torch.cuda.get_device_name(0).lower()
+        name = torch.cuda.get_device_name(args.device).lower()
         gpu = next((g for g in ("h200", "h100") if g in name), "a100")
     result = report(arch, settings_from_args(args, ranks, ranks_per_node, device, gpu), this_machine(args.output),
                     phases={"all": None, "block-ap": ("block-ap", "export", "eval"), "e2e": ("e2e", "export", "eval"),
@@ -494,12 +503,12 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         placement = choose_activations(args)
-        if placement and launcher_rank() == 0:
+        if placement and args.launch.rank == 0:
             print(placement, flush=True)
         refusal = None if args.ignore_plan else check_plan(args)
         if refusal:
             raise UsageError(refusal)
-        if launcher_rank() == 0:  # every check passed: hold the folder until this process exits
+        if args.launch.rank == 0:  # every check passed: hold the folder until this process exits
             from .utils.lock import LockError, acquire
             try:
                 acquire(Path(args.output), args.take_over_lock)

@@ -3,6 +3,7 @@ that names the rank, the block and what to do, stopping every rank."""
 from __future__ import annotations
 
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from .blockap.checkpoint import ResumeError
 from .blockap.trainer import NonFiniteLossError
 from .data.text import DataError
 from .dist.heartbeat import FOLDER as HEARTBEATS, Heartbeat, unfinished_ranks
-from .dist.transport import LocalTransport, PeerFailure, make_transport
+from .dist.launch import LaunchError
+from .dist.startup import check_rendezvous_reachable, check_shared_folder
+from .dist.transport import PeerFailure, make_transport
 from .export.staging import recover
 from .models.loading import ModelLoadError
 from .phases.blockap import blockap_phase
@@ -18,15 +21,28 @@ from .phases.e2e import e2e_phase
 from .phases.evaluation import eval_phase
 from .pipelines.round_robin import Progress
 from .utils.lock import LOCK
+from .utils.settings import trains_e2e
 from .utils.tensors import CheckpointError
 
 
 def run(args) -> int:
-    transport = make_transport() if not args.single_gpu else LocalTransport()
+    transport = make_transport(args.launch)
     progress = Progress()
     out = Path(args.output)
     heartbeat = None
     try:
+        if transport.world > 1:
+            try:
+                check_shared_folder(out, transport, args.launch)
+                if transport.kind == "mpi" and trains_e2e(args):  # torch.distributed forms its group at E2E-QP
+                    check_rendezvous_reachable(args.launch, transport)
+            except LaunchError as err:  # the same verdict on every rank: rank 0 says it
+                if transport.rank == 0:
+                    print(f"eqat-dist: error: {err}", file=sys.stderr, flush=True)
+                return 2
+            if transport.rank == 0:
+                print(f"[launch] {transport.world} ranks over {transport.kind} on {args.launch.nodes} node(s), "
+                      f"rendezvous {args.launch.master_addr}:{args.launch.master_port}", flush=True)
         if transport.rank == 0:
             for line in recover(out):  # an export a kill cut short: finish its move or drop it
                 print(f"[resume] {line}", flush=True)

@@ -11,16 +11,20 @@ from ..models.blocks import BlockCall, run_block
 from ..models.quantize import packed_skeleton, to_fake_quant, to_packed
 from ..quant import QuantConfig
 from .checkpoint import load_block
+from .feed import Feed, batches_of
 
 
 @torch.no_grad()
-def advance(block: nn.Module, source, target, call: BlockCall, batch_size: int, amp_dtype=None) -> None:
-    """target[i] = block(source[i]) for every row; source and target may be the same store."""
-    device_type = next(block.parameters()).device.type
-    for start in range(0, len(source), batch_size):
-        idx = list(range(start, min(start + batch_size, len(source))))
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            target.put(idx, run_block(block, source.get(idx), call))
+def advance(block: nn.Module, source, target, call: BlockCall, batch_size: int, amp_dtype=None,
+            rows: tuple[int, int] | None = None) -> None:
+    """target[i] = block(source[i]) for every row (or rows a..b); source and target may be the same
+    store. The next batch is read while this one computes; the outputs are written behind."""
+    device = next(block.parameters()).device
+    a, b = rows or (0, len(source))
+    batches = [[a + i for i in batch] for batch in batches_of(b - a, batch_size)]
+    for idx, (x,) in zip(batches, Feed([source], batches, device)):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            target.put(idx, run_block(block, x, call))
 
 
 def make_student(fp_block: nn.Module, cfg: QuantConfig, device) -> nn.Module:

@@ -1,9 +1,22 @@
-"""Activation stores for the teacher (full-precision) and student streams: on the accelerator, in
-CPU memory (pinned when a GPU will read it) or on disk (memory-mapped). Same interface, same bits."""
+"""Activation stores for the teacher (full-precision) and student streams: on the accelerator, in host
+memory, or on disk. Same interface, same bits.
+
+Host and disk stores are plain (pageable) memory or files. A GPU never reads them directly: rows go
+through small pinned staging buffers (blockap/feed.py), which is what makes copies asynchronous, and
+keeps the big stores out of PyTorch's pinned allocator (it rounds every block up to a power of two: a
+65 GB store would pin 128 GB). Writes from a GPU are written behind: the rows are copied to a pinned
+slot on the compute stream and stored by a helper thread while the GPU goes on; every read waits for
+the writes before it (`flush`).
+
+Disk stores have fixed file names per run and rank, so a resumed run reuses the files of the run it
+resumes instead of adding new ones (at 70B a node's stores are terabytes).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
-import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,73 +25,189 @@ import torch
 PLACEMENTS = ("gpu", "cpu", "disk")
 
 
+def _runs(index: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, rows, position in `index`) for each run of consecutive rows: one read per run."""
+    runs = []
+    for pos, row in enumerate(index):
+        if runs and row == runs[-1][0] + runs[-1][1] and pos == runs[-1][2] + runs[-1][1]:
+            first, count, start = runs[-1]
+            runs[-1] = (first, count + 1, start)
+        else:
+            runs.append((row, 1, pos))
+    return runs
+
+
+def store_prefix(run_folder: str | os.PathLike) -> str:
+    """File-name prefix of one run's disk stores: the same for a resumed run, another for another run
+    sharing the folder (an --activations-dir on a node's scratch disk)."""
+    return "eqat-" + hashlib.sha1(str(Path(run_folder).resolve()).encode()).hexdigest()[:10]
+
+
+def remove_stale_stores(folder: str | os.PathLike, prefix: str) -> list[Path]:
+    """Delete this run's store files left by a killed run (called before any rank opens its own)."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(f"{prefix}-*.bin")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 class ActivationStore:
-    """`count` activations of shape [seqlen, hidden], read and written by batches of indices."""
+    """`count` activations of shape [seqlen, hidden], read and written by rows."""
 
     def __init__(self, count: int, seqlen: int, hidden: int, dtype: torch.dtype, placement: str,
                  device: torch.device, disk_dir: str | os.PathLike | None = None, name: str = "acts"):
         if placement not in PLACEMENTS:
-            raise ValueError(f"--activations {placement!r}: use one of {', '.join(PLACEMENTS)}")
+            raise ValueError(f"activation placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if placement == "gpu" and torch.device(device).type == "cpu":
-            raise ValueError("--activations gpu needs a GPU; use --activations cpu or disk on this machine")
-        self.count, self.shape, self.dtype, self.device, self.placement = count, (seqlen, hidden), dtype, device, placement
+            raise ValueError("activations on the GPU need a GPU; keep them in host memory or on disk on this machine")
+        self.count, self.shape, self.dtype, self.placement = count, (seqlen, hidden), dtype, placement
+        self.device = torch.device(device)
         self._item_bytes = seqlen * hidden * torch.tensor([], dtype=dtype).element_size()
-        self._file = None
+        self._file = self._fd = None
+        self._writes: list[Future] = []  # rows written behind, not yet known to be stored
+        self._writes_lock = threading.Lock()  # a feed's helper thread flushes while this one writes
+        self._writer = None  # the helper thread of written-behind rows (GPU -> host), made on first use
+        self._slots: list[torch.Tensor | None] = [None, None]  # pinned buffers the rows are copied into
+        self._slot_writes: list[Future | None] = [None, None]  # each buffer's last store
+        self._next_slot = 0
         if placement == "gpu":
             self._data = torch.empty(count, seqlen, hidden, dtype=dtype, device=device)
         elif placement == "cpu":
-            pin = torch.device(device).type == "cuda"
-            self._data = torch.empty(count, seqlen, hidden, dtype=dtype, pin_memory=pin)
+            self._data = torch.empty(count, seqlen, hidden, dtype=dtype)
         else:
-            folder = Path(disk_dir or tempfile.gettempdir())
+            folder = Path(disk_dir or ".")
             folder.mkdir(parents=True, exist_ok=True)
-            fd, self._file = tempfile.mkstemp(prefix=f"{name}-", suffix=".bin", dir=folder)
-            os.close(fd)
-            self._mm = np.memmap(self._file, dtype=np.uint8, mode="w+", shape=(max(count, 1), self._item_bytes))
+            self._file = folder / f"{name}.bin"
+            self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, max(count, 1) * self._item_bytes)  # sparse until written
+            self._mm = np.memmap(self._file, dtype=np.uint8, mode="r+", shape=(max(count, 1), self._item_bytes))
 
     @property
     def nbytes(self) -> int:
         return self.count * self._item_bytes
 
+    @property
+    def on_host(self) -> bool:
+        return self.placement != "gpu"
+
     def __len__(self) -> int:
         return self.count
 
-    def get(self, index) -> torch.Tensor:
-        """Rows `index` (list of ints) on the compute device."""
-        if self.placement == "disk":
-            rows = torch.from_numpy(np.ascontiguousarray(self._mm[list(index)]))
-            return rows.view(self.dtype).reshape(len(index), *self.shape).to(self.device)
-        return self._data[list(index)].to(self.device, non_blocking=True)
-
-    def put(self, index, values: torch.Tensor) -> None:
-        values = values.detach().to(self.dtype)
-        if self.placement == "disk":
-            raw = values.cpu().contiguous().reshape(len(index), -1).view(torch.uint8).numpy()
-            self._mm[list(index)] = raw
+    # -- reading ---------------------------------------------------------------------------------
+    def read_into(self, index: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Host rows `index` into the host tensor `out` ([len(index), seqlen, hidden], contiguous):
+        a gather for memory stores, one positioned read per run of consecutive rows for disk stores."""
+        self.flush()
+        if self.placement == "cpu":
+            torch.index_select(self._data, 0, torch.tensor(index, dtype=torch.long), out=out)
+        elif self.placement == "disk":
+            raw = out.view(torch.uint8).reshape(len(index), self._item_bytes).numpy()
+            for first, count, pos in _runs(index):
+                view, offset = memoryview(raw[pos:pos + count]).cast("B"), first * self._item_bytes
+                done = 0
+                while done < len(view):  # one read returns at most about 2 GB on Linux
+                    n = os.preadv(self._fd, [view[done:]], offset + done)
+                    if n <= 0:
+                        raise OSError(f"{self._file}: short read at row {first}")
+                    done += n
         else:
-            self._data[list(index)] = values.to(self._data.device)
+            raise ValueError("read_into is for host stores")
+        return out
+
+    def get(self, index) -> torch.Tensor:
+        """Rows `index` (list of ints) on the compute device (synchronous: training reads through
+        blockap/feed.py, which overlaps the copies with compute)."""
+        index = list(index)
+        if self.placement == "gpu":
+            self.flush()
+            return self._data[index]
+        rows = self.read_into(index, torch.empty(len(index), *self.shape, dtype=self.dtype))
+        return rows.to(self.device)
 
     def host_rows(self, a: int, b: int) -> torch.Tensor | None:
-        """Rows a..b as a writable CPU tensor sharing the store's memory (a receive can land there
-        directly), or None when the rows live on a GPU."""
+        """Rows a..b as a CPU tensor sharing the store's memory (a receive lands there directly, a send
+        reads from there), or None when the rows live on a GPU. Pending writes are finished first."""
+        self.flush()
         if self.placement == "cpu":
             return self._data[a:b]
         if self.placement == "disk":
             return torch.from_numpy(self._mm[a:b]).view(self.dtype).reshape(b - a, *self.shape)
         return None
 
-    def copy_from(self, other: "ActivationStore", batch: int = 8) -> None:
-        for start in range(0, self.count, batch):
-            idx = list(range(start, min(start + batch, self.count)))
-            self.put(idx, other.get(idx))
+    # -- writing ---------------------------------------------------------------------------------
+    def put(self, index, values: torch.Tensor) -> None:
+        index = list(index)
+        values = values.detach().to(self.dtype)
+        if self.placement == "gpu":
+            self._data[index] = values.to(self._data.device)
+        elif values.is_cuda:
+            self._write_behind(index, values)
+        else:
+            self._write(index, values.contiguous())
+
+    def _write(self, index: list[int], rows: torch.Tensor) -> None:
+        if not index:
+            return
+        if self.placement == "cpu":
+            if index == list(range(index[0], index[0] + len(index))):
+                self._data[index[0]:index[0] + len(index)].copy_(rows)
+            else:
+                self._data[index] = rows
+            return
+        raw = rows.view(torch.uint8).reshape(len(index), self._item_bytes).numpy()
+        for first, count, pos in _runs(index):
+            view, offset = memoryview(raw[pos:pos + count]).cast("B"), first * self._item_bytes
+            done = 0
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done)
+
+    def _write_behind(self, index: list[int], values: torch.Tensor) -> None:
+        """Copy the rows to a free pinned slot on the compute stream (asynchronous), and have the helper
+        thread store them once the copy is done. Two slots: the GPU copies into one while the thread
+        stores the other."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eqat-store-write")
+        slot, self._next_slot = self._next_slot, 1 - self._next_slot
+        if self._slot_writes[slot] is not None:
+            self._slot_writes[slot].result()  # that slot's last rows are stored: its buffer is free
+        buffer = self._slots[slot]
+        if buffer is None or buffer.shape[0] < len(index):
+            buffer = self._slots[slot] = torch.empty(len(index), *self.shape, dtype=self.dtype, pin_memory=True)
+        rows = buffer[:len(index)]
+        rows.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        write = self._slot_writes[slot] = self._writer.submit(self._store_when_copied, index, rows, event)
+        with self._writes_lock:
+            self._writes.append(write)
+
+    def _store_when_copied(self, index, rows, event) -> None:
+        event.synchronize()
+        self._write(index, rows)
+
+    def flush(self) -> None:
+        """Wait for the rows written behind (a failed write raises here)."""
+        with self._writes_lock:
+            writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
 
     def close(self) -> None:
-        if self._file:
-            del self._mm
-            os.unlink(self._file)
-            self._file = None
-        else:
-            self._data = None
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+            self._slots = [None, None]
+            if self._file is not None:
+                del self._mm
+                os.close(self._fd)
+                os.unlink(self._file)
+                self._file = None
+            else:
+                self._data = None
 
     def __del__(self):
         try:

@@ -16,6 +16,11 @@ from torch import nn
 from ..models.blocks import BlockCall, run_block
 from ..models.quantize import quant_linears
 from ..utils.memory import peak_memory_mib
+from .feed import Feed, batches_of
+
+# Steps between two reads of the losses on the host: every read waits for the GPU, so they are
+# collected on the device and read (checked, logged) together.
+READ_EVERY = 16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,20 +99,53 @@ def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | Non
     return cosine_factor(step - restart_at, total - restart_at, min_lr_factor)
 
 
-def _batches(count: int, batch_size: int):
-    return [list(range(s, min(s + batch_size, count))) for s in range(0, count, batch_size)]
-
-
 @torch.no_grad()
 def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype) -> float:
-    total, n = 0.0, 0
-    device_type = next(block.parameters()).device.type
-    for idx in _batches(len(inputs), batch_size):
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = run_block(block, inputs.get(idx), call)
-        total += nn.functional.mse_loss(out.float(), targets.get(idx).float(), reduction="sum").item()
+    device = next(block.parameters()).device
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    for x, y in Feed([inputs, targets], batches_of(len(inputs), batch_size), device):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = run_block(block, x, call)
+        total += nn.functional.mse_loss(out.float(), y.float(), reduction="sum").double()  # one read, at the end
         n += out.numel()
-    return total / max(n, 1)
+    return total.item() / max(n, 1)
+
+
+class _StepValues:
+    """Each step's loss and gradient norm, kept on the device and read every READ_EVERY steps (and at
+    the end of an epoch): checked for finiteness, logged, shown on the progress bar."""
+
+    def __init__(self, report, index: int, log, progress):
+        self.report, self.index, self.log, self.progress = report, index, log, progress
+        self.pending = []  # (step, epoch, loss, grad norm, learning rates)
+
+    def add(self, step: int, epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor, lrs: dict) -> None:
+        self.pending.append((step, epoch, loss.detach(), grad_norm.detach(), lrs))
+        if len(self.pending) >= READ_EVERY:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, _, loss, norm, _ in self.pending]).tolist()
+        for (step, epoch, _, _, lrs), (loss, norm) in zip(self.pending, values):
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"Block-AP: non-finite loss ({loss}) at block {self.index}, epoch {epoch}, step {step}. "
+                    "Finished blocks are saved, but they belong to these settings: the same command would fail "
+                    "the same way, so start again with --overwrite and a lower --quant-lr/--weight-lr (or "
+                    "--dtype float32).")
+            if step == 0:
+                self.report.train_loss_first = loss
+            self.report.train_loss_last = loss
+            if self.log:
+                self.log("train_loss", loss, step)
+                self.log("grad_norm", norm, step)
+                for name, lr in lrs.items():
+                    self.log(f"lr_{name}", lr, step)
+        if self.progress is not None:
+            self.progress.set_postfix(block=self.index, loss=f"{values[-1][0]:.3g}")
+        self.pending = []
 
 
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
@@ -130,7 +168,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     scaler = torch.amp.GradScaler(device.type, enabled=amp_on and amp == torch.float16)
     groups = param_groups(block, settings)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    batches = _batches(len(inputs), settings.batch_size)
+    batches = batches_of(len(inputs), settings.batch_size)
     total = settings.epochs * len(batches)
     restart_at = switch_at if settings.restart_at_switch and switch is not None else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -142,28 +180,26 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     report.loss_before = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
     block.train()
     for epoch in range(settings.epochs):
         order = torch.randperm(len(inputs), generator=gen).tolist()
-        for batch in _batches(len(inputs), settings.batch_size):
+        epoch_batches = [[order[i] for i in batch] for batch in batches]
+        feed = iter(Feed([inputs, targets], epoch_batches, device))  # the next batch copies during this one
+        for position in range(len(epoch_batches)):
             if step == switch_at and switch is not None:
                 waited = time.perf_counter()
                 inputs, val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
                 report.loss_at_switch = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
-            idx = [order[i] for i in batch]
-            x, y = inputs.get(idx), targets.get(idx)
+                feed.close()
+                feed = iter(Feed([inputs, targets], epoch_batches[position:], device))
+            x, y = next(feed)
             with torch.autocast(device.type, dtype=amp, enabled=amp_on):
                 out = run_block(block, x, call)
             loss = nn.functional.mse_loss(out.float(), y.float())
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"Block-AP: non-finite loss ({loss.item()}) at block {index}, epoch {epoch}, step {step}. "
-                    "Finished blocks are saved, but they belong to these settings: the same command would fail "
-                    "the same way, so start again with --overwrite and a lower --quant-lr/--weight-lr (or "
-                    "--dtype float32).")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
@@ -174,21 +210,13 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             scaler.update()
             schedule.step()
             tokens += x.shape[0] * x.shape[1]
-            value = loss.item()
-            if step == 0:
-                report.train_loss_first = value
-            report.train_loss_last = value
-            if log:
-                log("train_loss", value, step)
-                log("grad_norm", float(grad_norm), step)
-                for name, lr in lrs.items():
-                    log(f"lr_{name}", lr, step)
+            values.add(step, epoch, loss, grad_norm, lrs)
             if on_step is not None:
                 on_step()
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(block=index, loss=f"{value:.3g}")
             step += 1
+        values.read()
         if has_val:
             val = eval_loss(block, val_inputs, val_targets, call, settings.batch_size, amp)
             report.val_losses.append(val)

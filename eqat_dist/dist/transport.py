@@ -60,6 +60,10 @@ class Transport:
     def barrier(self) -> None:
         pass
 
+    def allgather_object(self, obj) -> list:
+        """Every rank's small picklable `obj`, in rank order (start-up checks, not activations)."""
+        return [obj]
+
     def fail(self, message: str) -> None:
         """Report a fatal error of this rank and bring the whole job down quickly."""
         print(message, file=sys.stderr, flush=True)
@@ -130,6 +134,10 @@ class MPITransport(Transport):
     def barrier(self):
         self._wait([self.comm.Ibarrier()])
 
+    def allgather_object(self, obj):
+        self.barrier()  # wait by polling (signals, the watchdog); the gather itself is then quick
+        return self.comm.allgather(obj)
+
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)
         self.comm.Abort(1)  # every rank stops now, not at a timeout
@@ -150,8 +158,7 @@ class TorchTransport(Transport):
 
         self.dist = dist
         default, host = backends(torch.cuda.is_available())
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if not dist.is_initialized():  # MASTER_ADDR/PORT: from the launcher (dist/launch.py checked them)
             dist.init_process_group(default)
         # Its own group, with a timeout no export or evaluation outlasts: the other ranks wait in its
         # barrier while rank 0 exports and evaluates (hours at 70B). A dead peer still shows at once
@@ -212,33 +219,22 @@ class TorchTransport(Transport):
             raise PeerFailure(f"a peer rank failed before the barrier ({str(err).splitlines()[0][:200]})") from err
         self._wait(work, "a peer rank failed before the barrier")
 
+    def allgather_object(self, obj):
+        self.barrier()
+        gathered = [None] * self.world
+        self.dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)
         os._exit(1)  # peers blocked on us see the connection drop and stop too
 
 
-def mpi_world_size() -> int:
-    """Size of the MPI world this process was launched in (1 without an MPI launcher)."""
-    if not any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
-        return 1
-    from mpi4py import MPI
-    return MPI.COMM_WORLD.Get_size()
-
-
-def make_transport() -> Transport:
-    """MPI when launched by an MPI launcher, torch.distributed under the plain deepspeed/torchrun
-    launcher (WORLD_SIZE > 1), else one local process."""
-    if mpi_world_size() > 1:
-        transport = MPITransport()
-        # DeepSpeed/torch code later in the run reads these. The communicator is the truth: a RANK or
-        # WORLD_SIZE left in the environment (a shell, an outer job) would make two ranks both rank 0.
-        os.environ["RANK"] = str(transport.rank)
-        os.environ["WORLD_SIZE"] = str(transport.world)
-        os.environ["LOCAL_RANK"] = os.environ.get("MPI_LOCALRANKID", str(transport.rank))
-        # keep all traffic on loopback unless told otherwise
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        return transport
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return TorchTransport()
-    return LocalTransport()
+def make_transport(launch) -> Transport:
+    """MPI when an MPI launcher started several ranks, torch.distributed under the deepspeed/torchrun
+    launcher, else one local process. `launch` (dist/launch.py) is already exported to the environment."""
+    if launch.world == 1:
+        return LocalTransport()
+    if launch.uses_mpi:
+        return MPITransport()
+    return TorchTransport()

@@ -19,12 +19,14 @@ from .ds_config import accumulation_steps, read_ds_config
 
 
 def init_distributed() -> None:
+    """The default process group (DeepSpeed's), from the RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT that dist/launch.py exported at start-up (all five: DeepSpeed then skips its own
+    discovery, which would dial loopback under MPI)."""
     import deepspeed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        os.environ.setdefault(var, default)
+    missing = [v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"{', '.join(missing)} not set: the launch environment was not settled (dist/launch.py)")
     from ..dist.transport import backends
     deepspeed.init_distributed(dist_backend=backends(torch.cuda.is_available())[0])
 

@@ -7,6 +7,7 @@ kernels run on CPU tensors in Triton's interpreter, which is how the tests check
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -23,3 +24,12 @@ def available() -> bool:
 def enabled_for(tensor: torch.Tensor) -> bool:
     """Whether a layer computing on `tensor` should use the kernels."""
     return tensor.is_cuda and os.environ.get("EQAT_KERNELS", "1") != "0" and available()
+
+
+def on_device_of(tensor: torch.Tensor):
+    """The context every kernel launch runs in: Triton launches on the *current* CUDA device and its
+    stream, so a rank whose tensors live on cuda:3 must launch with cuda:3 current (else the kernel
+    runs on GPU 0: an illegal access, or a race with the rank that owns GPU 0)."""
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

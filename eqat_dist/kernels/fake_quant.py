@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device_of
+
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
 
 
@@ -39,7 +41,7 @@ def _step_and_zero(s_ptr, z_ptr, offs, mask, qmax):
 @triton.jit
 def _fq_fwd(w_ptr, s_ptr, z_ptr, out_ptr, rows, cols, groups, group, qmax,
             BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # r * cols may pass 2^31
     g = tl.program_id(1)
     rmask = r < rows
     s, z = _step_and_zero(s_ptr, z_ptr, r * groups + g, rmask, qmax)
@@ -57,7 +59,7 @@ def _fq_fwd(w_ptr, s_ptr, z_ptr, out_ptr, rows, cols, groups, group, qmax,
 @triton.jit
 def _fq_bwd(w_ptr, s_ptr, z_ptr, g_ptr, dw_ptr, ds_ptr, dz_ptr, rows, cols, groups, group, qmax,
             BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     gi = tl.program_id(1)
     rmask = r < rows
     s, z = _step_and_zero(s_ptr, z_ptr, r * groups + gi, rmask, qmax)
@@ -92,7 +94,8 @@ class FakeQuantize(torch.autograd.Function):
         out = torch.empty_like(w)
         block_r, block_g = _blocks(group)
         grid = (triton.cdiv(rows, block_r), cols // group)
-        _fq_fwd[grid](w, s, z, out, rows, cols, cols // group, group, float(qmax), BLOCK_R=block_r, BLOCK_G=block_g)
+        with on_device_of(w):
+            _fq_fwd[grid](w, s, z, out, rows, cols, cols // group, group, float(qmax), BLOCK_R=block_r, BLOCK_G=block_g)
         ctx.save_for_backward(w, s, z)
         ctx.qmax, ctx.group = qmax, group
         return out
@@ -106,8 +109,9 @@ class FakeQuantize(torch.autograd.Function):
         ds = torch.empty(rows, groups, dtype=torch.float32, device=w.device)
         dz = torch.empty_like(ds)
         block_r, block_g = _blocks(ctx.group)
-        _fq_bwd[(triton.cdiv(rows, block_r), groups)](w, s, z, grad.contiguous(), dw, ds, dz, rows, cols, groups,
-                                                     ctx.group, float(ctx.qmax), BLOCK_R=block_r, BLOCK_G=block_g)
+        with on_device_of(w):
+            _fq_bwd[(triton.cdiv(rows, block_r), groups)](w, s, z, grad.contiguous(), dw, ds, dz, rows, cols, groups,
+                                                         ctx.group, float(ctx.qmax), BLOCK_R=block_r, BLOCK_G=block_g)
         return dw, ds.to(s.dtype), dz.to(z.dtype), None, None
 
 

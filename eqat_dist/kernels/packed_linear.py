@@ -18,6 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device_of
+
+
+@triton.jit
+def _wide(rows):
+    """Row indices as int64: row * width is an element offset, and tokens x width passes 2^31 (about
+    75k tokens at Llama-2-70B's 28672) where int32 would wrap to a wrong address."""
+    return rows.to(tl.int64)
+
 
 @triton.jit
 def _unpack(ptr, row, col, row_stride, rows_words, bits: tl.constexpr, mask):
@@ -48,7 +57,7 @@ def _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits: tl.constexpr, m
 def _forward(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, group, bits: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = _wide(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -68,7 +77,7 @@ def _forward(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, group, bits: t
 def _grad_input(dy_ptr, qw_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, group, bits: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
              PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = _wide(tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -96,7 +105,7 @@ def _grad_scales(x_ptr, dy_ptr, qw_ptr, qz_ptr, ds_ptr, M, N, K, group, bits: tl
         kmask = (k < g * group + group) & (k < K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
-            m = m0 + tl.arange(0, BLOCK_M)
+            m = _wide(m0 + tl.arange(0, BLOCK_M))
             dy = tl.load(dy_ptr + m[:, None] * N + n[None, :], mask=(m[:, None] < M) & (n[None, :] < N), other=0.0)
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m[:, None] < M) & kmask[None, :], other=0.0)
             if DOT_F32:
@@ -128,9 +137,11 @@ def _forward_2d(x2, qweight, qzeros, scales, bias, bits, group):
     N = scales.shape[1]
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     bm, bn, bk = _tiles(M)
-    _forward[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x2, qweight, qzeros, scales, bias if bias is not None else scales, y, M, N, K, group, bits=bits,
-        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
+    with on_device_of(x2):
+        _forward[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            x2, qweight, qzeros, scales, bias if bias is not None else scales, y, M, N, K, group, bits=bits,
+            HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(x2),
+            DOT_F32=_dot_f32(x2))
     return y
 
 
@@ -155,18 +166,19 @@ class PackedLinearFunction(torch.autograd.Function):
         dy = grad.reshape(-1, N).contiguous().to(x2.dtype)
         dx = ds = None
         bm, bn, bk = _tiles(M)
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x2)
-            _grad_input[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
-                dy, qweight, qzeros, scales, dx, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
-            dx = dx.reshape(ctx.shape)
-        if ctx.needs_input_grad[3]:
-            ds = torch.empty(scales.shape, dtype=torch.float32, device=scales.device)
-            _grad_scales[(triton.cdiv(N, bn), K // ctx.group)](
-                x2, dy, qweight, qzeros, ds, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
-            ds = ds.to(scales.dtype)
+        with on_device_of(x2):
+            if ctx.needs_input_grad[0]:
+                dx = torch.empty_like(x2)
+                _grad_input[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+                    dy, qweight, qzeros, scales, dx, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=bk, PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
+                dx = dx.reshape(ctx.shape)
+            if ctx.needs_input_grad[3]:
+                ds = torch.empty(scales.shape, dtype=torch.float32, device=scales.device)
+                _grad_scales[(triton.cdiv(N, bn), K // ctx.group)](
+                    x2, dy, qweight, qzeros, ds, M, N, K, ctx.group, bits=ctx.bits, BLOCK_M=bm, BLOCK_N=bn,
+                    BLOCK_K=bk, PRECISION=_precision(x2), DOT_F32=_dot_f32(x2))
+                ds = ds.to(scales.dtype)
         return dx, None, None, ds, None, None, None
 
 

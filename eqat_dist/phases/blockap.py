@@ -16,10 +16,10 @@ from ..export.staging import publish, staged
 from ..export.streaming import write_packed_blocks
 from ..models.lazy import LazyModel
 from ..models.quantize import check_model, to_fake_quant, to_packed
+from ..blockap.stores import store_prefix
 from ..pipelines.round_robin import StreamSpec, restored_blocks, run_blockap
 from ..utils.monitor import Monitor, summary_table
 from ..utils.settings import DTYPES, run_settings
-from . import rank_device
 from .evaluation import evaluate, evaluate_fp, log_eval, write_results
 
 
@@ -34,7 +34,7 @@ def blockap_phase(args, transport, progress, out: Path) -> int:
         args.correction_fraction = default_correction(out / "blockap", transport.world)
     if args.correction_lr is None and args.student_input == "pipelined":
         args.correction_lr = _from_manifest(out / "blockap", "correction_lr") or "continue"
-    device = rank_device(args, transport)
+    device = args.device  # this rank's, made current at start-up (dist/launch.bind_device)
     t_start = time.time()
     source = LazyModel(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -62,7 +62,8 @@ def blockap_phase(args, transport, progress, out: Path) -> int:
                                    amp_dtype=args.amp_dtype, seed=args.seed,
                                    restart_at_switch=args.correction_lr != "continue")
         streams = StreamSpec(args.activations, torch.float32 if args.amp_dtype is None else args.amp_dtype,
-                             Path(args.activations_dir) if args.activations_dir else out / "acts")
+                             Path(args.activations_dir) if args.activations_dir else out / "acts",
+                             prefix=store_prefix(out), remove_stale=args.launch.local_rank == 0)
         if transport.rank == 0:
             print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {args.seqlen} tokens from "
                   f"'{args.calib_dataset}', {args.epochs} epochs, batch {args.batch_size}, {args.qcfg.tag()}, "

@@ -15,7 +15,6 @@ from ..export.streaming import write_e2e_blocks
 from ..models.blocks import blocks_name
 from ..utils.monitor import Monitor
 from ..utils.settings import DTYPES
-from . import rank_device
 from .evaluation import evaluate, log_eval, write_results
 
 
@@ -30,7 +29,7 @@ def e2e_phase(args, transport, progress, out: Path, from_dir: Path) -> int:
     progress.block, progress.phase = None, "E2E-QP setup"
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = rank_device(args, transport)
+    device = args.device  # this rank's, made current at start-up (dist/launch.bind_device)
     bf16 = device.type == "cuda" if args.dtype == "auto" else args.dtype == "bfloat16"
     ds_config, accum = load_ds_config(args.ds_config, args.e2e_micro_batch, args.e2e_global_batch, world,
                                       args.e2e_max_grad_norm, bf16)

@@ -31,10 +31,9 @@ from tqdm.auto import tqdm
 
 from ..blockap.checkpoint import finished_blocks, open_run, save_block
 from ..blockap.steps import advance, finish_student, make_student, restore_block
-from ..blockap.stores import ActivationStore, describe_memory
+from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
 from ..dist.transport import LocalTransport, Transport
-from ..models.blocks import run_block
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
@@ -48,6 +47,8 @@ class StreamSpec:
     placement: str = "cpu"  # gpu | cpu | disk
     dtype: torch.dtype = torch.float32
     disk_dir: Path | None = None
+    prefix: str = "eqat"  # disk stores: file names of this run (stores.store_prefix), the same on resume
+    remove_stale: bool = False  # disk stores: this rank removes the run's files a killed run left (one per node)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class _Rank:
 
         def store(n, name):
             return ActivationStore(n, seqlen, hidden, streams.dtype, streams.placement, self.device,
-                                   streams.disk_dir, f"{name}-r{transport.rank}")
+                                   streams.disk_dir, f"{streams.prefix}-{name}-r{transport.rank}")
 
         other = "q" if self.mode == "student" else "fp-out"
         self.fp = {k: store(len(v), f"fp-{k}") for k, v in splits.items()}
@@ -122,7 +123,10 @@ class _Rank:
         store.put(list(range(a, b)), buf)
 
     def _send_from(self, store: ActivationStore, a: int, b: int, dst: int, tag: int) -> None:
-        self.t.send(store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
+        """Rows a..b to `dst`, straight from the store's host memory (unchanged until wait_sends, which
+        every block calls before its stores are rewritten); a GPU store's rows come through the host."""
+        rows = store.host_rows(a, b)
+        self.t.send(rows if rows is not None else store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
 
     def teacher_stream(self, i: int, fp_block, call) -> None:
         """fp input of block i (embedded, received, or already here) -> fp output, sent on chunk by chunk."""
@@ -139,11 +143,7 @@ class _Rank:
                         self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
                 elif remote_in:
                     self._recv_into(fp_in, a, b, src, _tag(i, 0, s))
-                for c, d in _chunks(b - a, self.bs):
-                    idx = list(range(a + c, a + d))
-                    with torch.no_grad(), torch.autocast(self.device.type, dtype=self.settings.amp_dtype,
-                                                         enabled=self.settings.amp_dtype is not None):
-                        fp_out.put(idx, run_block(fp_block, fp_in.get(idx), call))
+                advance(fp_block, fp_in, fp_out, call, self.bs, self.settings.amp_dtype, rows=(a, b))
                 if remote_out:
                     self._send_from(fp_out, a, b, dst, _tag(i + 1, 0, s))
                 self.t.poll()
@@ -291,6 +291,10 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     ckpt_dir = Path(ckpt_dir)
     if transport.rank == 0:
         open_run(ckpt_dir, run_settings)
+    if streams.placement == "disk" and streams.remove_stale:
+        stale = remove_stale_stores(streams.disk_dir, streams.prefix)
+        if stale:
+            log(f"[resume] removed {len(stale)} activation store file(s) a stopped run left in {streams.disk_dir}")
     transport.barrier()
     if transport.rank != 0:
         open_run(ckpt_dir, run_settings)  # checks the manifest rank 0 wrote or found

@@ -12,11 +12,10 @@ from pathlib import Path
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
-from .launcher import world_size
 from ..utils.settings import trains_e2e
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
-           "host_memory", "settings_from_args", "this_machine", "to_json", "world_size"]
+           "host_memory", "settings_from_args", "this_machine", "to_json"]
 
 
 def _ds_stage_offload(ds_config: str) -> tuple[int, bool]:
@@ -64,7 +63,7 @@ def host_memory() -> float:
 def this_machine(output: str) -> Machine:
     import torch
 
-    gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None
     folder = Path(output).expanduser().resolve()
     while not folder.exists():
         folder = folder.parent

@@ -63,6 +63,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.enabled_for(x):  # dequantized tile by tile in registers; no float weight saved (eqat_dist/kernels)
             from ..kernels.packed_linear import packed_linear
+            if torch.is_autocast_enabled(x.device.type):  # autocast does not reach a custom Function by itself:
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # 16-bit tiles go to the tensor cores
             return packed_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.cfg.bits,
                                  self.cfg.effective_group(self.in_features))
         w = self.dequantized_weight().to(x.dtype)
