@@ -276,7 +276,6 @@ def validate(args) -> None:
     check_context(args)
     if trains_e2e(args):
         from .e2e.ds_config import accumulation_steps, read_ds_config
-        from .planning import world_size
         try:
             read_ds_config(args.ds_config)
             accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, 1 if args.single_gpu else from_environ().world)

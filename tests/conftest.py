@@ -36,6 +36,16 @@ def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0, vocab: int =
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """parse_args exports the launch (RANK, WORLD_SIZE, MASTER_PORT, ...) as a run must: undone after
+    each test, so that no later test or launched child inherits a world of 1."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

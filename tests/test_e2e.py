@@ -357,3 +357,25 @@ def test_a_rank_that_dies_in_e2e_stops_the_run_and_keeps_its_checkpoints(rtn_exp
     assert re.search(r"rank 0 failed \(E2E-QP training\): .*run the same command again to resume", output), \
         output[-3000:]
     assert (out / "e2e_ckpt" / "latest").exists() and not (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_bfloat16_run_keeps_16_bit_stores_and_float32_master_weights(rtn_export, tmp_path):
+    """--dtype bfloat16 on the CPU, Block-AP then E2E-QP: the activation stores hold 2 bytes per value,
+    Block-AP's trained weights and E2E-QP's optimizer copies stay float32, and every loss is finite."""
+    out = tmp_path / "bf16"
+    done = subprocess.run([sys.executable, RUN, "--model", str(rtn_export / "fp"), "--wbits", "2", "--group-size", "32",
+                           "--output", str(out), "--epochs", "1", "--train-size", "4", "--val-size", "2", "--seqlen",
+                           "32", "--dtype", "bfloat16", "--e2e-train-size", "8", "--e2e-seqlen", "32",
+                           "--e2e-global-batch", "4", "--e2e-lr", "1e-3", "--eval-datasets", "news", "--zeroshot-tasks",
+                           "", "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval", "--no-tensorboard"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    train_bytes = 4 * 32 * 64 * 2  # windows x tokens x hidden x bf16
+    assert re.search(rf"fp_train {train_bytes / 2**20:.1f} MiB", done.stdout), done.stdout[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    losses = [b[k] for b in results["blocks"] for k in ("loss_before", "loss_after", "train_loss_last")]
+    assert all(map(lambda v: v == v and abs(v) < float("inf"), losses + results["e2e"]["losses"]))
+    assert results["e2e"]["optimizer_dtypes"] == ["torch.float32"]
+    block = export_tensors(tmp_path / "bf16")  # scales written from float32 training, then exported
+    assert any(k.endswith(".scales") for k in block)

@@ -6,7 +6,8 @@ import torch
 triton = pytest.importorskip("triton")
 
 from eqat_dist.kernels.fake_quant import fake_quantize as fused_fake_quantize  # noqa: E402
-from eqat_dist.kernels.packed_linear import packed_linear  # noqa: E402
+from eqat_dist.kernels.packed_linear import _wide, packed_linear  # noqa: E402
+import triton.language as tl  # noqa: E402
 from eqat_dist.quant import QuantConfig  # noqa: E402
 from eqat_dist.quant.fake_quant import QuantLinear, fake_quantize, minmax_init  # noqa: E402
 from eqat_dist.quant.packed_linear import PackedLinear  # noqa: E402
@@ -153,3 +154,108 @@ def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
     assert kernels.enabled_for(OnCuda()) and not kernels.enabled_for(x)
     monkeypatch.setenv("EQAT_KERNELS", "0")  # --no-kernels
     assert not kernels.enabled_for(OnCuda())
+
+
+def test_every_kernel_launches_under_its_tensors_device(monkeypatch):
+    """Triton launches on the current device: each launch must sit inside `on_device_of(tensor)`
+    (torch.cuda.device of the tensor's GPU), or every rank's kernels run on GPU 0. The spy stands in
+    for the guard and every kernel is wrapped to check it is launched inside one for its tensors."""
+    import contextlib
+
+    from eqat_dist.kernels import fake_quant as fq_mod, packed_linear as pl_mod
+
+    inside, launched = [], []
+
+    @contextlib.contextmanager
+    def guard(tensor):
+        inside.append(tensor.device)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    class Checked:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+                assert inside and devices == {inside[-1]}, f"{self.name} launched outside its tensors' device"
+                launched.append(self.name)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for module, names in ((fq_mod, ("_fq_fwd", "_fq_bwd")), (pl_mod, ("_forward", "_grad_input", "_grad_scales"))):
+        monkeypatch.setattr(module, "on_device_of", guard)
+        for name in names:
+            monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
+    cfg = QuantConfig(2, 32)
+    w = torch.randn(8, 64, requires_grad=True)
+    s, z = (t.requires_grad_() for t in minmax_init(w, cfg))
+    fused_fake_quantize(w, s, z, cfg.qmax, 32).sum().backward()
+    layer, g = _packed(4, 32, 32, 64)
+    x = torch.randn(3, 64, requires_grad=True)
+    scales = layer.scales.detach().clone().requires_grad_()
+    packed_linear(x, layer.qweight, layer.qzeros, scales, None, 4, g).sum().backward()
+    assert sorted(launched) == sorted(["_fq_fwd", "_fq_bwd", "_forward", "_grad_input", "_grad_scales"])
+
+
+@triton.jit
+def _offset_of_row_80000(out_ptr, width):
+    row = _wide(tl.program_id(0) * 0 + 80_000 + tl.arange(0, 1))
+    tl.store(out_ptr + tl.arange(0, 1), row * width)
+
+
+def test_row_offsets_are_64_bit():
+    """tokens x width passes 2^31 at about 75k tokens of width 28672: the kernels' row indices are
+    widened before they are multiplied by a width (checked on the helper every kernel uses)."""
+    out = torch.zeros(1, dtype=torch.int64)
+    _offset_of_row_80000[(1,)](out, 28672)
+    assert out.item() == 80_000 * 28672  # 2_293_760_000 > 2^31: an int32 product wraps negative
+
+
+def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation(monkeypatch):
+    """The quantized-stream pass after each block and the evaluation of a packed model run under the
+    training's autocast dtype: the kernel must see 16-bit activations (tensor cores), not float32."""
+    from types import SimpleNamespace
+
+    from eqat_dist import kernels
+    from eqat_dist.blockap.steps import advance
+    from eqat_dist.blockap.stores import ActivationStore
+    from eqat_dist.kernels import packed_linear as pl_mod
+    import copy
+
+    from eqat_dist.models.blocks import decoder_layers, embed, record_block_calls
+    from eqat_dist.models.quantize import to_fake_quant, to_packed
+    from eqat_dist.phases.evaluation import evaluate
+
+    from conftest import tiny_model
+    from transformers import AutoTokenizer
+    from eqat_dist.models.loading import bundled_model_dir
+
+    seen, real = [], pl_mod.packed_linear
+
+    def spy(x, *args):
+        seen.append(x.dtype)
+        return real(x, *args)
+
+    monkeypatch.setattr(kernels, "enabled_for", lambda tensor: True)  # the interpreter stands in for a GPU
+    monkeypatch.setattr(pl_mod, "packed_linear", spy)
+    model = tiny_model("llama", layers=1, vocab=49152)
+    cfg = QuantConfig(4, 32)
+    block = decoder_layers(model)[0]
+    ids = torch.randint(0, 100, (2, 16))
+    _, calls = record_block_calls(model, ids[:1])
+    packed = to_packed(to_fake_quant(copy.deepcopy(block), cfg), cfg, dtype=torch.float32)
+    store = ActivationStore(2, 16, 64, torch.bfloat16, "cpu", torch.device("cpu"))
+    store.put([0, 1], embed(model, ids))
+    advance(packed, store, store, calls[0], 1, torch.bfloat16)
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    decoder_layers(model)[0] = packed
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    args = SimpleNamespace(eval_datasets="news", eval_seqlen=16, eval_max_windows=1, eval_batch_size=1,
+                           zeroshot_tasks=[], zeroshot_limit=None, amp_dtype=torch.bfloat16)
+    evaluate(model, tokenizer, args, torch.device("cpu"), "w4g32")
+    assert seen and set(seen) == {torch.bfloat16}

@@ -86,8 +86,12 @@ def test_a_run_that_will_not_fit_is_refused_before_any_work(tmp_path):
 def test_without_activations_flag_the_stores_go_to_disk_when_they_exceed_the_host_budget(tmp_path, monkeypatch):
     from eqat_dist.cli import choose_activations, parse_args
 
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    from eqat_dist.dist.launch import free_port
+
+    monkeypatch.setenv("WORLD_SIZE", "8")  # rank 0 of 8 on one node, as torchrun would start it
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     model = tmp_path / "llama-2-70b"  # its config.json: all the checks and the plan read
     model.mkdir()
     (model / "config.json").write_text((ROOT / "eqat_dist" / "planning" / "configs" / "llama-2-70b.json").read_text())

@@ -52,7 +52,7 @@ def _reference_logprob(model, tok, context: str, continuation: str) -> float:
 def test_harness_accuracy_is_the_argmax_of_reference_logprobs():
     tok = _tokenizer()
     model = tiny_model("llama", vocab=len(tok))
-    result = zero_shot(model, tok, ["arc_easy", "winogrande"], "cpu", limit=10, batch_size=4)
+    result = zero_shot(model, tok, ["arc_easy", "winogrande"], limit=10, batch_size=4)
     docs = datasets.Dataset.from_file(_bundled_files("arc_easy")[0])
     hits, hits_norm = [], []
     with torch.no_grad():

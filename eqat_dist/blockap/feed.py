@@ -27,15 +27,18 @@ class Uploader:
         return torch.empty(shape, dtype=dtype, pin_memory=True)
 
     def on_copy_stream(self):
-        return torch.cuda.stream(self.stream)
+        return torch.cuda.stream(self.stream)  # (torch.cuda.stream also makes the stream's device current)
+
+    def record(self):
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
 
     def upload(self, host: torch.Tensor):
         """(device tensor, event after its copy), the copy started on the copy stream."""
-        with torch.cuda.device(self.device), self.on_copy_stream():
+        with self.on_copy_stream():
             moved = host.to(self.device, non_blocking=True)  # from pinned memory: asynchronous
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return moved, event
+            return moved, self.record()
 
     def use(self, tensors, event) -> None:
         """Make the compute stream wait for the copy, and tell the allocator who uses the memory."""

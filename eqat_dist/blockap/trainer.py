@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.blocks import BlockCall, run_block
 from ..models.quantize import quant_linears
-from ..utils.memory import peak_memory_mib
+from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .feed import Feed, batches_of
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
@@ -178,8 +178,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     has_val = len(val_inputs) > 0
     check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
     report.loss_before = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
     block.train()
@@ -228,7 +227,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0
     report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
     peaks = peak_memory_mib(device)
-    report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else process peak RSS
+    report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else peak RSS (this block's)
     for p in block.parameters():
         p.requires_grad_(False)
     return report

@@ -103,9 +103,11 @@ def from_environ(env=None) -> Launch:
         local, local_world = _int(env, "LOCAL_RANK"), _int(env, "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
         node, nodes = _int(env, "CROSS_RANK", "GROUP_RANK"), _int(env, "CROSS_SIZE", "GROUP_WORLD_SIZE")
     else:
-        return Launch("none", master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"))
+        kind, rank, world = "none", 0, 1
     rank = rank or 0
     world = world or (rank + 1)
+    if world == 1:  # one process (RANK=0 WORLD_SIZE=1 left by a launcher or a shell says the same)
+        return Launch("none", master_addr=env.get("MASTER_ADDR"), master_port=_int(env, "MASTER_PORT"))
     if not 0 <= rank < world:
         raise LaunchError(f"the {kind} launcher says rank {rank} of a world of {world}; its environment is broken")
     local_world = min(local_world or world, world)
@@ -180,11 +182,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_taken(port: int, launch: Launch) -> LaunchError:
-    hint = ("pass --master_port N to the deepspeed launcher (or torchrun's --master-port)" if launch.launcher == "torch"
-            else "set MASTER_PORT to a free port (or pass --master_port to the deepspeed launcher)")
-    return LaunchError(f"port {port} (MASTER_PORT) is in use on this machine, by another run or service; {hint} "
-                       f"(e.g. {free_port()})")
+def _port_taken(port: int) -> LaunchError:
+    free = free_port()
+    return LaunchError(f"port {port} (MASTER_PORT) is in use on this machine, by another run or service; pass "
+                       f"--master_port {free} to the deepspeed launcher (torchrun: --master-port {free}), or set "
+                       f"MASTER_PORT={free}")
 
 
 def choose_rendezvous(launch: Launch, rendezvous: bool = True) -> tuple[str, int]:
@@ -201,7 +203,7 @@ def choose_rendezvous(launch: Launch, rendezvous: bool = True) -> tuple[str, int
     if port is None:
         port = DEFAULT_PORT if launch.world > 1 and not port_in_use(DEFAULT_PORT) else free_port()
     elif rendezvous and port_in_use(port):
-        raise _port_taken(port, launch)
+        raise _port_taken(port)
     return addr, port
 
 
@@ -213,7 +215,10 @@ def resolve(env=None, comm=None, rendezvous: bool = True) -> Launch:
     if launch.uses_mpi:
         if comm is None:
             try:
-                from mpi4py import MPI
+                import warnings
+                with warnings.catch_warnings():  # its own warning about a foreign mpiexec: ours below names the fix
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    from mpi4py import MPI
             except ImportError as err:
                 raise LaunchError(f"started by an MPI launcher ({launch.launcher}) but mpi4py cannot be imported "
                                   f"({err}); `pip install mpi4py mpich`, or launch with deepspeed/torchrun") from err
@@ -223,7 +228,7 @@ def resolve(env=None, comm=None, rendezvous: bool = True) -> Launch:
             raise LaunchError(
                 f"the {launch.launcher} launcher started {launch.world} processes but mpi4py sees a world of {size}: "
                 f"the mpiexec (or srun --mpi plugin) is not of the MPI that mpi4py was built against ({_mpi_library()}); "
-                "launch with that MPI's mpiexec (`python -m mpi4py --mpi-library`), with srun --mpi=pmix or pmi2, "
+                "launch with that MPI's mpiexec (`python -m mpi4py --mpi-lib-version` names it), with srun --mpi=pmix or pmi2, "
                 "or rebuild mpi4py for your MPI (`pip install --no-binary mpi4py mpi4py`)")
         rank = comm.Get_rank()
         local, local_world, node, nodes = layout_from_keys(comm.allgather(node_key(comm)), rank)
@@ -243,7 +248,7 @@ def resolve(env=None, comm=None, rendezvous: bool = True) -> Launch:
         raise LaunchError(f"rank {launch.rank} of {launch.world} has no MASTER_ADDR/MASTER_PORT: launch with deepspeed "
                           "or torchrun (they set them), or with mpiexec/srun")
     if launch.rank == 0 and port_in_use(launch.master_port):
-        raise _port_taken(launch.master_port, launch)
+        raise _port_taken(launch.master_port)
     return launch
 
 

@@ -149,9 +149,11 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     state_elements = torch.tensor(optimizer_state_elements(optimizer), dtype=torch.int64, device=device)
     dist.all_reduce(state_elements)
     scale_elements = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    inner = getattr(optimizer, "optimizer", optimizer)  # what Adam updated: DeepSpeed's master copies in 16-bit runs
+    master_dtypes = sorted({str(p.dtype) for p in inner.state})
     return {"steps": total, "resumed_at": start, "losses": losses, "step_seconds": step_seconds, "optimizer_params": optimizer_names,
             "optimizer_state_elements_all_ranks": int(state_elements), "scale_elements": scale_elements,
-            "accumulation_steps": accum, "ranks": world, "seconds": seconds,
+            "accumulation_steps": accum, "ranks": world, "seconds": seconds, "optimizer_dtypes": master_dtypes,
             "step_seconds_median": float(torch.tensor(step_seconds).median()) if step_seconds else None,
             "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_memory_mib_per_rank": memory,
             "engine": engine}

@@ -101,17 +101,18 @@ def _logged_lm(model, tokenizer, batch_size: int, max_length: int, label: str):
     return LoggedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def zero_shot(model, tokenizer, tasks: list[str], device, limit: int | None = None, label: str = "",
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, label: str = "",
               max_length: int = 2048, batch_size: int = 16) -> dict:
     """{task: {acc, acc_stderr, acc_ci95, acc_norm, items, split_items}, "average": {acc, tasks}}, scored by
-    lm-evaluation-harness (the paper averages `acc`)."""
+    lm-evaluation-harness (the paper averages `acc`). The model stays where it is (the caller placed it:
+    on one device, or dispatched over several by accelerate); the harness feeds it on `model.device`."""
     import datasets
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     if not tasks:
         return {}
-    model.to(device).eval()
+    model.eval()
     manager = TaskManager()
     configs = [task_config(t, manager) for t in tasks]
     sizes = {t: sum(len(datasets.Dataset.from_file(f)) for f in _bundled_files(t)) for t in tasks}

@@ -102,6 +102,7 @@ def _e2e_costs(e2e: dict) -> list[str]:
     if e2e.get("step_seconds_median") is not None:
         lines.append(f"- Median step time {e2e['step_seconds_median']:.2f} s.")
     for rank, peaks in enumerate(e2e.get("peak_memory_mib_per_rank") or []):
-        device = f", device {peaks['device']:.0f} MiB" if "device" in peaks else ""
+        device = f", GPU {peaks['device']:.0f} MiB allocated" if "device" in peaks else ""
+        device += f", {peaks['device_reserved']:.0f} MiB reserved" if "device_reserved" in peaks else ""
         lines.append(f"- Rank {rank} peak memory: host RSS {peaks['host_rss']:.0f} MiB{device}.")
     return lines

@@ -13,6 +13,7 @@ from ..export.gptq_v2 import method_after_e2e
 from ..export.staging import publish, settled, staged
 from ..export.streaming import write_e2e_blocks
 from ..models.blocks import blocks_name
+from ..utils.memory import reset_peak_memory
 from ..utils.monitor import Monitor
 from ..utils.settings import DTYPES
 from .evaluation import evaluate, log_eval, write_results
@@ -27,6 +28,7 @@ def e2e_phase(args, transport, progress, out: Path, from_dir: Path) -> int:
     from ..e2e.trainer import E2ESettings, train_e2e
 
     progress.block, progress.phase = None, "E2E-QP setup"
+    reset_peak_memory(args.device)  # E2E-QP's own peaks (model build included), not Block-AP's or an evaluation's
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = args.device  # this rank's, made current at start-up (dist/launch.bind_device)

@@ -15,40 +15,66 @@ from ..eval.report import write_report
 from ..export import load_packed_model
 from ..export.gptq_v2 import read_quant_config
 from ..models import load_model
+from ..utils.memory import peak_memory_mib, reset_peak_memory
 from ..utils.monitor import Monitor
 from ..utils.settings import DTYPES
 
 
+def dispatched(model) -> bool:
+    """Whether accelerate placed the model's layers over several devices (its hooks move activations
+    between them): such a model must never be moved as a whole."""
+    return len(set(getattr(model, "hf_device_map", {}).values())) > 1
+
+
 def evaluate(model, tokenizer, args, device, label: str) -> dict:
-    """Perplexity on each --eval-datasets source and zero-shot accuracy on --zeroshot-tasks."""
+    """Perplexity on each --eval-datasets source and zero-shot accuracy on --zeroshot-tasks, under the
+    training's autocast dtype (bf16 on a GPU by default), so that packed layers run 16-bit kernels."""
     out = {"perplexity": {}, "zero_shot": {}}
-    spread = len(set(getattr(model, "hf_device_map", {}).values())) > 1  # placed by accelerate: leave it there
+    reset_peak_memory(device)
+    spread = dispatched(model)
     if spread:
         device = model.device  # where the embedding is; accelerate's hooks move activations on
     else:
         model.to(device)
-    for name in [d for d in args.eval_datasets.split(",") if d]:
-        windows = eval_windows(tokenizer, name, args.eval_seqlen, args.eval_max_windows)
-        ppl = perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}")
-        out["perplexity"][name] = {"ppl": ppl, "windows": len(windows), "seqlen": args.eval_seqlen}
-        print(f"[eval] {label:>10} {name:>13}: perplexity {ppl:.3f} ({len(windows)} x {args.eval_seqlen})")
-    if args.zeroshot_tasks:
-        out["zero_shot"] = zero_shot(model, tokenizer, args.zeroshot_tasks, device, args.zeroshot_limit, label,
-                                     max_length=args.eval_seqlen)
+    amp = getattr(args, "amp_dtype", None)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        for name in [d for d in args.eval_datasets.split(",") if d]:
+            windows = eval_windows(tokenizer, name, args.eval_seqlen, args.eval_max_windows)
+            ppl = perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}")
+            out["perplexity"][name] = {"ppl": ppl, "windows": len(windows), "seqlen": args.eval_seqlen}
+            print(f"[eval] {label:>10} {name:>13}: perplexity {ppl:.3f} ({len(windows)} x {args.eval_seqlen})")
+        if args.zeroshot_tasks:
+            out["zero_shot"] = zero_shot(model, tokenizer, args.zeroshot_tasks, args.zeroshot_limit, label,
+                                         max_length=args.eval_seqlen)
+    out["peak_memory_mib"] = peak_memory_mib(device)  # this evaluation's own (the model was loaded before)
     if not spread:
         model.cpu()
     return out
 
 
+def fp_device_map(device: torch.device, ranks: int, gpus: int):
+    """Where the full-precision model's layers go as they are read: straight onto this rank's device in
+    a one-process run (--single-gpu means one GPU, however many are visible), spread over the node's
+    GPUs by accelerate when a multi-rank job evaluates on rank 0 alone (Llama-2-70B in 16 bits is
+    138 GB: more than one 80 GB GPU)."""
+    if device.type != "cuda":
+        return None
+    if ranks > 1 and gpus > 1:
+        return "balanced"
+    return {"": device.index if device.index is not None else 0}
+
+
 def evaluate_fp(args, tokenizer, device) -> dict:
     """The full-precision baseline, in the training dtype (bfloat16 on a GPU: Llama-2-70B in float32 is
-    280 GB) and, on a node with several GPUs, spread over all of them by accelerate's device map."""
+    280 GB), placed by `fp_device_map`."""
     if device.type != "cuda":
         fp_model, _ = load_model(args.model)
     else:
         dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
-        spread = "balanced" if torch.cuda.device_count() > 1 else None
-        fp_model, _ = load_model(args.model, dtype=dtype, device_map=spread)
+        if torch.cuda.device_count() > 1 and args.launch.world > 1:
+            torch.cuda.empty_cache()  # this rank's cached blocks: the other GPUs' are freed by their ranks
+        placement = fp_device_map(device, args.launch.world, torch.cuda.device_count())
+        fp_model, _ = load_model(args.model, dtype=dtype, device_map=placement)
     result = evaluate(fp_model, tokenizer, args, device, "fp")
     del fp_model
     return result

@@ -116,11 +116,14 @@ class _Rank:
         return describe_memory(stores)
 
     def _recv_into(self, store: ActivationStore, a: int, b: int, src: int, tag: int) -> None:
-        buf = torch.empty(b - a, *store.shape, dtype=store.dtype)
+        """Rows a..b from `src`, straight into the store's host memory (a GPU store's through the host)."""
+        rows = store.host_rows(a, b)
+        buf = rows if rows is not None else torch.empty(b - a, *store.shape, dtype=store.dtype)
         t0 = time.time()
         self.t.recv(buf, src, tag)
         self.wait_s += time.time() - t0
-        store.put(list(range(a, b)), buf)
+        if rows is None:
+            store.put(list(range(a, b)), buf)
 
     def _send_from(self, store: ActivationStore, a: int, b: int, dst: int, tag: int) -> None:
         """Rows a..b to `dst`, straight from the store's host memory (unchanged until wait_sends, which

@@ -23,6 +23,8 @@ so each figure can be read and checked. Constants that are not shapes are stated
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from .arch import Arch
@@ -126,6 +128,21 @@ def packed_bytes(a: Arch, s: Settings, scale_bytes: int = 2) -> dict:
             "scales": groups * scale_bytes, "g_idx": a.layers * sum(i for _, i in a.linears.values()) * 4}
 
 
+def pinned_block(nbytes: float) -> float:
+    """What PyTorch's caching host allocator reserves for a pinned tensor: the size rounded up to a
+    power of two (a 48 MiB batch pins 64 MiB)."""
+    return float(2 ** math.ceil(math.log2(nbytes))) if nbytes > 0 else 0.0
+
+
+def pinned_staging(a: Arch, s: Settings) -> float:
+    """Pinned staging buffers between host (or disk) stores and the GPU (blockap/feed.py, stores.py):
+    two per store a batch reads (training reads input and target; a stream pass one), and two per
+    store the GPU writes rows into (written behind), each of one batch's rows."""
+    batch = pinned_block(s.batch_size * s.seqlen * a.hidden * s.act_bytes)
+    written = (3 if s.mode == "pipelined" else 2) * 2  # stores per split x splits
+    return batch * (2 * 2 + 2 * 1 + 2 * written)
+
+
 def block_ap(a: Arch, s: Settings) -> Phase:
     P, Pq, G = a.block_params, a.block_linear_params, a.groups(s.group_size)
     if s.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
@@ -146,6 +163,8 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     host = {"base": HOST_BASE[s.device], "libraries, tokenizer, tokenized calibration text": BLOCKAP_PROCESS,
             "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": P * 4}
     phase = Phase()
+    if s.device == "gpu" and s.activations != "gpu":
+        host["pinned staging buffers"] = pinned_staging(a, s)
     if s.activations == "gpu":
         device["activation stores"] = store
     elif s.activations == "cpu":

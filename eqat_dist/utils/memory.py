@@ -21,11 +21,27 @@ def host_peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a phase's own peaks: the GPU's allocated and reserved high-water marks, and the
+    host's (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current resident size), so a
+    phase does not report what an earlier one (Block-AP, an evaluation) used."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the host peak is then the process's whole history
+
+
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
-    """{"host_rss": MiB, "device": MiB allocated at peak on a CUDA device, absent on CPU}."""
+    """Peaks since the last `reset_peak_memory`: {"host_rss": MiB, and on a CUDA device "device": MiB
+    allocated, "device_reserved": MiB reserved by PyTorch's caching allocator}."""
+    device = torch.device(device)
     peaks = {"host_rss": host_peak_rss_mib()}
     if device.type == "cuda":
         peaks["device"] = torch.cuda.max_memory_allocated(device) / 2**20
+        peaks["device_reserved"] = torch.cuda.max_memory_reserved(device) / 2**20
     return peaks
 
 

@@ -1,0 +1,350 @@
+"""The first thing to run on a GPU machine: does the CUDA path work, and what does it cost? One table.
+
+    python bench/gpu_smoke.py                 # on a GPU (under 10 minutes on one H100)
+    python bench/gpu_smoke.py --cpu-check     # every section at toy sizes on the CPU (the script's own test)
+    python bench/gpu_smoke.py --only kernels,block70b --out smoke.md
+
+Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after a failure):
+- kernels:    the Triton kernels on CUDA tensors at Llama-2-70B shapes (hidden 8192, intermediate 28672;
+              g64/g128; 2/3/4 bits; 1/16/4096 tokens) against the PyTorch reference, with times, and one
+              launch past 2^31 elements (80k tokens x 28672) that int32 offsets would get wrong;
+- bench:      bench/kernels.py's own tables;
+- pipeline:   the whole --single-gpu run on the bundled model with and without the kernels (perplexities
+              within 1%), step times, and each phase's GPU peak next to `eqat-dist plan --json`;
+- block70b:   one Llama-2-70B-shaped block (1-layer config, random weights) trained 32 steps at 2 x 2048
+              tokens with --activations cpu and gpu: the ratio is the cost of the host path (goal <= 1.1x);
+- two_ranks:  Block-AP on two ranks sharing one GPU (torchrun, gloo) bit-identical to one rank.
+Without a GPU (and without --cpu-check) it says so in one line and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SECTIONS = ("kernels", "bench", "pipeline", "block70b", "two_ranks")
+
+
+class Skip(Exception):
+    """A section that cannot run here (a package missing): reported, not a failure."""
+
+
+def needs(*modules: str) -> None:
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skip(f"not installed: {', '.join(missing)} (carry their wheels to this machine)")
+
+
+def timed_ms(fn, repeat: int = 10) -> float:
+    """Median milliseconds of fn (CUDA events after warm-up; wall clock on the CPU)."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+# -- kernels -------------------------------------------------------------------------------------------
+def section_kernels(ctx) -> list[str]:
+    import torch
+
+    from eqat_dist.kernels.fake_quant import fake_quantize as fused
+    from eqat_dist.kernels.packed_linear import packed_linear
+    from eqat_dist.quant import QuantConfig
+    from eqat_dist.quant.fake_quant import dequantize, fake_quantize, minmax_init
+    from eqat_dist.quant.packed_linear import PackedLinear
+
+    dev, rows = ctx.device, []
+    hidden, inter = (8192, 28672) if not ctx.cpu else (64, 96)
+    token_counts = (1, 16, 4096) if not ctx.cpu else (1, 16, 33)
+    worst = {"fq": 0.0, "y": 0.0, "dx": 0.0, "ds": 0.0}
+    for bits in (2, 3, 4):
+        for group in (64, 128) if not ctx.cpu else (32,):
+            cfg = QuantConfig(bits, group)
+            for out_f, in_f in ((hidden, hidden), (inter, hidden), (hidden, inter)):
+                w = torch.randn(out_f, in_f, device=dev) * 0.02
+                s, z = minmax_init(w, cfg)
+                refs = [t.clone().requires_grad_() for t in (w, s, z)]
+                mine = [t.clone().requires_grad_() for t in (w, s, z)]
+                want, got = fake_quantize(*refs, cfg), fused(*mine, cfg.qmax, group)
+                assert torch.equal(want, got), f"fake quantization w{bits}g{group} {out_f}x{in_f} differs"
+                grad = torch.randn_like(want)
+                want.backward(grad)
+                got.backward(grad)
+                for a, b in zip(refs, mine):
+                    worst["fq"] = max(worst["fq"], ((a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-12)).item())
+                ms = timed_ms(lambda: fused(*mine, cfg.qmax, group).backward(grad), repeat=3)
+                rows.append(f"| fake-quant fwd+bwd | w{bits}g{group} | {out_f} x {in_f} | | {ms:.2f} ms |")
+                layer = PackedLinear.from_int(torch.randint(0, 2**bits, (out_f, in_f), device=dev),
+                                              torch.randint(0, 2**bits, (out_f, in_f // group), device=dev).float(),
+                                              torch.rand(out_f, in_f // group, device=dev) * 0.002 + 0.0005, cfg,
+                                              dtype=torch.float32).to(dev)
+                weight = layer.dequantized_weight().to(torch.bfloat16)
+                for tokens in token_counts:
+                    x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                    scales = layer.scales.detach().clone().requires_grad_()
+                    y = packed_linear(x, layer.qweight, layer.qzeros, scales, None, bits, group)
+                    ref = torch.nn.functional.linear(x.float(), weight.float())
+                    worst["y"] = max(worst["y"], ((y.float() - ref).norm() / ref.norm()).item())
+                    if tokens == token_counts[-1]:
+                        dy = torch.randn_like(y)
+                        y.backward(dy)
+                        ref_x = x.detach().float().requires_grad_()
+                        ref_s = layer.scales.detach().clone().requires_grad_()  # PyTorch's dequantize-then-matmul
+                        w_ref = dequantize(layer.int_codes(), ref_s.t(), layer.int_zeros(), group)
+                        torch.nn.functional.linear(ref_x, w_ref).backward(dy.float())
+                        worst["dx"] = max(worst["dx"], ((x.grad.float() - ref_x.grad).norm() / ref_x.grad.norm()).item())
+                        worst["ds"] = max(worst["ds"], ((scales.grad - ref_s.grad).norm() / ref_s.grad.norm()).item())
+                    with torch.no_grad():
+                        ms = timed_ms(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits,
+                                                            group), repeat=5)
+                    rows.append(f"| packed linear fwd | w{bits}g{group} | {in_f} -> {out_f} | {tokens} | {ms:.3f} ms |")
+                del layer, weight
+    assert worst["y"] < 2e-2 and worst["dx"] < 2e-2 and worst["ds"] < 5e-2 and worst["fq"] < 1e-4, worst
+    rows.append(f"| worst relative error | | | | fq grads {worst['fq']:.1e}, y {worst['y']:.1e}, dx {worst['dx']:.1e}, "
+                f"ds {worst['ds']:.1e} |")
+    rows += overflow_check(ctx)
+    return rows
+
+
+def overflow_check(ctx) -> list[str]:
+    """80k tokens x 28672: tokens x width passes 2^31; the last rows must equal the reference."""
+    import torch
+
+    from eqat_dist.kernels.packed_linear import packed_linear
+    from eqat_dist.quant import QuantConfig
+    from eqat_dist.quant.packed_linear import PackedLinear
+
+    if ctx.cpu:
+        return ["| past 2^31 elements | | | | needs a GPU (checked on the CPU by tests/test_kernels.py's offsets test) |"]
+    dev, tokens, in_f, out_f, cfg = ctx.device, 80_000, 28672, 256, QuantConfig(4, 128)
+    layer = PackedLinear.from_int(torch.randint(0, 16, (out_f, in_f), device=dev),
+                                  torch.randint(0, 16, (out_f, in_f // 128), device=dev).float(),
+                                  torch.rand(out_f, in_f // 128, device=dev) * 0.002 + 0.0005, cfg).to(dev)
+    x = torch.randn(tokens, in_f, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, 4, 128)
+        tail = torch.nn.functional.linear(x[-64:].float(), layer.dequantized_weight().float())
+    err = ((y[-64:].float() - tail).norm() / tail.norm()).item()
+    assert err < 2e-2, f"rows past 2^31 elements are wrong (relative error {err:.2e})"
+    return [f"| past 2^31 elements | w4g128 | {in_f} -> {out_f} | {tokens} | last rows rel. error {err:.1e} |"]
+
+
+# -- bench/kernels.py ----------------------------------------------------------------------------------
+def section_bench(ctx) -> list[str]:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py")], capture_output=True, text=True,
+                          timeout=300, env=ctx.env)
+    ctx.appendix.append("## bench/kernels.py\n\n" + done.stdout)
+    assert done.returncode == 0, done.stderr[-1500:]
+    return ["| bench/kernels.py | | | | tables below |"]
+
+
+# -- the whole pipeline on one GPU ---------------------------------------------------------------------
+def _run(ctx, args: list[str], timeout: int, name: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ctx.env)
+    (ctx.work / f"{name}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise AssertionError(f"{name} failed: {done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else '?'}")
+    return done
+
+
+def section_pipeline(ctx) -> list[str]:
+    needs("transformers", "datasets", "safetensors", "gguf")
+    e2e = ["--e2e-train-size", "16", "--e2e-seqlen", "256", "--e2e-global-batch", "4", "--e2e-micro-batch", "2",
+           "--e2e-lr", "2e-4"]
+    try:
+        needs("deepspeed")
+    except Skip:
+        e2e = ["--e2e-epochs", "0"]
+    budget = (["--train-size", "32", "--val-size", "4", "--epochs", "2"] if not ctx.cpu else
+              ["--train-size", "4", "--val-size", "1", "--epochs", "1"])
+    flags = ["--model", "smollm2-135m", "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
+             "--weight-lr", "2e-3", *budget, *e2e, "--eval-datasets", "wiki", "--eval-seqlen", "512",
+             "--eval-max-windows", "8" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--no-tensorboard"]
+    rows, results = [], {}
+    for name, extra in (("kernels", []), ("no-kernels", ["--no-kernels"])):
+        t0 = time.time()
+        _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite"], 600, name)
+        results[name] = json.loads((ctx.work / name / "results.json").read_text())
+        results[name]["wall_s"] = time.time() - t0
+    plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1",
+                           "--gpu-memory", "80" if not ctx.cpu else "0", "--json", "--ds-config", "single-gpu"],
+                          capture_output=True, text=True, env=ctx.env)
+    planned = json.loads(plan.stdout)["phases"] if plan.stdout.strip() else {}
+    ppl = {n: r.get("quantized_e2e", r["quantized"])["perplexity"]["wiki"]["ppl"] for n, r in results.items()}
+    gap = abs(ppl["kernels"] / ppl["no-kernels"] - 1)
+    for name, r in results.items():
+        blocks = r.get("blocks", [])
+        step_ms = 1e3 * sum(b["seconds"] for b in blocks) / max(1, sum(b["steps"] for b in blocks))
+        e2e_report = r.get("e2e", {})
+        peaks = {"block-ap": max((b["peak_mem_mib"] for b in blocks), default=0),
+                 "e2e": max((m.get("device", 0) for m in e2e_report.get("peak_memory_mib_per_rank", [])), default=0),
+                 "eval": r["quantized"].get("peak_memory_mib", {}).get("device", 0)}
+        plan_text = ", ".join(f"{k} {peaks[k] / 1024:.1f} (plan {planned.get(k, {}).get('gpu_peak_gib', 0):.1f})"
+                              for k in peaks)
+        rows.append(f"| pipeline --single-gpu | {name} | ppl {ppl[name]:.2f} | Block-AP {step_ms:.1f} ms/step, "
+                    f"E2E {e2e_report.get('step_seconds_median') or 0:.2f} s/step, {r['wall_s']:.0f} s | "
+                    f"GPU peak GiB: {plan_text} |")
+    assert gap < 0.01, f"perplexity with kernels {ppl['kernels']:.3f} vs without {ppl['no-kernels']:.3f}"
+    return rows
+
+
+# -- one Llama-2-70B-shaped block ----------------------------------------------------------------------
+def _one_block_model(ctx, folder: Path, hidden: int, inter: int, heads: int, kv: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from eqat_dist.models.loading import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(ctx.device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def section_block70b(ctx) -> list[str]:
+    needs("transformers", "datasets", "safetensors", "gguf")
+    shape = (8192, 28672, 64, 8) if not ctx.cpu else (64, 96, 4, 2)
+    folder = ctx.work / "llama70b-1layer"
+    if not (folder / "config.json").exists():
+        _one_block_model(ctx, folder, *shape)
+    seqlen, windows = ("2048", "64") if not ctx.cpu else ("64", "8")
+    flags = ["--model", str(folder), "--wbits", "2", "--group-size", "64" if not ctx.cpu else "32",
+             "--epochs", "1", "--train-size", windows, "--val-size", "0", "--batch-size", "2", "--seqlen", seqlen,
+             "--phase", "block-ap", "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval",
+             "--no-tensorboard", "--single-gpu", "--ignore-plan"]
+    seconds = {}
+    for placement in ("cpu", "gpu") if not ctx.cpu else ("cpu", "disk"):
+        out = ctx.work / f"block70b-{placement}"
+        _run(ctx, [*flags, "--activations", placement, "--output", str(out), "--overwrite"], 600, f"block70b-{placement}")
+        block = json.loads((out / "results.json").read_text())["blocks"][0]
+        seconds[placement] = (block["seconds"], block["steps"], block["peak_mem_mib"])
+    base = "gpu" if "gpu" in seconds else "disk"
+    ratio = seconds["cpu"][0] / seconds[base][0]
+    return [f"| 70B-shaped block, 2 x {seqlen} tokens | --activations {p} | {s[1]} steps | {1e3 * s[0] / s[1]:.0f} ms/step, "
+            f"peak {s[2] / 1024:.1f} GiB | {'' if p == base else f'cpu / {base} = {ratio:.2f}x (goal <= 1.1x)'} |"
+            for p, s in seconds.items()]
+
+
+# -- two ranks on one GPU ------------------------------------------------------------------------------
+def section_two_ranks(ctx) -> list[str]:
+    needs("transformers", "datasets", "safetensors", "gguf")
+    import torch
+
+    from eqat_dist.export.gptq_v2 import LazyTensors
+
+    folder = ctx.work / "tiny-4layer"
+    if not (folder / "config.json").exists():
+        _one_block_model(ctx, folder, 64, 128, 4, 2)
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(folder)
+        config.num_hidden_layers = 4
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    flags = ["--model", str(folder), "--wbits", "2", "--group-size", "32", "--epochs", "2", "--train-size", "8",
+             "--val-size", "2", "--seqlen", "32", "--phase", "block-ap", "--student-input", "student",
+             "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard"]
+    _run(ctx, [*flags, "--output", str(ctx.work / "one-rank"), "--overwrite"], 300, "one-rank")
+    env = dict(ctx.env, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29400 + os.getpid() % 500), str(ROOT / "launch" / "run.py"), *flags, "--output",
+                          str(ctx.work / "two-ranks"), "--overwrite"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    (ctx.work / "two-ranks.log").write_text(two.stdout + two.stderr)
+    assert two.returncode == 0, two.stderr[-1500:]
+    a, b = dict(LazyTensors(ctx.work / "one-rank")), dict(LazyTensors(ctx.work / "two-ranks"))
+    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same, "two ranks on one GPU differ from one rank"
+    return ["| Block-AP, 2 ranks on 1 GPU vs 1 rank | student | | | bit-identical export |"]
+
+
+# -- driver --------------------------------------------------------------------------------------------
+class Context:
+    def __init__(self, cpu: bool, work: Path):
+        import torch
+
+        self.cpu = cpu
+        self.device = torch.device("cpu" if cpu else "cuda")
+        self.work = work
+        self.appendix: list[str] = []
+        self.env = dict(os.environ)
+        if cpu:
+            self.env |= {"TRITON_INTERPRET": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-check", action="store_true", help="run every section at toy sizes on the CPU")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections ({', '.join(SECTIONS)})")
+    parser.add_argument("--out", help="also write the table (and bench/kernels.py's tables) to this Markdown file")
+    parser.add_argument("--work", help="folder for the runs (default: a temporary folder, removed afterwards)")
+    args = parser.parse_args(argv)
+    if args.cpu_check:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import torch
+
+    if not args.cpu_check and not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA device on this machine; nothing to check here (run it on a GPU, or --cpu-check)")
+        return 0
+    wanted = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = Context(args.cpu_check, work)
+    device = "CPU (--cpu-check, Triton interpreter)" if args.cpu_check else torch.cuda.get_device_name(0)
+    lines = [f"# gpu_smoke on {device}, torch {torch.__version__}", "",
+             "| check | setting | shape | tokens | result |", "|---|---|---|---|---|"]
+    failed = False
+    for name in wanted:
+        t0 = time.time()
+        try:
+            rows = globals()[f"section_{name}"](ctx)
+            verdict = "PASS"
+        except Skip as why:
+            rows, verdict = [], f"SKIP ({why})"
+        except Exception as err:  # noqa: BLE001 - one section's failure must not hide the others
+            rows, verdict, failed = [], f"FAIL: {type(err).__name__}: {' '.join(str(err).split())[:300]}", True
+            (work / f"{name}.traceback").write_text(traceback.format_exc())
+        lines += rows + [f"| **{name}** | | | | {verdict} ({time.time() - t0:.0f} s) |"]
+        print(lines[-1], flush=True)
+    report = "\n".join(lines + [""] + ctx.appendix)
+    print("\n" + report)
+    if args.out:
+        Path(args.out).write_text(report)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True) if not failed else print(f"logs of the failed runs kept in {work}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The activation path: stores (blockap/stores.py) and the read-ahead feed (blockap/feed.py)."""
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eqat_dist.blockap.feed import Feed, Uploader
+from eqat_dist.blockap.stores import ActivationStore, remove_stale_stores, store_prefix
+
+
+def _filled(placement, tmp_path, count=12, dtype=torch.float32, name="s"):
+    store = ActivationStore(count, 4, 8, dtype, placement, torch.device("cpu"), tmp_path, name)
+    data = torch.randn(count, 4, 8).to(dtype)
+    store.put(list(range(count)), data)
+    return store, data
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_host_stores_read_any_rows_in_the_order_asked(placement, dtype, tmp_path):
+    """Runs of consecutive rows are read at once (disk: one positioned read per run); the rows come
+    back in the order asked, bit-exact, whatever the order."""
+    store, data = _filled(placement, tmp_path, dtype=dtype)
+    for index in ([3, 4, 5, 9], [11, 0, 1, 2, 7], [6], [5, 4, 3]):
+        out = torch.empty(len(index), 4, 8, dtype=dtype)
+        assert torch.equal(store.read_into(index, out), data[index])
+        assert torch.equal(store.get(index), data[index])
+    store.put([2, 8], data[[2, 8]] * 2)  # scattered writes
+    assert torch.equal(store.get([2, 8]), data[[2, 8]] * 2)
+    store.close()
+
+
+class SpyUploader(Uploader):
+    """The GPU's staging and copies on the CPU: records what the feed stages, uploads and when."""
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+        self.staged, self.events = set(), []
+        self.lock = threading.Lock()
+
+    def staging(self, shape, dtype):
+        buffer = torch.empty(shape, dtype=dtype)
+        self.staged.add(buffer.untyped_storage().data_ptr())
+        return buffer
+
+    def on_copy_stream(self):
+        return contextlib.nullcontext()
+
+    def record(self):
+        return "event"
+
+    def use(self, tensors, event):
+        assert event == "event"
+
+    def copied(self, event):
+        assert event == "event"
+
+
+def test_the_feed_stages_in_pinned_buffers_copies_non_blocking_and_reads_the_next_batch_ahead(monkeypatch):
+    """Batch j+1 is staged and its copy started while the consumer still holds batch j; each copy goes
+    from a staging buffer with non_blocking=True, and only two buffers per store are ever made."""
+    inputs, x = _filled("cpu", None)
+    targets, y = _filled("cpu", None)
+    spy = SpyUploader()
+    copies, real_to = [], torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if spy.staged and self.untyped_storage().data_ptr() in spy.staged:
+            with spy.lock:
+                copies.append((self[0, 0, 0].item(), kwargs.get("non_blocking", False)))
+            return real_to(self, *args, **kwargs).clone()  # the device's own copy
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    batches = [[5, 1], [0, 7], [3, 2], [11, 4], [9]]
+    seen = []
+    for j, (xb, yb) in enumerate(Feed([inputs, targets], batches, "cpu", uploader=spy)):
+        assert torch.equal(xb, x[batches[j]]) and torch.equal(yb, y[batches[j]])
+        if j + 1 < len(batches):  # the next batch's copy starts while this one is in use
+            deadline = time.time() + 10
+            while (x[batches[j + 1][0], 0, 0].item(), True) not in copies:
+                assert time.time() < deadline, f"batch {j + 1} was not read ahead while batch {j} was in use"
+                time.sleep(0.01)
+        seen.append(j)
+    assert seen == list(range(len(batches)))
+    assert all(non_blocking for _, non_blocking in copies) and len(copies) == 2 * len(batches)
+    assert len(spy.staged) == 4  # two staging buffers per store, reused
+
+
+def test_the_feed_without_a_gpu_reads_ahead_into_fresh_tensors(tmp_path):
+    store, data = _filled("disk", tmp_path)
+    batches = [[0, 1, 2], [9, 10], [4]]
+    got = [xb for (xb,) in Feed([store], batches, "cpu")]
+    assert all(torch.equal(g, data[b]) for g, b in zip(got, batches))
+    store.close()
+
+
+def test_disk_stores_of_a_stopped_run_are_reused_not_added(tmp_path):
+    """A killed run leaves its stores behind (nothing closes them). Their names are fixed per run and
+    rank, so a resumed run opens the same files, and the run's stale files (a run on more ranks) are
+    removed before any rank opens its own: acts/ does not grow with every restart."""
+    def store(run, rank):
+        return ActivationStore(4, 4, 8, torch.float32, "disk", torch.device("cpu"), tmp_path,
+                               f"{store_prefix(tmp_path / run)}-fp-train-r{rank}")
+
+    killed = [store("run", r) for r in range(3)]  # a run of 3 ranks, killed: never closed
+    assert len(list(tmp_path.glob("*.bin"))) == 3
+    twice = store("run", 0)  # the same run and rank: the same file
+    assert len(list(tmp_path.glob("*.bin"))) == 3
+    other = store("other-run", 0)  # another run sharing the folder
+    removed = remove_stale_stores(tmp_path, store_prefix(tmp_path / "run"))
+    assert len(removed) == 3 and list(tmp_path.glob("*.bin")) == [Path(other._file)]
+    resumed = store("run", 0)
+    assert len(list(tmp_path.glob("*.bin"))) == 2
+    for s in (resumed, other):
+        s.close()
+    assert not list(tmp_path.glob("*.bin"))
+    del killed, twice
