@@ -179,6 +179,8 @@ def settle_launch(args) -> None:
         raise UsageError(str(err)) from err
     export_to_environ(args.launch)
     args.device = bind_device(args.device, args.launch)
+    if args.device.type == "cuda":  # DeepSpeed (engine, zero.Init) reads LOCAL_RANK as the GPU's ordinal
+        os.environ["LOCAL_RANK"] = str(args.device.index)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -192,6 +194,9 @@ def resolve_device(spec: str) -> torch.device:
         raise UsageError(f"--device {spec}: eqat-dist runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: this machine shows {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES")
     return device
 
 

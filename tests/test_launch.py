@@ -117,6 +117,17 @@ def test_torch_launchers_keep_their_rendezvous_and_a_missing_one_is_refused():
         resolve({"RANK": "1", "WORLD_SIZE": "2"})
 
 
+def test_a_taken_port_is_refused_under_deepspeed_but_not_under_torchrun_whose_agent_holds_it():
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        with pytest.raises(LaunchError, match=f"port {port} \\(MASTER_PORT\\) is in use"):
+            resolve(_job_env("deepspeed", 0) | {"MASTER_PORT": port})
+        torchrun = _job_env("torchrun", 0) | {"MASTER_PORT": port, "TORCHELASTIC_USE_AGENT_STORE": "True"}
+        assert resolve(torchrun).master_port == int(port)
+
+
 def test_slurm_task_counts_per_node():
     assert [L.slurm_tasks_on_node("8(x2),4", n) for n in range(3)] == [8, 8, 4]
     got = from_environ(_job_env("srun", 0) | {"SLURM_STEP_TASKS_PER_NODE": "3,5", "SLURM_STEP_NUM_TASKS": "8"})
@@ -157,6 +168,7 @@ def test_the_cli_binds_the_device_before_anything_else_touches_a_gpu(tmp_path, m
     args = cli.parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--single-gpu", "--device",
                            "cuda:3", "--wbits", "4", "--group-size", "64", "--epochs", "0", "--phase", "block-ap"])
     assert args.device == torch.device("cuda", 3) and cuda.current == [3]
+    assert os.environ["LOCAL_RANK"] == "3"  # what DeepSpeed's engine and zero.Init take as the GPU
 
 
 def test_single_gpu_under_a_launcher_of_several_processes_is_refused(tmp_path, monkeypatch):

@@ -247,7 +247,9 @@ def resolve(env=None, comm=None, rendezvous: bool = True) -> Launch:
     if not launch.master_addr or launch.master_port is None:
         raise LaunchError(f"rank {launch.rank} of {launch.world} has no MASTER_ADDR/MASTER_PORT: launch with deepspeed "
                           "or torchrun (they set them), or with mpiexec/srun")
-    if launch.rank == 0 and port_in_use(launch.master_port):
+    env = os.environ if env is None else env
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun listens there itself
+    if launch.rank == 0 and rendezvous and not agent_store and port_in_use(launch.master_port):
         raise _port_taken(launch.master_port)
     return launch
 

@@ -1,0 +1,29 @@
+"""bench/gpu_smoke.py, the first command on a GPU machine, must not rot on CPU-only CI: without a GPU it
+says so in one line and exits 0; its sections run at toy sizes on the CPU (--cpu-check)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "bench" / "gpu_smoke.py")
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
+    done = subprocess.run([sys.executable, SMOKE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().count("\n") == 0
+    assert "no CUDA device" in done.stdout
+
+
+@pytest.mark.slow
+def test_its_kernel_and_two_rank_sections_pass_at_toy_sizes_on_the_cpu(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--only", "kernels,two_ranks", "--work",
+                           str(tmp_path), "--out", str(tmp_path / "smoke.md")], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| **kernels** | | | | PASS" in table and "| **two_ranks** | | | | PASS" in table
+    assert "bit-identical export" in table
