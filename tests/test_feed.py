@@ -90,7 +90,7 @@ def test_the_feed_stages_in_pinned_buffers_copies_non_blocking_and_reads_the_nex
     assert len(spy.staged) == 4  # two staging buffers per store, reused
 
 
-def test_the_feed_without_a_gpu_reads_ahead_into_fresh_tensors(tmp_path):
+def test_the_feed_without_a_gpu_reads_each_batch_in_order(tmp_path):
     store, data = _filled("disk", tmp_path)
     batches = [[0, 1, 2], [9, 10], [4]]
     got = [xb for (xb,) in Feed([store], batches, "cpu")]
