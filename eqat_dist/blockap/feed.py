@@ -110,16 +110,10 @@ class Feed:
 
     def _finish(self, ready, index) -> tuple[torch.Tensor, ...]:
         moved, event = ready
-        if self.uploader is not None and event is not None:
+        if event is not None:
             self.uploader.use([t for t in moved if t is not None], event)
-        out = []
-        for store, tensor in zip(self.stores, moved):
-            if tensor is None:
-                tensor = store.get(index)  # a GPU store: indexed on the device
-            elif tensor.device != self.device:
-                tensor = tensor.to(self.device)
-            out.append(tensor)
-        return tuple(out)
+        # a GPU store's rows (None here) are indexed on the device
+        return tuple(store.get(index) if tensor is None else tensor for store, tensor in zip(self.stores, moved))
 
 
 def batches_of(count: int, batch_size: int) -> list[list[int]]:
