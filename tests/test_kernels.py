@@ -12,6 +12,23 @@ from eqat_dist.quant import QuantConfig  # noqa: E402
 from eqat_dist.quant.fake_quant import QuantLinear, fake_quantize, minmax_init  # noqa: E402
 from eqat_dist.quant.packed_linear import PackedLinear  # noqa: E402
 
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _on_the_gpu_when_there_is_one():
+    """On a GPU machine every tensor here is a CUDA tensor, so the kernels are checked where they run
+    (without one, conftest has Triton's interpreter run them on CPU tensors)."""
+    if not GPU:
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
 CASES = [(2, 32, 37, 96), (3, 64, 19, 128), (4, 128, 5, 256), (8, -1, 7, 96), (2, -1, 3, 160), (3, 32, 1, 64)]
 
 
@@ -215,6 +232,7 @@ def test_row_offsets_are_64_bit():
     assert out.item() == 80_000 * 28672  # 2_293_760_000 > 2^31: an int32 product wraps negative
 
 
+@pytest.mark.skipif(GPU, reason="the interpreter stands in for a GPU here; on one, bench/gpu_smoke.py's pipeline")
 def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation(monkeypatch):
     """The quantized-stream pass after each block and the evaluation of a packed model run under the
     training's autocast dtype: the kernel must see 16-bit activations (tensor cores), not float32."""
