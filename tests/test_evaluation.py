@@ -40,3 +40,13 @@ def test_a_model_dispatched_over_two_devices_is_evaluated_in_place(monkeypatch):
 ])
 def test_the_full_precision_model_is_placed_by_the_run_not_by_the_gpus_visible(device, ranks, gpus, expected):
     assert fp_device_map(device, ranks, gpus) == expected
+
+
+def test_waiting_ranks_hand_their_cached_gpu_memory_back_before_rank0_spreads_the_fp_model(monkeypatch):
+    from eqat_dist.phases.blockap import wait_for_rank0
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    wait_for_rank0(SimpleNamespace(barrier=lambda: events.append("barrier")))
+    assert events == ["empty_cache", "barrier"]

@@ -134,6 +134,10 @@ def rtn_blocks(source: LazyModel, cfg):
 
 
 def wait_for_rank0(transport) -> int:
+    """Wait while rank 0 exports and evaluates. Its full-precision evaluation spreads the model over the
+    node's GPUs, this rank's included: the memory this rank's allocator keeps cached goes back first."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     transport.barrier()  # matched by rank 0 once its export is written
     return 0
 
