@@ -183,6 +183,14 @@ def settle_launch(args) -> None:
         os.environ["LOCAL_RANK"] = str(args.device.index)
 
 
+def _launched():
+    """The launcher's own word on rank and world, before any communicator (dist/launch.from_environ)."""
+    try:
+        return from_environ()
+    except LaunchError as err:
+        raise UsageError(str(err)) from err
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,13 +291,13 @@ def validate(args) -> None:
         from .e2e.ds_config import accumulation_steps, read_ds_config
         try:
             read_ds_config(args.ds_config)
-            accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, 1 if args.single_gpu else from_environ().world)
+            accumulation_steps(args.e2e_global_batch, args.e2e_micro_batch, 1 if args.single_gpu else _launched().world)
         except ValueError as err:
             raise UsageError(str(err)) from err
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {out} is a file, not a folder")
-    if from_environ().rank == 0:  # one run per output folder: a second is refused at once
+    if _launched().rank == 0:  # one run per output folder: a second is refused at once
         from .utils.lock import LockError, check
         try:
             check(out, args.take_over_lock)

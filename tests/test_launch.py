@@ -268,3 +268,13 @@ def test_two_nodes_on_loopback_form_e2e_process_group_on_node_a(tmp_path):
     assert {r["MASTER_ADDR"] for r in ranks} == {"127.0.0.2"}
     assert {r["store_host"] for r in ranks} == {"127.0.0.2"}
     assert [r["sum"] for r in ranks] == [6.0] * 4  # an all-reduce over the group: 0 + 1 + 2 + 3
+
+
+def test_a_broken_launcher_environment_is_one_usage_error(tmp_path, monkeypatch):
+    from eqat_dist import cli
+
+    monkeypatch.setenv("PMI_RANK", "5")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    with pytest.raises(cli.UsageError, match="says rank 5 of a world of 2"):
+        cli.parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--epochs", "0",
+                        "--group-size", "64", "--phase", "block-ap"])
