@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from contextlib import contextmanager
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,11 @@ import torch._dynamo  # noqa: F401  must be imported before zero.Init patches te
 import transformers.generation.continuous_batching  # noqa: F401  (imports dynamo-dependent code early)
 
 from .ds_config import accumulation_steps, read_ds_config
+
+# DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor on
+# every ZeRO-3 step: two FutureWarnings per step would bury the step lines of a run's log.
+for _name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+    warnings.filterwarnings("ignore", message=rf".*torch\.distributed\.{_name}` is deprecated", category=FutureWarning)
 
 
 def init_distributed() -> None:
