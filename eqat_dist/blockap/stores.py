@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -76,7 +77,7 @@ class ActivationStore:
         elif placement == "cpu":
             self._data = torch.empty(count, seqlen, hidden, dtype=dtype)
         else:
-            folder = Path(disk_dir or ".")
+            folder = Path(disk_dir or tempfile.gettempdir())
             folder.mkdir(parents=True, exist_ok=True)
             self._file = folder / f"{name}.bin"
             self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)

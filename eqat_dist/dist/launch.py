@@ -49,10 +49,6 @@ class Launch:
         """Started by an MPI (or PMI) launcher: mpi4py's world must be the launcher's."""
         return self.launcher in ("mpich", "openmpi", "slurm", "pmix")
 
-    def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world}, local rank {self.local_rank}/{self.local_world} on node "
-                f"{self.node}/{self.nodes} ({self.launcher})")
-
 
 def _int(env, *names: str) -> int | None:
     for name in names:
