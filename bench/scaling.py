@@ -64,10 +64,12 @@ def _launch(cmd: list[str], ranks: int, threads: int, launcher: str) -> None:
 
 def predicted_mib(model: str, flags: list[str], ranks: int, phase: str) -> float:
     from eqat_dist.cli import build_plan_parser
-    from eqat_dist.planning import load_arch, plan, settings_from_args
+    from eqat_dist.config.from_flags import settings_from_flags
+    from eqat_dist.planning import load_arch, plan, settings_for
 
     args = build_plan_parser().parse_args(["--model", model, *flags, "--gpu-memory", "0"])
-    return plan(load_arch(model), settings_from_args(args, ranks, ranks, "cpu", "cpu"))[phase].host_peak / 2**20
+    cfg = settings_from_flags(args, world=ranks)
+    return plan(load_arch(model), settings_for(cfg, ranks, ranks, "cpu", "cpu"))[phase].host_peak / 2**20
 
 
 def block_ap(model: str, ranks: int, work: Path, threads: int) -> dict:

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import tiny_model
 from eqat_dist.cli import UsageError, parse_args
+from eqat_dist.preflight import blockap_already_done
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +45,7 @@ def test_non_empty_output_needs_overwrite(tmp_path):
 
 def _results_of_a_run(tmp_path, *phases_done, **changed):
     """results.json as a run of _args(tmp_path) leaves it after the given phases."""
-    from eqat_dist.cli import run_settings
-
-    settings = run_settings(parse_args(_args(tmp_path))) | changed
+    settings = parse_args(_args(tmp_path)).blockap_record() | changed
     results = {"settings": settings} | {key: {"perplexity": {}} for key in phases_done}
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text(json.dumps(results))
@@ -54,7 +53,7 @@ def _results_of_a_run(tmp_path, *phases_done, **changed):
 
 def test_a_run_killed_after_block_ap_continues_with_e2e_only(tmp_path):
     _results_of_a_run(tmp_path, "quantized")
-    assert parse_args(_args(tmp_path)).blockap_done  # no --overwrite needed, Block-AP is not redone
+    assert blockap_already_done(parse_args(_args(tmp_path)))  # no --overwrite needed, Block-AP is not redone
     with pytest.raises(UsageError, match="already holds a finished run"):
         parse_args(_args(tmp_path, "--phase", "block-ap"))
 
@@ -63,7 +62,7 @@ def test_a_finished_run_or_one_with_other_settings_is_not_continued(tmp_path):
     _results_of_a_run(tmp_path, "quantized", "quantized_e2e")
     with pytest.raises(UsageError, match="already holds a finished run; pass --overwrite"):
         parse_args(_args(tmp_path))
-    assert not parse_args(_args(tmp_path, "--overwrite")).blockap_done
+    assert not blockap_already_done(parse_args(_args(tmp_path, "--overwrite")))
 
 
 def test_other_settings_in_the_output_folder_are_named(tmp_path):
@@ -76,7 +75,7 @@ def test_config_file_with_flag_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("wbits: 3\ngroup-size: 32\nepochs: 1\n")
     args = parse_args(_args(tmp_path, "--config", str(cfg), "--epochs", "0"))
-    assert (args.wbits, args.group_size, args.epochs) == (3, 32, 0)
+    assert (args.quant.bits, args.quant.group_size, args.blockap.epochs) == (3, 32, 0)
 
 
 def test_cli_exits_with_one_line_message(tmp_path):

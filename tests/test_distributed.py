@@ -172,7 +172,7 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
     it must be NCCL (ZeRO-3's collectives run on it), with a gloo group of its own for host buffers."""
     import torch.distributed as dist
 
-    from eqat_dist.dist.transport import TorchTransport, backends
+    from eqat_dist.cluster.transport import TorchTransport, backends
 
     assert backends(cuda=True) == ("nccl", "gloo") and backends(cuda=False) == ("gloo", "gloo")
     calls = {}
@@ -232,8 +232,8 @@ def test_a_stopped_mpi_rank_ends_the_run_within_the_peer_timeout_naming_it(model
 def test_heartbeat_names_a_silent_peer_and_not_a_working_or_finished_one(tmp_path):
     import time as clock
 
-    from eqat_dist.dist.heartbeat import Heartbeat
-    from eqat_dist.dist.transport import PeerFailure
+    from eqat_dist.cluster.heartbeat import Heartbeat
+    from eqat_dist.cluster.transport import PeerFailure
 
     mine = Heartbeat(tmp_path, 0, 2, timeout=1.5, where=lambda: " (waiting)")
     peer = Heartbeat(tmp_path, 1, 2, timeout=1.5, where=lambda: " at block 3 (training)")
@@ -258,7 +258,7 @@ def test_heartbeat_does_not_blame_peers_for_a_pause_of_the_whole_job(tmp_path):
     so the peers' silence in that time is not held against them."""
     import time as clock
 
-    from eqat_dist.dist.heartbeat import Heartbeat
+    from eqat_dist.cluster.heartbeat import Heartbeat
 
     mine = Heartbeat(tmp_path, 0, 2, timeout=1.0, where=lambda: " (waiting)")
     peer = Heartbeat(tmp_path, 1, 2, timeout=1.0, where=lambda: " at block 1 (training)")
@@ -277,7 +277,7 @@ def test_a_move_is_in_the_heartbeat_file_at_once_not_at_the_threads_next_look(tm
     written by the rank itself, before the next statement runs (the thread looks only every 0.5 s)."""
     import json
 
-    from eqat_dist.dist.heartbeat import Heartbeat
+    from eqat_dist.cluster.heartbeat import Heartbeat
     from eqat_dist.pipelines.round_robin import Progress
 
     progress = Progress()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from eqat_dist.config import EvalConfig
 from eqat_dist.phases.evaluation import dispatched, evaluate, fp_device_map
 
 
@@ -25,9 +26,9 @@ def test_a_model_dispatched_over_two_devices_is_evaluated_in_place(monkeypatch):
     for name in ("to", "cpu", "cuda"):
         monkeypatch.setattr(type(model), name, refuse)
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
-    args = SimpleNamespace(eval_datasets="news", eval_seqlen=32, eval_max_windows=2, eval_batch_size=1,
-                           zeroshot_tasks=["piqa"], zeroshot_limit=2, amp_dtype=None)
-    result = evaluate(model, tokenizer, args, torch.device("cpu"), "fp")
+    settings = EvalConfig(datasets=("news",), seqlen=32, max_windows=2, batch_size=1, zeroshot_tasks=("piqa",),
+                          zeroshot_limit=2)
+    result = evaluate(model, tokenizer, settings, None, torch.device("cpu"), "fp")
     assert result["perplexity"]["news"]["ppl"] > 1 and result["zero_shot"]["piqa"]["items"] == 2
 
 

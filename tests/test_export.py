@@ -87,7 +87,8 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
     """The streamed export (one shard per block, the model never assembled) holds the same tensors,
     names, dtypes and config as the whole-model export, and loads back to the same outputs."""
     from eqat_dist.export.gptq_v2 import LazyTensors
-    from eqat_dist.export.streaming import write_packed_blocks
+    from eqat_dist.export import writer_for
+    write_packed_blocks = writer_for("gptq_v2").write_blocks
     from eqat_dist.models.lazy import LazyModel
     from eqat_dist.phases.blockap import rtn_blocks
 
@@ -116,7 +117,8 @@ def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypat
     """A Block-AP export (shards) followed by E2E-QP's (one file) in the same folder: no stale shard stays
     for a loader to pick up, and the user's own files stay."""
     from eqat_dist.export.staging import new_stage, publish
-    from eqat_dist.export.streaming import write_packed_blocks
+    from eqat_dist.export import writer_for
+    write_packed_blocks = writer_for("gptq_v2").write_blocks
     from eqat_dist.models.lazy import LazyModel
     from eqat_dist.phases.blockap import rtn_blocks
 
@@ -140,7 +142,8 @@ def test_e2e_export_block_by_block_equals_the_whole_model_export(tmp_path, monke
     from: the same tensors as saving the whole trained model, and the self-checks see what changed."""
     from eqat_dist.e2e.ds_setup import gathered_blocks
     from eqat_dist.export.gptq_v2 import LazyTensors
-    from eqat_dist.export.streaming import write_e2e_blocks
+    from eqat_dist.export import writer_for
+    write_e2e_blocks = writer_for("gptq_v2").write_retrained
     from eqat_dist.models.blocks import blocks_name
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)

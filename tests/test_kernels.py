@@ -236,7 +236,7 @@ def test_row_offsets_are_64_bit():
 def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation(monkeypatch):
     """The quantized-stream pass after each block and the evaluation of a packed model run under the
     training's autocast dtype: the kernel must see 16-bit activations (tensor cores), not float32."""
-    from types import SimpleNamespace
+
 
     from eqat_dist import kernels
     from eqat_dist.blockap.steps import advance
@@ -246,6 +246,7 @@ def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation
 
     from eqat_dist.models.blocks import decoder_layers, embed, record_block_calls
     from eqat_dist.models.quantize import to_fake_quant, to_packed
+    from eqat_dist.config import EvalConfig
     from eqat_dist.phases.evaluation import evaluate
 
     from conftest import tiny_model
@@ -273,7 +274,6 @@ def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation
     seen.clear()
     decoder_layers(model)[0] = packed
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
-    args = SimpleNamespace(eval_datasets="news", eval_seqlen=16, eval_max_windows=1, eval_batch_size=1,
-                           zeroshot_tasks=[], zeroshot_limit=None, amp_dtype=torch.bfloat16)
-    evaluate(model, tokenizer, args, torch.device("cpu"), "w4g32")
+    settings = EvalConfig(datasets=("news",), seqlen=16, max_windows=1, batch_size=1)
+    evaluate(model, tokenizer, settings, torch.bfloat16, torch.device("cpu"), "w4g32")
     assert seen and set(seen) == {torch.bfloat16}

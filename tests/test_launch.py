@@ -1,6 +1,6 @@
-"""The launch environment (eqat_dist/dist/launch.py): every launcher's variables for a job of 2 nodes x
+"""The launch environment (eqat_dist/cluster/launch.py): every launcher's variables for a job of 2 nodes x
 8 ranks, the communicator's answer under MPI, the rendezvous, the device each rank binds, and the
-start-up checks (dist/startup.py)."""
+start-up checks (cluster/startup.py)."""
 import json
 import os
 import socket
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eqat_dist.dist import launch as L
-from eqat_dist.dist.launch import Launch, LaunchError, bind_device, from_environ, resolve
-from eqat_dist.dist.startup import check_rendezvous_reachable, check_shared_folder
+from eqat_dist.cluster import launch as L
+from eqat_dist.cluster.launch import Launch, LaunchError, bind_device, from_environ, resolve
+from eqat_dist.cluster.startup import check_rendezvous_reachable, check_shared_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -167,7 +167,7 @@ def test_the_cli_binds_the_device_before_anything_else_touches_a_gpu(tmp_path, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     args = cli.parse_args(["--model", "smollm2-135m", "--output", str(tmp_path / "o"), "--single-gpu", "--device",
                            "cuda:3", "--wbits", "4", "--group-size", "64", "--epochs", "0", "--phase", "block-ap"])
-    assert args.device == torch.device("cuda", 3) and cuda.current == [3]
+    assert args.machine.device == torch.device("cuda", 3) and cuda.current == [3]
     assert os.environ["LOCAL_RANK"] == "3"  # what DeepSpeed's engine and zero.Init take as the GPU
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from eqat_dist.cli import build_plan_parser, main
-from eqat_dist.planning import GIB, Machine, load_arch, plan, report, settings_from_args
+from eqat_dist.config.from_flags import settings_from_flags
+from eqat_dist.planning import GIB, Machine, load_arch, plan, report, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["--wbits", "2", "--group-size", "64", "--train-size", "4096", "--seqlen", "2048", "--batch-size", "2",
@@ -18,7 +19,12 @@ PAPER = ["--wbits", "2", "--group-size", "64", "--train-size", "4096", "--seqlen
 
 def _plan(model, flags, ranks=1, device="gpu"):
     args = build_plan_parser().parse_args(["--model", model, *flags])
-    return plan(load_arch(model), settings_from_args(args, ranks, min(ranks, 8), device))
+    return plan(load_arch(model), _settings(args, ranks, min(ranks, 8), device))
+
+
+def _settings(flags, ranks, ranks_per_node, device):
+    """The plan's settings of a command's flags on `ranks` ranks (as `eqat-dist plan` builds them)."""
+    return settings_for(settings_from_flags(flags, world=ranks), ranks, ranks_per_node, device)
 
 
 def test_parameter_counts_of_the_bundled_architectures():
@@ -49,17 +55,17 @@ def test_json_plan_has_every_phase_and_a_verdict(capsys):
 def test_advice_makes_70b_at_the_papers_budget_fit_one_node_of_eight_gpus():
     flags = [f for f in PAPER if f not in ("single-gpu",)] + ["zero3-offload"]
     args = build_plan_parser().parse_args(["--model", "llama-2-70b", *flags])
-    arch, s = load_arch("llama-2-70b"), settings_from_args(args, 8, 8, "gpu")
+    arch, s = load_arch("llama-2-70b"), _settings(args, 8, 8, "gpu")
     node = Machine(gpu_memory=80 * GIB, host_memory=1024 * GIB, disk=8000 * GIB)
     r = report(arch, s, node)
     assert not r["fits"]  # every rank holds 260 GiB of activation stores in host memory: 2 TiB a node
-    assert "--activations disk" in r["advice"] and r["fits_with_advice"]
+    assert "`activations` disk" in r["advice"] and r["fits_with_advice"]
     # one rank per GPU shares the work: Block-AP wall time falls about N-fold in teacher mode, and in the
     # default pipelined mode (1/8 of each block's steps on the quantized stream, one block after another)
-    alone = report(arch, settings_from_args(args, 1, 1, "gpu"), node)["phases"]["block-ap"]["hours"]
+    alone = report(arch, _settings(args, 1, 1, "gpu"), node)["phases"]["block-ap"]["hours"]
     assert r["phases"]["block-ap"]["hours"] < alone / 4
     teacher = build_plan_parser().parse_args(["--model", "llama-2-70b", *flags, "--student-input", "teacher"])
-    assert report(arch, settings_from_args(teacher, 8, 8, "gpu"), node)["phases"]["block-ap"]["hours"] < alone / 7
+    assert report(arch, _settings(teacher, 8, 8, "gpu"), node)["phases"]["block-ap"]["hours"] < alone / 7
 
 
 def test_plan_needs_only_config_json(tmp_path):
@@ -84,9 +90,9 @@ def test_a_run_that_will_not_fit_is_refused_before_any_work(tmp_path):
 
 
 def test_without_activations_flag_the_stores_go_to_disk_when_they_exceed_the_host_budget(tmp_path, monkeypatch):
-    from eqat_dist.cli import choose_activations, parse_args
+    from eqat_dist.cli import settings
 
-    from eqat_dist.dist.launch import free_port
+    from eqat_dist.cluster.launch import free_port
 
     monkeypatch.setenv("WORLD_SIZE", "8")  # rank 0 of 8 on one node, as torchrun would start it
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -96,13 +102,13 @@ def test_without_activations_flag_the_stores_go_to_disk_when_they_exceed_the_hos
     model.mkdir()
     (model / "config.json").write_text((ROOT / "eqat_dist" / "planning" / "configs" / "llama-2-70b.json").read_text())
     common = ["--model", str(model), "--output", str(tmp_path / "o"), "--wbits", "2", "--group-size", "64"]
-    args = parse_args([*common, "--host-memory-budget", "1024"])  # 8 ranks x 520 GiB of float32 stores (CPU)
-    line = choose_activations(args)
-    assert args.activations == "disk" and "over the 1024.0 GiB budget: they go to disk" in line
-    roomy = parse_args([*common, "--host-memory-budget", "8192"])
-    assert choose_activations(roomy) is None and roomy.activations == "cpu"
-    chosen = parse_args([*common, "--host-memory-budget", "1", "--activations", "cpu"])
-    assert choose_activations(chosen) is None and chosen.activations == "cpu"  # the user's choice stands
+    args, notes = settings([*common, "--host-memory-budget", "1024"])  # 8 ranks x 520 GiB of float32 stores (CPU)
+    line = notes[0]
+    assert args.streams.placement == "disk" and "over the 1024.0 GiB budget: they go to disk" in line
+    roomy, notes = settings([*common, "--host-memory-budget", "8192"])
+    assert notes == [] and roomy.streams.placement == "cpu"
+    chosen, notes = settings([*common, "--host-memory-budget", "1", "--activations", "cpu"])
+    assert notes == [] and chosen.streams.placement == "cpu"  # the user's choice stands
 
 
 def test_timeline_model_of_the_block_ap_schedules():

@@ -107,15 +107,15 @@ def test_quant_linear_integers_reproduce_its_forward_bit_exactly():
     assert torch.equal(dequantize(codes, scales, zeros, 32), q.quantized_weight().detach())
 
 
-@pytest.mark.parametrize("bits,group,msg", [(5, 64, "--wbits 5"), (1, 64, "--wbits 1"), (4, 0, "--group-size 0"),
-                                            (4, 33, "--group-size 33")])
+@pytest.mark.parametrize("bits,group,msg", [(5, 64, "`wbits` 5"), (1, 64, "`wbits` 1"), (4, 0, "`group_size` 0"),
+                                            (4, 33, "`group_size` 33")])
 def test_bad_settings_are_refused(bits, group, msg):
     with pytest.raises(QuantConfigError, match=msg):
         QuantConfig(bits, group)
 
 
 def test_group_that_does_not_divide_the_layer_is_refused_with_a_hint():
-    with pytest.raises(QuantConfigError, match="does not divide the input width 576.*--group-size 32 or 64"):
+    with pytest.raises(QuantConfigError, match="does not divide the input width 576.*`group_size` 32 or 64"):
         QuantConfig(4, 128).check_layer("layers.0.q_proj", 576, 576)
 
 

@@ -10,9 +10,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..utils.settings import describe_differences
+from ..utils.compare import describe_differences
 
-MANIFEST = "manifest.json"
+from ..run_folder import MANIFEST  # noqa: F401  (named by the run folder's layout)
 
 
 class ResumeError(RuntimeError):
@@ -34,7 +34,7 @@ def open_run(folder: Path, settings: dict) -> None:
         detail = describe_differences(before, settings)
         if detail:
             raise ResumeError(f"{folder} holds blocks trained with other settings ({detail}). Run with the "
-                              "original settings to resume, or pass --overwrite to start again.")
+                              "original settings to resume, or pass `overwrite` to start again.")
     else:
         _atomic_write_text(manifest, json.dumps(settings, indent=2, sort_keys=True))
 

@@ -13,7 +13,6 @@ resumes instead of adding new ones (at 70B a node's stores are terabytes).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import threading
@@ -39,9 +38,9 @@ def _runs(index: list[int]) -> list[tuple[int, int, int]]:
 
 
 def store_prefix(run_folder: str | os.PathLike) -> str:
-    """File-name prefix of one run's disk stores: the same for a resumed run, another for another run
-    sharing the folder (an --activations-dir on a node's scratch disk)."""
-    return "eqat-" + hashlib.sha1(str(Path(run_folder).resolve()).encode()).hexdigest()[:10]
+    """File-name prefix of one run's disk stores (run_folder.RunFolder.store_prefix)."""
+    from ..run_folder import RunFolder
+    return RunFolder(run_folder).store_prefix()
 
 
 def remove_stale_stores(folder: str | os.PathLike, prefix: str) -> list[Path]:

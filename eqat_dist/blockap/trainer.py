@@ -133,8 +133,8 @@ class _StepValues:
                 raise NonFiniteLossError(
                     f"Block-AP: non-finite loss ({loss}) at block {self.index}, epoch {epoch}, step {step}. "
                     "Finished blocks are saved, but they belong to these settings: the same command would fail "
-                    "the same way, so start again with --overwrite and a lower --quant-lr/--weight-lr (or "
-                    "--dtype float32).")
+                    "the same way, so start again with `overwrite` and a lower `quant_lr`/`weight_lr` (or "
+                    "`dtype` float32).")
             if step == 0:
                 self.report.train_loss_first = loss
             self.report.train_loss_last = loss

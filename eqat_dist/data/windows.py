@@ -61,11 +61,11 @@ def calibration_windows(tokenizer, source: str, seqlen: int, train_size: int, va
             continue
         ids = _token_stream(tokenizer, part)
         if ids.numel() < body + 1:
-            raise DataError(f"'{source}' has too little {name} text ({ids.numel()} tokens) for --seqlen {seqlen}.")
+            raise DataError(f"'{source}' has too little {name} text ({ids.numel()} tokens) for `seqlen` {seqlen}.")
         if count * body > ids.numel():
             warnings.warn(f"'{source}' has {ids.numel():,} {name} tokens and {count} windows of {seqlen} tokens "
                           f"need {count * body / ids.numel():.1f}x as many, so the windows overlap and repeat text "
-                          "(the paper draws 4096 x 2048 from RedPajama): pass --calib-dataset redpajama (hub) or a "
+                          "(the paper draws 4096 x 2048 from RedPajama): pass `calib_dataset` redpajama (hub) or a "
                           "larger .txt/.jsonl/.parquet corpus for the paper's setting", stacklevel=2)
         starts = torch.randint(0, ids.numel() - body, (count,), generator=gen)
         win = torch.stack([ids[s: s + body] for s in starts.tolist()])

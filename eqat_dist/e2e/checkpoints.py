@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..blockap.checkpoint import ResumeError
-from ..utils.settings import describe_differences
+from ..utils.compare import describe_differences
 from .ds_setup import convert_to_universal_format, load_engine_checkpoint
 
 STEP_TAG = re.compile(r"step(\d+)")

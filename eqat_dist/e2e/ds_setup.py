@@ -16,6 +16,7 @@ import torch
 import torch._dynamo  # noqa: F401  must be imported before zero.Init patches tensor creation
 import transformers.generation.continuous_batching  # noqa: F401  (imports dynamo-dependent code early)
 
+from ..models.family import is_output_head, missing_is_tied_head, ties_head
 from .ds_config import accumulation_steps, read_ds_config
 
 # DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor / reduce_scatter_tensor on
@@ -26,14 +27,14 @@ for _name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
 
 def init_distributed() -> None:
     """The default process group (DeepSpeed's), from the RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-    MASTER_PORT that dist/launch.py exported at start-up (all five: DeepSpeed then skips its own
+    MASTER_PORT that cluster/launch.py exported at start-up (all five: DeepSpeed then skips its own
     discovery, which would dial loopback under MPI)."""
     import deepspeed
 
     missing = [v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(f"{', '.join(missing)} not set: the launch environment was not settled (dist/launch.py)")
-    from ..dist.transport import backends
+        raise RuntimeError(f"{', '.join(missing)} not set: the launch environment was not settled (cluster/launch.py)")
+    from ..cluster.transport import backends
     deepspeed.init_distributed(dist_backend=backends(torch.cuda.is_available())[0])
 
 
@@ -59,15 +60,14 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..export.gptq_v2 import LazyTensors
+    from ..export import read_quant_config
     from ..models.blocks import decoder_layers
     from ..models.quantize import packed_skeleton
-    from ..quant import QuantConfig
     from ..quant.packed_linear import PackedLinear
+    from ..utils.tensors import LazyTensors
 
     config = AutoConfig.from_pretrained(folder)
-    qc = config.quantization_config
-    cfg = QuantConfig(qc["bits"], qc["group_size"])
+    cfg = read_quant_config(folder, config)
     del config.quantization_config
     zero3 = zero_stage(ds_config) == 3
     if zero3 and (dtype == torch.bfloat16) != bool(ds_config.get("bf16", {}).get("enabled")):
@@ -79,7 +79,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     from transformers.initialization import no_init_weights
 
     with context, no_init_weights():  # every weight is loaded below; init would touch empty partitions
-        with linears_built_packed(cfg, dtype, config.vocab_size):
+        with linears_built_packed(cfg, dtype, config):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for block in decoder_layers(model):
             packed_skeleton(block, cfg, dtype)  # any block linear the stand-in did not reach
@@ -92,7 +92,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
     if wrong:
         raise RuntimeError(f"the packed model was built in {', '.join(sorted(wrong))} instead of {dtype}")
-    if config.tie_word_embeddings:
+    if ties_head(config):
         model.tie_weights()  # lm_head shares the embedding (its own tensor is not in the checkpoint)
     state = LazyTensors(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
     for name, module in model.named_modules():
@@ -105,15 +105,15 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
                     key = f"{name}.{pname}" if name else pname
                     if key in state:
                         p.data.copy_(state[key].to(p.dtype))
-                    elif not (key == "lm_head.weight" and config.tie_word_embeddings):
+                    elif not missing_is_tied_head(key, config):
                         raise KeyError(f"{folder} has no tensor {key}")
     return model, cfg
 
 
 @contextmanager
-def linears_built_packed(cfg, dtype: torch.dtype, vocab_size: int):
+def linears_built_packed(cfg, dtype: torch.dtype, config):
     """While the model is constructed, `nn.Linear(...)` makes an empty PackedLinear instead, except for
-    the output head (out_features == vocab size), which stays a float layer. Otherwise every float
+    the output head (models/family.is_output_head), which stays a float layer. Otherwise every float
     linear of the model is allocated (and, under zero.Init, partitioned) only to be replaced: at 70B
     that is 137 GB in bf16, on one GPU more than it has, split over N GPUs a 1/N spike at start."""
     from ..quant.packed_linear import PackedLinear
@@ -122,7 +122,7 @@ def linears_built_packed(cfg, dtype: torch.dtype, vocab_size: int):
 
     class PackedUnlessHead:  # stands in for the class; nothing is ever an instance of it
         def __new__(cls, in_features, out_features, bias=True, device=None, dtype=None):
-            if out_features == vocab_size:
+            if is_output_head(out_features, config):
                 return real(in_features, out_features, bias=bias, device=device, dtype=dtype)
             return PackedLinear(in_features, out_features, cfg, bias=bias, dtype=layer_dtype, device=device)
 

@@ -52,7 +52,7 @@ def freeze_all_but_scales(model) -> list[str]:
         if p.requires_grad:
             names.append(name)
     if not names:
-        raise ValueError("the model has no packed layers with scales: run Block-AP or RTN first (--from DIR)")
+        raise ValueError("the model has no packed layers with scales: run Block-AP or RTN first (`from_dir` DIR)")
     return names
 
 
@@ -75,7 +75,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
     steps_per_epoch = len(windows) // settings.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"--e2e-train-size {len(windows)} is smaller than one global batch ({settings.global_batch})")
+        raise ValueError(f"`e2e_train_size` {len(windows)} is smaller than one global batch ({settings.global_batch})")
     total = settings.epochs * steps_per_epoch
     warm = max(1, round(settings.warmup * total)) if settings.warmup > 0 else 0
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm) if warm else
@@ -121,8 +121,8 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         mean_loss = (loss_sum / (world * accum)).item()
         if not math.isfinite(mean_loss):
             raise NonFiniteLossError(
-                f"E2E-QP: non-finite loss at step {step}. Its checkpoints belong to this --e2e-lr: delete "
-                f"{ckpt_dir} and run again with a lower --e2e-lr (the model E2E-QP starts from is kept)")
+                f"E2E-QP: non-finite loss at step {step}. Its checkpoints belong to this `e2e_lr`: delete "
+                f"{ckpt_dir} and run again with a lower `e2e_lr` (the model E2E-QP starts from is kept)")
         losses.append(mean_loss)
         step_seconds.append(time.perf_counter() - step_start)
         if monitor:

@@ -17,11 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
-JOURNAL = ".eqat-publish.json"
+from ..run_folder import PUBLISH_JOURNAL as JOURNAL, RunFolder
+
+
+def _folder(out) -> Path:
+    """The output folder, given as a path or a RunFolder."""
+    return out.root if isinstance(out, RunFolder) else Path(out)
 
 
 def _stage_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}-export-"
+    return RunFolder(out_dir).stage_prefix()
 
 
 def new_stage(out_dir: str | os.PathLike) -> Path:
@@ -59,24 +64,24 @@ def _finish(out_dir: Path) -> None:
     (out_dir / JOURNAL).unlink()
 
 
-def recover(out_dir: str | os.PathLike) -> list[str]:
+def recover(out_dir) -> list[str]:
     """Finish a move a kill interrupted and delete stages that were never published; returns what was
     done, for the log. Call with the output's lock held."""
-    out_dir, done = Path(out_dir), []
+    out_dir, done = _folder(out_dir), []
     if (out_dir / JOURNAL).exists():
         _finish(out_dir)
         done.append(f"finished moving an export into {out_dir} that a stopped run had begun")
-    for stage in [*out_dir.parent.glob(_stage_prefix(out_dir) + "*"), out_dir.with_name(out_dir.name + ".partial")]:
+    for stage in RunFolder(out_dir).stages():
         if stage.is_dir():
             shutil.rmtree(stage, ignore_errors=True)
             done.append(f"removed {stage}, an export a stopped run had not finished")
     return done
 
 
-def settled(out_dir: str | os.PathLike, name: str) -> Path:
+def settled(out_dir, name: str) -> Path:
     """Where the output's file `name` is once an interrupted move is finished: in the stage when the
     journal says it was still to come, else in the output itself."""
-    out_dir = Path(out_dir)
+    out_dir = _folder(out_dir)  # a path or a RunFolder
     try:
         journal = json.loads((out_dir / JOURNAL).read_text())
     except (OSError, ValueError):
@@ -86,9 +91,9 @@ def settled(out_dir: str | os.PathLike, name: str) -> Path:
 
 
 @contextmanager
-def staged(out: Path):
-    """A stage folder for an export (export/staging.py), deleted if the export fails before its move."""
-    stage = new_stage(out)
+def staged(out):
+    """A stage folder for an export (a path or a RunFolder), deleted if the export fails before its move."""
+    stage = new_stage(_folder(out))
     try:
         yield stage
     finally:

@@ -9,36 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                "transformer.h", "gpt_neox.layers", "model.decoder.layers")
-
-
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder blocks (known paths first, else the longest list of same-type modules)."""
-    for path in _LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return layers
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1
-                  and len({type(c) for c in m}) == 1]
-    if not candidates:
-        raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no list of identical layers")
-    return max(candidates, key=len)
-
-
-def blocks_name(model: nn.Module) -> str:
-    """The decoder blocks' module name ('model.layers' for Llama): block i's tensors are '<name>.<i>.*'."""
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
-
+from .family import blocks_name, decoder_layers  # noqa: F401  (re-exported: where the blocks are)
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers to quantize inside one block, by their name relative to the block."""

@@ -9,6 +9,7 @@ import torch
 from ..utils.memory import return_freed_memory
 from ..utils.tensors import CheckpointError, LazyTensors
 from .blocks import BlockCall, decoder_layers, embed, record_block_calls
+from .family import missing_is_tied_head, ties_head
 from .loading import ModelLoadError, resolve_folder
 
 
@@ -39,11 +40,11 @@ class LazyModel:
         state = {k: self.tensors[k].to(dtype) for k in self.tensors if not k.startswith(self.prefix + ".")}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(self.prefix + ".")
-                   and not (k == "lm_head.weight" and self.config.tie_word_embeddings)]
+                   and not missing_is_tied_head(k, self.config)]
         if missing or unexpected:
             raise ModelLoadError(f"{self.folder}: unexpected checkpoint layout (missing {missing[:4]}, "
                                  f"unexpected {unexpected[:4]})")
-        if self.config.tie_word_embeddings:
+        if ties_head(self.config):
             self.model.tie_weights()
 
     def block(self, index: int) -> torch.nn.Module:

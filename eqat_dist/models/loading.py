@@ -98,9 +98,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device_map: str | 
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
     config = json.loads((path / "config.json").read_text())
-    if config.get("quantization_config", {}).get("checkpoint_format") == "gptq_v2":
-        from ..export.gptq_v2 import load_packed_model
-        return load_packed_model(path, dtype=dtype)
+    if config.get("quantization_config"):  # reading exports is the export floor's job (no import circle)
+        raise ModelLoadError(f"{path} is a quantized export; load it with eqat_dist.export.load_packed_model")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     return model.eval(), AutoTokenizer.from_pretrained(path)
 

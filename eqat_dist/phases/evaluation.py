@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import EvalConfig, RunConfig
 from ..data.windows import eval_windows
 from ..eval import perplexity
 from ..eval.harness import zero_shot
@@ -15,9 +16,10 @@ from ..eval.report import write_report
 from ..export import load_packed_model
 from ..export.gptq_v2 import read_quant_config
 from ..models import load_model
+from ..models.loading import resolve_folder
 from ..utils.memory import peak_memory_mib, reset_peak_memory
+from ..run_folder import RunFolder
 from ..utils.monitor import Monitor
-from ..utils.settings import DTYPES
 
 
 def dispatched(model) -> bool:
@@ -26,9 +28,9 @@ def dispatched(model) -> bool:
     return len(set(getattr(model, "hf_device_map", {}).values())) > 1
 
 
-def evaluate(model, tokenizer, args, device, label: str) -> dict:
-    """Perplexity on each --eval-datasets source and zero-shot accuracy on --zeroshot-tasks, under the
-    training's autocast dtype (bf16 on a GPU by default), so that packed layers run 16-bit kernels."""
+def evaluate(model, tokenizer, settings: EvalConfig, amp: torch.dtype | None, device, label: str) -> dict:
+    """Perplexity on each evaluation dataset and zero-shot accuracy on each task, under the training's
+    autocast dtype `amp` (bf16 on a GPU by default), so that packed layers run 16-bit kernels."""
     out = {"perplexity": {}, "zero_shot": {}}
     reset_peak_memory(device)
     spread = dispatched(model)
@@ -36,16 +38,15 @@ def evaluate(model, tokenizer, args, device, label: str) -> dict:
         device = model.device  # where the embedding is; accelerate's hooks move activations on
     else:
         model.to(device)
-    amp = getattr(args, "amp_dtype", None)
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        for name in [d for d in args.eval_datasets.split(",") if d]:
-            windows = eval_windows(tokenizer, name, args.eval_seqlen, args.eval_max_windows)
-            ppl = perplexity(model, windows, args.eval_batch_size, device, desc=f"{label} {name}")
-            out["perplexity"][name] = {"ppl": ppl, "windows": len(windows), "seqlen": args.eval_seqlen}
-            print(f"[eval] {label:>10} {name:>13}: perplexity {ppl:.3f} ({len(windows)} x {args.eval_seqlen})")
-        if args.zeroshot_tasks:
-            out["zero_shot"] = zero_shot(model, tokenizer, args.zeroshot_tasks, args.zeroshot_limit, label,
-                                         max_length=args.eval_seqlen)
+        for name in settings.datasets:
+            windows = eval_windows(tokenizer, name, settings.seqlen, settings.max_windows)
+            ppl = perplexity(model, windows, settings.batch_size, device, desc=f"{label} {name}")
+            out["perplexity"][name] = {"ppl": ppl, "windows": len(windows), "seqlen": settings.seqlen}
+            print(f"[eval] {label:>10} {name:>13}: perplexity {ppl:.3f} ({len(windows)} x {settings.seqlen})")
+        if settings.zeroshot_tasks:
+            out["zero_shot"] = zero_shot(model, tokenizer, list(settings.zeroshot_tasks), settings.zeroshot_limit,
+                                         label, max_length=settings.seqlen)
     out["peak_memory_mib"] = peak_memory_mib(device)  # this evaluation's own (the model was loaded before)
     if not spread:
         model.cpu()
@@ -64,25 +65,32 @@ def fp_device_map(device: torch.device, ranks: int, gpus: int):
     return {"": device.index if device.index is not None else 0}
 
 
-def evaluate_fp(args, tokenizer, device) -> dict:
+def evaluate_fp(cfg: RunConfig, tokenizer) -> dict:
     """The full-precision baseline, in the training dtype (bfloat16 on a GPU: Llama-2-70B in float32 is
     280 GB), placed by `fp_device_map`."""
-    if device.type != "cuda":
-        fp_model, _ = load_model(args.model)
+    device, world = cfg.machine.device, cfg.machine.world
+    if RunFolder(resolve_folder(cfg.model)).holds_packed_model():  # --model is itself an export
+        fp_model, _ = load_packed_model(resolve_folder(cfg.model))
+    elif device.type != "cuda":
+        fp_model, _ = load_model(cfg.model)
     else:
-        dtype = torch.bfloat16 if args.dtype == "auto" else DTYPES[args.dtype]
-        if torch.cuda.device_count() > 1 and args.launch.world > 1:
+        if torch.cuda.device_count() > 1 and world > 1:
             torch.cuda.empty_cache()  # this rank's cached blocks: the other GPUs' are freed by their ranks
-        placement = fp_device_map(device, args.launch.world, torch.cuda.device_count())
-        fp_model, _ = load_model(args.model, dtype=dtype, device_map=placement)
-    result = evaluate(fp_model, tokenizer, args, device, "fp")
+        placement = fp_device_map(device, world, torch.cuda.device_count())
+        fp_model, _ = load_model(cfg.model, dtype=cfg.machine.model_dtype, device_map=placement)
+    result = evaluate(fp_model, tokenizer, cfg.evaluation, cfg.machine.amp_dtype, device, "fp")
     del fp_model
     return result
 
 
-def log_eval(out: Path, label: str, result: dict) -> None:
+def evaluate_packed(cfg: RunConfig, model, tokenizer, label: str) -> dict:
+    """The packed model's figures, on this rank's device under the training's autocast dtype."""
+    return evaluate(model, tokenizer, cfg.evaluation, cfg.machine.amp_dtype, cfg.machine.device, label)
+
+
+def log_eval(folder: RunFolder, label: str, result: dict) -> None:
     """Final figures as TensorBoard scalars beside the training curves."""
-    writer = Monitor(out / "tb" / "eval")
+    writer = Monitor(folder.eval_logs())
     for name, r in result["perplexity"].items():
         writer.scalar(f"eval/{label}/{name}_ppl", r["ppl"], 0)
     for name, r in result["zero_shot"].items():
@@ -90,34 +98,36 @@ def log_eval(out: Path, label: str, result: dict) -> None:
     writer.close()
 
 
-def write_results(out: Path, results: dict) -> None:
-    """results.json and its human-readable twin report.md, each replaced atomically."""
-    tmp = out / "results.json.tmp"
+def write_results(folder: RunFolder, results: dict, within: Path | None = None) -> None:
+    """results.json and its human-readable twin report.md, each replaced atomically, in the output or
+    in a stage (`within`) that will be moved into it."""
+    path = folder.results(within)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
-    write_report(out / "report.md", results)
+    os.replace(tmp, path)
+    write_report(folder.report(within), results)
 
 
-def eval_phase(args, out: Path) -> int:
-    """--phase eval: evaluate the packed model in --from (default --output), results into --output."""
-    source = Path(args.from_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def eval_phase(cfg: RunConfig, folder: RunFolder) -> int:
+    """--phase eval: evaluate the packed model in `from_dir` (default the output), results into the output."""
+    source, ev = cfg.from_dir, cfg.evaluation
+    folder.root.mkdir(parents=True, exist_ok=True)
     packed, tokenizer = load_packed_model(source)
     qcfg = read_quant_config(source)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    results.setdefault("settings", {"model": args.model, "wbits": qcfg.bits, "group_size": qcfg.group_size})
+    results = folder.read_results() or {}
+    results.setdefault("settings", {"model": cfg.model, "wbits": qcfg.bits, "group_size": qcfg.group_size})
     entry = {"model_dir": str(source.resolve()), "settings": {
-        "eval_datasets": args.eval_datasets, "eval_seqlen": args.eval_seqlen, "eval_max_windows": args.eval_max_windows,
-        "zeroshot_tasks": args.zeroshot_tasks, "zeroshot_limit": args.zeroshot_limit}}
-    entry["quantized"] = evaluate(packed, tokenizer, args, args.device, qcfg.tag())
+        "eval_datasets": ev.datasets_text, "eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows,
+        "zeroshot_tasks": list(ev.zeroshot_tasks), "zeroshot_limit": ev.zeroshot_limit}}
+    entry["quantized"] = evaluate_packed(cfg, packed, tokenizer, qcfg.tag())
     del packed
-    if not args.skip_fp_eval:
-        entry["fp"] = evaluate_fp(args, tokenizer, args.device)
+    if not ev.skip_fp:
+        entry["fp"] = evaluate_fp(cfg, tokenizer)
     results["eval"] = entry
-    write_results(out, results)
-    if not args.no_tensorboard:
-        log_eval(out, "eval", entry["quantized"])
-    print(f"[done] evaluation of {source}; {out / 'results.json'}, {out / 'report.md'}")
+    write_results(folder, results)
+    if cfg.tensorboard:
+        log_eval(folder, "eval", entry["quantized"])
+    print(f"[done] evaluation of {source}; {folder.results()}, {folder.report()}")
     return 0
 
 

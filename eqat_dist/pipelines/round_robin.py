@@ -33,7 +33,7 @@ from ..blockap.checkpoint import finished_blocks, open_run, save_block
 from ..blockap.steps import advance, finish_student, make_student, restore_block
 from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
-from ..dist.transport import LocalTransport, Transport
+from ..cluster.transport import LocalTransport, Transport
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
@@ -288,7 +288,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
     `ckpt_dir` and reused on a restart, whatever the number of ranks. Returns this rank's reports."""
     if student_input not in STUDENT_INPUTS:
-        raise ValueError(f"--student-input {student_input!r}: use one of {', '.join(STUDENT_INPUTS)}")
+        raise ValueError(f"`student_input` {student_input!r}: use one of {', '.join(STUDENT_INPUTS)}")
     transport = transport or LocalTransport()
     progress = progress or Progress()
     ckpt_dir = Path(ckpt_dir)

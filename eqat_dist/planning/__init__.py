@@ -12,10 +12,9 @@ from pathlib import Path
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
-from ..utils.settings import trains_e2e
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
-           "host_memory", "settings_from_args", "this_machine", "to_json"]
+           "arch_at_hand", "host_memory", "settings_for", "this_machine", "to_json"]
 
 
 def _ds_stage_offload(ds_config: str) -> tuple[int, bool]:
@@ -27,27 +26,37 @@ def _ds_stage_offload(ds_config: str) -> tuple[int, bool]:
     return zero.get("stage", 0), zero.get("offload_param", {}).get("device") == "cpu"
 
 
-def settings_from_args(args, ranks: int, ranks_per_node: int, device: str, gpu: str = "a100",
-                       tflops: float | None = None) -> Settings:
-    """The plan's settings from the normal command's flags (parsed, before or after validation)."""
-    tasks = args.zeroshot_tasks
-    tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
-    stage, offload = _ds_stage_offload(args.ds_config)
-    if args.dtype == "auto":
+def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "a100",
+                 tflops: float | None = None) -> Settings:
+    """The plan's settings for a run's RunConfig (config/run_config.py) on `ranks` ranks."""
+    stage, offload = _ds_stage_offload(cfg.e2e.ds_config)
+    if cfg.machine.dtype == "auto":
         act_bytes = 2 if device == "gpu" else 4
     else:
-        act_bytes = 4 if args.dtype == "float32" else 2
+        act_bytes = 4 if cfg.machine.dtype == "float32" else 2
+    b, e, ev = cfg.blockap, cfg.e2e, cfg.evaluation
     return Settings(
-        ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=args.wbits,
-        group_size=args.group_size, epochs=args.epochs, train_size=args.train_size, val_size=args.val_size,
-        seqlen=args.seqlen, batch_size=args.batch_size, activations=args.activations or "cpu", act_bytes=act_bytes,
-        student_input=args.student_input, correction=args.correction_fraction or 1.0 / ranks, e2e_epochs=args.e2e_epochs if trains_e2e(args) else 0,
-        e2e_train_size=args.e2e_train_size, e2e_seqlen=args.e2e_seqlen, e2e_micro_batch=args.e2e_micro_batch,
-        e2e_global_batch=args.e2e_global_batch, grad_checkpointing=not args.no_grad_checkpointing,
-        zero_stage=stage, offload=offload, keep_checkpoints=args.e2e_keep_checkpoints or 10,
-        eval_datasets=tuple(d for d in args.eval_datasets.split(",") if d), eval_seqlen=args.eval_seqlen,
-        eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, zeroshot_tasks=tasks,
-        zeroshot_limit=args.zeroshot_limit, skip_fp_eval=args.skip_fp_eval, tflops=tflops)
+        ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
+        group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,
+        seqlen=b.seqlen, batch_size=b.batch_size, activations=cfg.streams.placement or "cpu", act_bytes=act_bytes,
+        student_input=b.student_input, correction=b.correction_fraction or 1.0 / ranks,
+        e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
+        e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,
+        zero_stage=stage, offload=offload, keep_checkpoints=e.keep_checkpoints or 10,
+        eval_datasets=ev.datasets, eval_seqlen=ev.seqlen, eval_batch_size=ev.batch_size,
+        eval_max_windows=ev.max_windows, zeroshot_tasks=ev.zeroshot_tasks, zeroshot_limit=ev.zeroshot_limit,
+        skip_fp_eval=ev.skip_fp, tflops=tflops)
+
+
+def arch_at_hand(model_config: Path | None) -> Arch | None:
+    """The architecture from a model's config.json when the run has one (None: a GGUF file, or a
+    config the planner does not know)."""
+    if model_config is None:
+        return None
+    try:
+        return load_arch(str(model_config))
+    except PlanError:
+        return None
 
 
 def host_memory() -> float:
@@ -60,7 +69,7 @@ def host_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def this_machine(output: str) -> Machine:
+def this_machine(output) -> Machine:
     import torch
 
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None

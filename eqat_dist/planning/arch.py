@@ -1,7 +1,7 @@
 """The numbers a plan needs from a model's config.json alone: no weights are read.
 
-Decoder blocks of the Llama family (Llama, Mistral, Qwen2, Gemma3 text): attention q/k/v/o and a gated
-MLP gate/up/down, two norms. Configs of four large models ship with the package (architecture numbers
+Decoder blocks of the Llama layout (models/family.py: Llama, Mistral, Qwen2, Gemma3 text): attention
+q/k/v/o and a gated MLP gate/up/down, two norms. Configs of four large models ship with the package (architecture numbers
 only) so that `eqat-dist plan --model llama-2-70b` works offline.
 """
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..models.family import block_linear_shapes
 
 CONFIGS = Path(__file__).with_name("configs")
 PLANNING_MODELS = sorted(p.stem for p in CONFIGS.glob("*.json"))
@@ -34,9 +36,7 @@ class Arch:
     @property
     def linears(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each quantized linear of one block."""
-        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+        return block_linear_shapes(self.hidden, self.intermediate, self.heads, self.kv_heads, self.head_dim)
 
     @property
     def block_linear_params(self) -> int:
@@ -88,8 +88,8 @@ def load_arch(spec: str) -> Arch:
     try:
         config_file = model_config_file(spec)
     except ModelLoadError as err:
-        raise PlanError(f"--model {spec}: {err}") from err
+        raise PlanError(f"`model` {spec}: {err}") from err
     if config_file is None:
-        raise PlanError(f"--model {spec}: a .gguf file holds its config inside; plan from a folder holding "
+        raise PlanError(f"`model` {spec}: a .gguf file holds its config inside; plan from a folder holding "
                         f"config.json, a hub id, or one of {', '.join(PLANNING_MODELS)}")
     return from_config(json.loads(config_file.read_text()), spec)

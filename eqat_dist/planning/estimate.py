@@ -49,7 +49,7 @@ PHASES = ("block-ap", "e2e", "export", "eval")
 
 @dataclass
 class Settings:
-    """What a plan depends on; `from_args` reads it from the normal command's flags."""
+    """What a plan depends on; planning.settings_for reads it from a run's RunConfig."""
     ranks: int = 1
     ranks_per_node: int = 8
     device: str = "gpu"  # gpu | cpu
@@ -148,7 +148,7 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     if s.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
         host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
                 "one block and its packed form": P * 8}
-        return _place(Phase(seconds=a.layers * P * 4 / 2e9, note="round-to-nearest (--epochs 0): no training"),
+        return _place(Phase(seconds=a.layers * P * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
     tokens = s.batch_size * s.seqlen
     # fp + student (pipelined: fp in, fp out, quantized), train + val
@@ -242,7 +242,7 @@ def export(a: Arch, s: Settings) -> Phase:
 
 def evaluate(a: Arch, s: Settings) -> Phase:
     if not s.eval_datasets and not s.zeroshot_tasks:
-        return Phase(note="skipped (no --eval-datasets, no --zeroshot-tasks)")
+        return Phase(note="skipped (no `eval_datasets`, no `zeroshot_tasks`)")
     tokens = 0
     for name in s.eval_datasets:
         cap = EVAL_TOKENS.get(name, 340_000)

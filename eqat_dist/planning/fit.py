@@ -38,18 +38,19 @@ def problems(phases: dict[str, Phase], s: Settings, m: Machine) -> list[tuple[st
     return out
 
 
-# The flags that relieve each (phase, resource), tried in order: (flag text, change of settings).
+# The settings that relieve each (phase, resource), tried in order: (setting text, change of settings);
+# the command line shows each setting as its flag (cli.flag_message).
 FIXES = {
-    ("block-ap", "host memory per node"): [("--activations disk", dict(activations="disk"))],
-    ("block-ap", "GPU memory per rank"): [("--activations cpu", dict(activations="cpu")), ("--batch-size 1", dict(batch_size=1))],
-    ("e2e", "GPU memory per rank"): [("--ds-config zero3-offload", dict(zero_stage=3, offload=True)),
-                                     ("--e2e-micro-batch 1", dict(e2e_micro_batch=1))],
-    ("e2e", "host memory per node"): [("--ds-config zero3", dict(zero_stage=3, offload=False))],
-    ("eval", "GPU memory per rank"): [("--skip-fp-eval", dict(skip_fp_eval=True)),
-                                      ("--eval-datasets '' --zeroshot-tasks '' (evaluate later with --phase eval "
+    ("block-ap", "host memory per node"): [("`activations` disk", dict(activations="disk"))],
+    ("block-ap", "GPU memory per rank"): [("`activations` cpu", dict(activations="cpu")), ("`batch_size` 1", dict(batch_size=1))],
+    ("e2e", "GPU memory per rank"): [("`ds_config` zero3-offload", dict(zero_stage=3, offload=True)),
+                                     ("`e2e_micro_batch` 1", dict(e2e_micro_batch=1))],
+    ("e2e", "host memory per node"): [("`ds_config` zero3", dict(zero_stage=3, offload=False))],
+    ("eval", "GPU memory per rank"): [("`skip_fp_eval`", dict(skip_fp_eval=True)),
+                                      ("`eval_datasets` '' `zeroshot_tasks` '' (evaluate later with `phase` eval "
                                        "on a larger machine)", dict(eval_datasets=(), zeroshot_tasks=()))],
-    ("eval", "host memory per node"): [("--skip-fp-eval", dict(skip_fp_eval=True))],
-    ("all", "disk"): [("--activations cpu", dict(activations="cpu")), ("--e2e-keep-checkpoints 1", dict(keep_checkpoints=1))],
+    ("eval", "host memory per node"): [("`skip_fp_eval`", dict(skip_fp_eval=True))],
+    ("all", "disk"): [("`activations` cpu", dict(activations="cpu")), ("`e2e_keep_checkpoints` 1", dict(keep_checkpoints=1))],
 }
 
 
@@ -101,7 +102,7 @@ def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
 
 def assumptions(s: Settings) -> str:
     if s.tflops:
-        speed = f"{s.tflops} TFLOP/s (--tflops)"
+        speed = f"{s.tflops} TFLOP/s (`tflops`)"
     elif s.device == "cpu":
         speed = f"{PEAK_TFLOPS['cpu']} TFLOP/s (2 CPU cores, measured)"
     else:

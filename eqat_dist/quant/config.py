@@ -7,7 +7,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 class QuantConfigError(ValueError):
-    """A bit width or group size that cannot be used, with the fix in the message."""
+    """A bit width or group size that cannot be used, with the fix in the message (settings in backquotes,
+    shown as flags by the command line)."""
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,11 @@ class QuantConfig:
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise QuantConfigError(
-                f"--wbits {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}."
+                f"`wbits` {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}."
             )
         if self.group_size != -1 and (self.group_size < 2 or self.group_size % 2):
             raise QuantConfigError(
-                f"--group-size {self.group_size} is not supported; use -1 (per channel) or an even size "
+                f"`group_size` {self.group_size} is not supported; use -1 (per channel) or an even size "
                 "such as 32, 64 or 128."
             )
 
@@ -41,9 +42,9 @@ class QuantConfig:
         """Fail early, naming the layer, if the layer cannot be grouped or packed."""
         if self.group_size != -1 and in_features % self.group_size:
             divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
-            hint = f"use --group-size {' or '.join(map(str, divisors))}" if divisors else "use --group-size -1"
+            hint = f"use `group_size` {' or '.join(map(str, divisors))}" if divisors else "use `group_size` -1"
             raise QuantConfigError(
-                f"--group-size {self.group_size} does not divide the input width {in_features} of layer "
+                f"`group_size` {self.group_size} does not divide the input width {in_features} of layer "
                 f"'{name}'; {hint}."
             )
         # GPTQ packing: 32 values fill `bits` int32 words, along inputs (qweight) and outputs (qzeros).

@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from eqat_dist.dist.launch import export_to_environ, resolve  # noqa: E402
-from eqat_dist.dist.startup import check_rendezvous_reachable  # noqa: E402
-from eqat_dist.dist.transport import make_transport  # noqa: E402
+from eqat_dist.cluster.launch import export_to_environ, resolve  # noqa: E402
+from eqat_dist.cluster.startup import check_rendezvous_reachable  # noqa: E402
+from eqat_dist.cluster.transport import make_transport  # noqa: E402
 
 launch = resolve()
 export_to_environ(launch)

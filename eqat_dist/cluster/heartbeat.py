@@ -20,9 +20,6 @@ from pathlib import Path
 
 from .transport import PeerFailure
 
-FOLDER = ".eqat-dist-heartbeats"
-
-
 class Heartbeat:
     def __init__(self, folder: Path, rank: int, world: int, timeout: float, where: Callable[[], str]):
         self.folder, self.rank, self.world, self.timeout, self.where = Path(folder), rank, world, timeout, where
@@ -83,7 +80,7 @@ class Heartbeat:
             elif now - since > self.timeout:
                 where = json.loads(last)["where"] if last else "before its first sign of life"
                 raise PeerFailure(f"rank {peer} has given no sign of life for {now - since:.0f} s (last seen{where}); "
-                                  "it is stopped or hung (--peer-timeout sets this bound)")
+                                  "it is stopped or hung (`peer_timeout` sets this bound)")
             else:
                 self._seen.setdefault(peer, (last, since))
 

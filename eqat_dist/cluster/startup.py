@@ -1,6 +1,6 @@
 """Start-up checks of a job of several ranks, run by every rank before any long work: the output folder
 is the same folder on every node, and every rank reaches rank 0's rendezvous. Each names the fix in
-one line instead of failing hours later (a healthy peer blamed after --peer-timeout, or E2E-QP's
+one line instead of failing hours later (a healthy peer blamed after the peer timeout, or E2E-QP's
 rendezvous hanging until the store's timeout)."""
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 from .launch import NODE_ADDR, Launch, LaunchError
 
-SHARED_MARK = ".eqat-dist-shared-check"
+from ..run_folder import RunFolder
 
 
 def check_shared_folder(out: Path, transport, launch: Launch) -> None:
     """Rank 0 writes a fresh random token into the output folder; every other rank must read the same
     token there. Block files, heartbeats and E2E-QP checkpoints are written by one rank and read by
     others, so the folder must be one file system that every node mounts."""
-    mark = Path(out) / SHARED_MARK
+    mark = RunFolder(out).shared_check
     token = None
     if launch.rank == 0:
         token = f"{socket.gethostname()} {os.getpid()} {secrets.token_hex(8)}"
@@ -36,7 +36,7 @@ def check_shared_folder(out: Path, transport, launch: Launch) -> None:
     if bad:
         hosts = sorted({host for host, _ in bad.values()})
         raise LaunchError(f"the output folder {Path(out).resolve()} is not shared: rank(s) {', '.join(map(str, bad))} on "
-                          f"{', '.join(hosts)} do not see the file rank 0 wrote there; put --output on a file system "
+                          f"{', '.join(hosts)} do not see the file rank 0 wrote there; put `output` on a file system "
                           "that every node mounts at the same path (NFS, Lustre, GPFS, ...)")
 
 

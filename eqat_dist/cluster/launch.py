@@ -270,8 +270,8 @@ def single_process(rendezvous: bool = True) -> Launch:
     """--single-gpu: one process, refused when a launcher started several."""
     launched = from_environ()
     if launched.world > 1:
-        raise LaunchError(f"--single-gpu runs one process, but the {launched.launcher} launcher started "
-                          f"{launched.world}; drop --single-gpu, or start one process")
+        raise LaunchError(f"`single_gpu` runs one process, but the {launched.launcher} launcher started "
+                          f"{launched.world}; drop `single_gpu`, or start one process")
     return resolve(env={k: v for k, v in os.environ.items() if k in ("MASTER_ADDR", "MASTER_PORT")},
                    rendezvous=rendezvous)
 

@@ -158,7 +158,7 @@ class TorchTransport(Transport):
 
         self.dist = dist
         default, host = backends(torch.cuda.is_available())
-        if not dist.is_initialized():  # MASTER_ADDR/PORT: from the launcher (dist/launch.py checked them)
+        if not dist.is_initialized():  # MASTER_ADDR/PORT: from the launcher (cluster/launch.py checked them)
             dist.init_process_group(default)
         # Its own group, with a timeout no export or evaluation outlasts: the other ranks wait in its
         # barrier while rank 0 exports and evaluates (hours at 70B). A dead peer still shows at once
@@ -232,7 +232,7 @@ class TorchTransport(Transport):
 
 def make_transport(launch) -> Transport:
     """MPI when an MPI launcher started several ranks, torch.distributed under the deepspeed/torchrun
-    launcher, else one local process. `launch` (dist/launch.py) is already exported to the environment."""
+    launcher, else one local process. `launch` (cluster/launch.py) is already exported to the environment."""
     if launch.world == 1:
         return LocalTransport()
     if launch.uses_mpi:

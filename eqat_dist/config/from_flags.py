@@ -1,0 +1,234 @@
+"""The RunConfig builder: the one place that reads the parsed flags. Values are checked, the process's
+place in the job is settled (dist launch, device bound), and every default is resolved here, so that a
+run and the command resuming it can be compared setting by setting.
+
+Steps, in order (each fails with a ConfigError naming the setting, before any long work):
+1. values: ranges, bit width and group size, learning rates, task names;
+2. machine: device, precision, launch (exported for DeepSpeed and torch, GPU made current);
+3. model: its config.json when the run needs the model (a hub id is probed, nothing downloaded but it);
+4. defaults that depend on the world and on an earlier run in the output folder (student input,
+   correction, activation placement).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolve, single_process
+from ..quant import QuantConfig, QuantConfigError
+from ..run_folder import RunFolder
+from .run_config import (DTYPES, BlockAPConfig, ConfigError, E2EConfig, EvalConfig, MachineConfig, RunConfig,
+                         StreamsConfig)
+
+
+def build_run_config(flags) -> tuple[RunConfig, list[str]]:
+    """(the run's settings, lines for the log about defaults chosen from this machine)."""
+    cfg = settings_from_flags(flags)
+    machine = settled_machine(flags, cfg)
+    model_config = model_config_of(cfg)
+    cfg = replace(cfg, machine=machine, model_config=model_config)
+    return with_resolved_defaults(cfg)
+
+
+def _at_least(flags, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(flags, name) < minimum:
+            raise ConfigError(f"`{name}` must be >= {minimum}")
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise ConfigError(f"`{name}` {value} must be a finite number >= 0")
+
+
+def settings_from_flags(flags, world: int | None = None) -> RunConfig:
+    """Step 1: the flags as typed settings, values checked. `world` (a plan's ranks) resolves the
+    world-dependent defaults at once; a run resolves them later (`with_resolved_defaults`)."""
+    from ..blockap.trainer import default_weight_lr
+    from ..data.text import DataError
+    from ..e2e.trainer import default_e2e_lr
+    from ..eval.harness import parse_tasks
+
+    if not flags.model:
+        raise ConfigError("`model` is required (a hub id, a folder, a .gguf file or smollm2-135m)")
+    try:
+        quant = QuantConfig(flags.wbits, flags.group_size)
+    except QuantConfigError as err:
+        raise ConfigError(str(err)) from err
+    _at_least(flags, 0, "epochs", "train_size", "val_size", "e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints")
+    _at_least(flags, 1, "batch_size", "seqlen", "eval_seqlen", "eval_batch_size", "e2e_seqlen", "e2e_global_batch",
+              "e2e_micro_batch", "e2e_save_every")
+    if flags.epochs > 0 and flags.train_size < 1:
+        raise ConfigError("`train_size` must be >= 1 when `epochs` > 0")
+    if flags.peer_timeout < 5:
+        raise ConfigError("`peer_timeout` must be >= 5 seconds")
+    if flags.correction_fraction is not None and not 0 <= flags.correction_fraction <= 1:
+        raise ConfigError("`correction_fraction` must be between 0 and 1 (the share of steps on the quantized stream)")
+    if flags.min_lr_factor < 1:
+        raise ConfigError("`min_lr_factor` must be >= 1 (the cosine ends at lr / factor)")
+    weight_lr = default_weight_lr(flags.wbits) if flags.weight_lr is None else flags.weight_lr
+    e2e_lr = default_e2e_lr(flags.wbits) if flags.e2e_lr is None else flags.e2e_lr
+    for name, value in (("quant_lr", flags.quant_lr), ("weight_lr", weight_lr), ("e2e_lr", e2e_lr),
+                        ("max_grad_norm", flags.max_grad_norm), ("e2e_max_grad_norm", flags.e2e_max_grad_norm),
+                        ("e2e_warmup", flags.e2e_warmup)):
+        _finite(name, value)
+    tasks = flags.zeroshot_tasks
+    try:
+        tasks = parse_tasks(tasks or "") if isinstance(tasks, str) else list(tasks)
+    except DataError as err:
+        raise ConfigError(f"`zeroshot_tasks`: {err}") from err
+    if flags.zeroshot_limit is not None and flags.zeroshot_limit < 2:
+        raise ConfigError("`zeroshot_limit` must be >= 2 (items per task)")
+    if flags.eval_max_windows is not None and flags.eval_max_windows < 1:
+        raise ConfigError("`eval_max_windows` must be >= 1 (leave it out for every window)")
+    student_input, correction, correction_lr = flags.student_input, flags.correction_fraction, flags.correction_lr
+    if world is not None:
+        student_input, correction, correction_lr = _schedule_defaults(flags, world, {})
+    blockap = BlockAPConfig(
+        epochs=flags.epochs, batch_size=flags.batch_size, train_size=flags.train_size, val_size=flags.val_size,
+        seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
+        max_grad_norm=flags.max_grad_norm, train_norms=not flags.no_train_norms, calib_dataset=flags.calib_dataset,
+        student_input=student_input, correction_fraction=correction, correction_lr=correction_lr)
+    e2e = E2EConfig(
+        epochs=flags.e2e_epochs, train_size=flags.e2e_train_size, seqlen=flags.e2e_seqlen,
+        global_batch=flags.e2e_global_batch, micro_batch=flags.e2e_micro_batch, lr=e2e_lr, warmup=flags.e2e_warmup,
+        max_grad_norm=flags.e2e_max_grad_norm, save_every=flags.e2e_save_every,
+        keep_checkpoints=flags.e2e_keep_checkpoints, grad_checkpointing=not flags.no_grad_checkpointing,
+        ds_config=flags.ds_config)
+    evaluation = EvalConfig(
+        datasets=tuple(d for d in flags.eval_datasets.split(",") if d), seqlen=flags.eval_seqlen,
+        max_windows=flags.eval_max_windows, batch_size=flags.eval_batch_size, zeroshot_tasks=tuple(tasks),
+        zeroshot_limit=flags.zeroshot_limit, skip_fp=flags.skip_fp_eval)
+    placement = (flags.activations or "cpu") if world is not None else flags.activations  # None: chosen later
+    streams = StreamsConfig(placement=placement,
+                            folder=Path(flags.activations_dir) if flags.activations_dir else None,
+                            host_memory_budget_gib=flags.host_memory_budget)
+    machine = MachineConfig(dtype=flags.dtype, single_gpu=flags.single_gpu, peer_timeout=flags.peer_timeout,
+                            kernels=not flags.no_kernels)
+    return RunConfig(
+        model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
+        streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,
+        from_dir=Path(flags.from_dir) if flags.from_dir else None, seed=flags.seed,
+        export_dtype=flags.export_dtype, export_format=flags.export_format,
+        tensorboard=not flags.no_tensorboard, overwrite=flags.overwrite, take_over_lock=flags.take_over_lock,
+        ignore_plan=flags.ignore_plan, debug=flags.debug)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ConfigError(f"`device` {spec} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"`device` {spec}: eqat-dist runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"`device` {spec}: no CUDA device is available; use `device` cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"`device` {spec}: this machine shows {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES")
+    return device
+
+
+def amp_dtype_for(dtype: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 autocast on a GPU, float32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if dtype == "float32" else DTYPES[dtype]
+
+
+def settled_machine(flags, cfg: RunConfig) -> MachineConfig:
+    """Step 2: the device and this process's place in the job. The launch is exported (RANK, LOCAL_RANK,
+    MASTER_ADDR, ...) and the GPU made current before anything touches one; a launcher whose world MPI
+    does not see, or a rendezvous port already taken, is refused here."""
+    device = resolve_device(flags.device)
+    if cfg.streams.placement == "gpu" and device.type != "cuda":
+        raise ConfigError("`activations` gpu needs a CUDA device; use `activations` cpu or disk")
+    if not cfg.machine.kernels:
+        os.environ["EQAT_KERNELS"] = "0"  # read by every layer, inherited by launched children
+    try:
+        launch = single_process(cfg.trains_e2e) if cfg.machine.single_gpu else resolve(rendezvous=cfg.trains_e2e)
+    except LaunchError as err:
+        raise ConfigError(str(err)) from err
+    export_to_environ(launch)
+    device = bind_device(device, launch)
+    if device.type == "cuda":  # DeepSpeed (engine, zero.Init) reads LOCAL_RANK as the GPU's ordinal
+        os.environ["LOCAL_RANK"] = str(device.index)
+    return replace(cfg.machine, device=device, amp_dtype=amp_dtype_for(cfg.machine.dtype, device), launch=launch)
+
+
+def model_config_of(cfg: RunConfig) -> Path | None:
+    """Step 3: config.json of `model` when this run needs the model (Block-AP, or the full-precision
+    evaluation); None for a GGUF file or a run that never reads the model."""
+    from ..models.loading import ModelLoadError, model_config_file
+
+    if cfg.phase not in ("all", "block-ap") and cfg.evaluation.skip_fp:
+        return None
+    try:
+        return model_config_file(cfg.model)
+    except ModelLoadError as err:
+        raise ConfigError(f"`model`: {err}") from err
+
+
+def _schedule_defaults(flags, world: int, earlier: dict) -> tuple:
+    """student on one rank, pipelined on several; pipelined: 1/N of each block's steps on the quantized
+    stream (the most that keeps N ranks busy, planning/timeline.py) and one cosine through them. A run
+    resumed on another number of ranks keeps what its earlier part used (`earlier`)."""
+    student_input = flags.student_input or earlier.get("student_input") or ("pipelined" if world > 1 else "student")
+    if student_input != "pipelined":
+        return student_input, flags.correction_fraction, flags.correction_lr
+    correction = flags.correction_fraction
+    if correction is None:
+        correction = earlier.get("correction_fraction") or 1.0 / world
+    correction_lr = flags.correction_lr or earlier.get("correction_lr") or "continue"
+    return student_input, correction, correction_lr
+
+
+def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
+    """Step 4: the schedule's defaults from the world and the run being continued, the activation
+    stores' placement from the plan. Returns the config and the lines that say what was chosen."""
+    from types import SimpleNamespace
+
+    folder = RunFolder(cfg.output)
+    earlier = {} if cfg.overwrite else folder.earlier_settings()
+    b = cfg.blockap
+    asked = SimpleNamespace(student_input=b.student_input, correction_fraction=b.correction_fraction,
+                            correction_lr=b.correction_lr)
+    student_input, correction, correction_lr = _schedule_defaults(asked, cfg.machine.world, earlier)
+    cfg = replace(cfg, blockap=replace(b, student_input=student_input, correction_fraction=correction,
+                                       correction_lr=correction_lr))
+    cfg = replace(cfg, streams=replace(cfg.streams, folder=cfg.streams.folder or folder.activations))
+    notes = []
+    if cfg.streams.placement is None:
+        placement, note = placement_for(cfg)
+        cfg = replace(cfg, streams=replace(cfg.streams, placement=placement))
+        notes += [note] if note else []
+    return cfg, notes
+
+
+def placement_for(cfg: RunConfig) -> tuple[str, str | None]:
+    """Without `activations`: the stores stay in host memory when the node's ranks fit them within
+    `host_memory_budget`, else they go to disk (memory-mapped). Returns (placement, the line saying so)."""
+    from ..planning import GIB, arch_at_hand, host_memory, settings_for
+    from ..planning.estimate import block_ap
+    from ..planning.fit import node_host
+
+    arch = arch_at_hand(cfg.model_config)
+    if arch is None or not cfg.trains_blocks:
+        return "cpu", None
+    launch = cfg.machine.launch
+    in_memory = replace(cfg, streams=replace(cfg.streams, placement="cpu"))
+    settings = settings_for(in_memory, launch.world, launch.local_world,
+                            "gpu" if cfg.machine.device.type == "cuda" else "cpu")
+    budget = (cfg.streams.host_memory_budget_gib or 0.9 * host_memory() / GIB) * GIB
+    need = node_host("block-ap", block_ap(arch, settings), settings)
+    if need <= budget:
+        return "cpu", None
+    return "disk", (f"[plan] activation stores in host memory would take {need / GIB:.1f} GiB on this node, over the "
+                    f"{budget / GIB:.1f} GiB budget: they go to disk ({cfg.streams.folder}, memory-mapped); pass `activations` cpu "
+                    "to keep them in memory")

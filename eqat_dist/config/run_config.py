@@ -1,0 +1,171 @@
+"""The settings of one run, typed and frozen: built once from the flags and the config file (from_flags.py)
+with every default resolved there, then read by the phases, the planner and the pipelines. Nothing
+below the command line sees argparse.
+
+Settings are named as the config file spells them (`wbits`, `e2e_lr`, ...). A library error names the
+setting in backquotes (`group_size`); the command line shows the flag instead (cli.flag_message).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cluster.launch import Launch
+from ..quant import QuantConfig
+from ..utils.compare import describe_differences  # noqa: F401  (re-exported)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PHASES = ("all", "block-ap", "e2e", "eval")
+STUDENT_INPUTS = ("student", "teacher", "pipelined")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it in backquotes and says the fix."""
+
+
+@dataclass(frozen=True)
+class BlockAPConfig:
+    """Block-AP: the official code's settings, plus how the student's input stream is scheduled."""
+    epochs: int = 2  # 0 = round-to-nearest only
+    batch_size: int = 2
+    train_size: int = 4096
+    val_size: int = 64
+    seqlen: int = 2048
+    quant_lr: float = 1e-4
+    weight_lr: float = 2e-5
+    min_lr_factor: float = 20.0
+    max_grad_norm: float = 1.0
+    train_norms: bool = True
+    calib_dataset: str = "boolq"
+    student_input: str = "student"
+    correction_fraction: float | None = None  # pipelined only: share of steps on the quantized stream
+    correction_lr: str | None = None  # pipelined only: "continue" or "restart"
+
+
+@dataclass(frozen=True)
+class StreamsConfig:
+    """Where Block-AP's activation stores live."""
+    placement: str = "cpu"  # gpu | cpu | disk
+    folder: Path | None = None  # disk stores: None = the run folder's own (RunFolder.activations)
+    host_memory_budget_gib: float | None = None  # per node; None = 90% of this machine's memory
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """E2E-QP on DeepSpeed (paper defaults)."""
+    epochs: int = 1  # 0 = no E2E-QP
+    train_size: int = 4096
+    seqlen: int = 4096
+    global_batch: int = 32
+    micro_batch: int = 1
+    lr: float = 2e-5
+    warmup: float = 0.03
+    max_grad_norm: float = 0.3
+    save_every: int = 50
+    keep_checkpoints: int = 1
+    grad_checkpointing: bool = True
+    ds_config: str = "zero3-offload"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity and zero-shot accuracy after each phase."""
+    datasets: tuple[str, ...] = ("wiki", "news")
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+    zeroshot_tasks: tuple[str, ...] = ()
+    zeroshot_limit: int | None = None
+    skip_fp: bool = False
+
+    @property
+    def datasets_text(self) -> str:
+        """As results.json has always recorded them: one comma list."""
+        return ",".join(self.datasets)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """This process: its device (bound at start-up), precision, and place in the job."""
+    device: torch.device = torch.device("cpu")
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16, as asked
+    amp_dtype: torch.dtype | None = None  # resolved: autocast dtype, None = float32
+    launch: Launch | None = None  # None only in a plan (no process is launched)
+    single_gpu: bool = False
+    peer_timeout: float = 600.0
+    kernels: bool = True
+
+    @property
+    def world(self) -> int:
+        return 1 if self.launch is None else self.launch.world
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.launch is None else self.launch.rank
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """Activation stores hold the training precision."""
+        return torch.float32 if self.amp_dtype is None else self.amp_dtype
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The full-precision model's dtype on a GPU (bfloat16 by default: 70B in float32 is 280 GB)."""
+        return torch.bfloat16 if self.dtype == "auto" else DTYPES[self.dtype]
+
+    @property
+    def e2e_bf16(self) -> bool:
+        return self.device.type == "cuda" if self.dtype == "auto" else self.dtype == "bfloat16"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    output: Path
+    quant: QuantConfig
+    blockap: BlockAPConfig = field(default_factory=BlockAPConfig)
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    e2e: E2EConfig = field(default_factory=E2EConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)
+    phase: str = "all"
+    from_dir: Path | None = None  # --phase e2e/eval: the packed model to start from (resolved: never None there)
+    seed: int = 0
+    export_dtype: str = "float16"
+    export_format: str = "gptq_v2"
+    tensorboard: bool = True
+    overwrite: bool = False
+    take_over_lock: bool = False
+    ignore_plan: bool = False
+    debug: bool = False
+    model_config: Path | None = None  # the model's config.json, when this run needs the model and has one
+
+    @property
+    def trains_blocks(self) -> bool:
+        """Whether this run trains Block-AP (not RTN, not a later phase alone)."""
+        return self.blockap.epochs > 0 and self.phase in ("all", "block-ap")
+
+    @property
+    def trains_e2e(self) -> bool:
+        return self.e2e.epochs > 0 and self.phase in ("all", "e2e")
+
+    @property
+    def continues_to_e2e(self) -> bool:
+        """Whether E2E-QP follows Block-AP in this run."""
+        return self.phase == "all" and self.e2e.epochs > 0
+
+    def blockap_record(self) -> dict:
+        """What must match for finished blocks (and a finished Block-AP phase) to be reused: the
+        manifest's and results.json's `settings`, compared key by key on resume."""
+        b = self.blockap
+        record = {"model": self.model, "wbits": self.quant.bits, "group_size": self.quant.group_size,
+                  "epochs": b.epochs, "batch_size": b.batch_size, "train_size": b.train_size,
+                  "val_size": b.val_size, "seqlen": b.seqlen, "quant_lr": b.quant_lr, "weight_lr": b.weight_lr,
+                  "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
+                  "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
+                  "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
+        if b.student_input == "pipelined":
+            record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}
+        return record
