@@ -129,10 +129,18 @@ class RunFolder:
         config = self.root / CONFIG
         return config.exists() and "quantization_config" in config.read_text()
 
+    def settled(self, name: str) -> Path:
+        """Where the output's file `name` is once an export move a kill cut short is finished
+        (export/staging.py): in the stage when the move's journal says it was still to come, else here."""
+        try:
+            journal = json.loads(self.journal.read_text())
+        except (OSError, ValueError):
+            return self.root / name
+        pending = self.root.parent / journal.get("stage", "") / name
+        return pending if name in journal.get("items", []) and pending.exists() else self.root / name
+
     def settled_results(self) -> Path:
-        """results.json as it is once an export move a kill cut short is finished (export/staging.settled)."""
-        from .export.staging import settled
-        return settled(self, RESULTS)
+        return self.settled(RESULTS)
 
     def read_results(self) -> dict | None:
         """The finished phases' results.json, None when there is none; ValueError when it is not JSON."""

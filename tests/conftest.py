@@ -9,6 +9,10 @@ if not torch.cuda.is_available():  # DeepSpeed on CPU; the Triton kernels in Tri
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# model_type of each family eqat_dist.models.family.SUPPORTED_FAMILIES lists -> the name tiny_config takes
+TINY_FAMILIES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "gemma3_text": "gemma3"}
+
+
 def tiny_config(arch: str = "llama", layers: int = 2, vocab: int = 256):
     """A small random decoder of each supported family (dims divisible by 32 for every bit width)."""
     import transformers as tf

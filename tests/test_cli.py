@@ -332,3 +332,41 @@ def test_a_runtime_failure_with_nothing_saved_does_not_claim_finished_work(tmp_p
     assert "model.safetensors" in lines[0] and "Finished work" not in lines[0], lines
     debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_run_resumed_on_another_number_of_ranks_keeps_its_schedule_and_no_setting_is_a_wildcard(tmp_path):
+    """Defaults are resolved once, from the world and the run being continued: a Block-AP finished on 2
+    ranks (pipelined) goes on with E2E-QP on 1 rank with the settings it recorded; asking for another
+    schedule is refused naming the difference (no setting left to its default matches anything)."""
+    import dataclasses
+
+    _results_of_a_run(tmp_path, "quantized", student_input="pipelined", correction_fraction=0.5,
+                      correction_lr="continue")
+    cfg = parse_args(_args(tmp_path))
+    assert (cfg.blockap.student_input, cfg.blockap.correction_fraction, cfg.blockap.correction_lr) == (
+        "pipelined", 0.5, "continue")
+    assert blockap_already_done(cfg)
+    with pytest.raises(UsageError, match="student_input: was 'pipelined', now 'student'"):
+        parse_args(_args(tmp_path, "--student-input", "student"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # settings are read, never changed, below the command line
+
+
+def test_pre_flight_checks_run_in_their_stated_order_and_each_runs_alone(tmp_path):
+    """The model and data come before the output folder: a bad evaluation source is named before an
+    output that is a file; each check is a function of the settings alone."""
+    from dataclasses import replace
+
+    from eqat_dist import preflight
+
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(UsageError, match="--eval-datasets: .*nope"):
+        parse_args(_args(tmp_path, "--eval-datasets", "nope.txt"))
+    with pytest.raises(UsageError, match="--output .* is a file, not a folder"):
+        parse_args(_args(tmp_path))
+    order = [c.__name__ for c in preflight.CHECKS]
+    assert order.index("check_data_sources") < order.index("check_output_is_a_folder") < order.index("check_resume")
+    (tmp_path / "out").unlink()
+    cfg = parse_args(_args(tmp_path))
+    with pytest.raises(preflight.PreflightError, match="`seqlen` 9000 is longer than the model's context"):
+        preflight.check_context(replace(cfg, blockap=replace(cfg.blockap, seqlen=9000)))

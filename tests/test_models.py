@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import TINY_FAMILIES, tiny_model
 from eqat_dist.models import block_linears, decoder_layers, embed, record_block_calls, run_block
+from eqat_dist.models.family import SUPPORTED_FAMILIES
 
-ARCHS = ["llama", "qwen2", "mistral", "gemma3"]
+ARCHS = [TINY_FAMILIES[t] for t in SUPPORTED_FAMILIES]  # every family models/family.py supports
 
 
 @pytest.mark.parametrize("arch", ARCHS)

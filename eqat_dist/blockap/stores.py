@@ -56,7 +56,7 @@ class ActivationStore:
     """`count` activations of shape [seqlen, hidden], read and written by rows."""
 
     def __init__(self, count: int, seqlen: int, hidden: int, dtype: torch.dtype, placement: str,
-                 device: torch.device, disk_dir: str | os.PathLike | None = None, name: str = "acts"):
+                 device: torch.device, disk_dir: str | os.PathLike | None = None, name: str = "store"):
         if placement not in PLACEMENTS:
             raise ValueError(f"activation placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if placement == "gpu" and torch.device(device).type == "cpu":

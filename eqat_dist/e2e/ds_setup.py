@@ -54,6 +54,12 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
+def _is_rank0() -> bool:
+    """Rank 0 of the process group (one process when none is formed)."""
+    import torch.distributed as torch_dist
+    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+
+
 def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     """The packed model of `folder` (a GPTQ-v2 export) with every parameter created partitioned under
     zero.Init (ZeRO-3) and its weights loaded rank 0 -> partitions, one module at a time."""
@@ -94,7 +100,7 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
         raise RuntimeError(f"the packed model was built in {', '.join(sorted(wrong))} instead of {dtype}")
     if ties_head(config):
         model.tie_weights()  # lm_head shares the embedding (its own tensor is not in the checkpoint)
-    state = LazyTensors(folder) if int(os.environ.get("RANK", "0")) == 0 or not zero3 else {}
+    state = LazyTensors(folder) if _is_rank0() or not zero3 else {}
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if not params:
@@ -180,7 +186,7 @@ def gathered_blocks(model):
     from ..models.blocks import decoder_layers
 
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = _is_rank0()
     for index, block in enumerate(decoder_layers(model)):
         params = dict(block.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero3):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -78,8 +77,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         raise ValueError(f"`e2e_train_size` {len(windows)} is smaller than one global batch ({settings.global_batch})")
     total = settings.epochs * steps_per_epoch
     warm = max(1, round(settings.warmup * total)) if settings.warmup > 0 else 0
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm) if warm else
-                                                 warmup_cosine(s, total, 0))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm))
     ckpt_dir = Path(ckpt_dir)
     plan = resume_plan(settings, windows)
     point = find_resume_point(ckpt_dir, world, zero=zero_stage(ds_config) > 0)
@@ -141,7 +139,7 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
             save_engine_checkpoint(engine, ckpt_dir, f"step{step + 1}",
                                    {"step": step + 1, "plan": plan,
                                     "history": {"losses": losses, "step_seconds": step_seconds}})
-            if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+            if rank == 0:  # one folder, shared by every node (checked at start-up): one rank prunes it
                 prune_checkpoints(ckpt_dir, settings.keep_checkpoints)
     seconds = time.time() - t0
     memory = [None] * world

@@ -81,13 +81,7 @@ def recover(out_dir) -> list[str]:
 def settled(out_dir, name: str) -> Path:
     """Where the output's file `name` is once an interrupted move is finished: in the stage when the
     journal says it was still to come, else in the output itself."""
-    out_dir = _folder(out_dir)  # a path or a RunFolder
-    try:
-        journal = json.loads((out_dir / JOURNAL).read_text())
-    except (OSError, ValueError):
-        return out_dir / name
-    pending = out_dir.parent / journal.get("stage", "") / name
-    return pending if name in journal.get("items", []) and pending.exists() else out_dir / name
+    return RunFolder(_folder(out_dir)).settled(name)
 
 
 @contextmanager

@@ -85,10 +85,10 @@ class _Rank:
                  transport, monitor, progress, correction: float = 0.5):
         self.source, self.cfg, self.splits, self.settings = source, cfg, splits, settings
         self.ckpt_dir, self.device, self.streams, self.mode = Path(ckpt_dir), torch.device(device), streams, student_input
-        self.t, self.monitor, self.progress = transport, monitor, progress
-        self.L = source.num_blocks
-        self.bs = settings.batch_size
-        self.chunk_rows = self.bs * 4
+        self.transport, self.monitor, self.progress = transport, monitor, progress
+        self.num_blocks = source.num_blocks
+        self.batch_size = settings.batch_size
+        self.chunk_rows = self.batch_size * 4
         seqlen = next(iter(splits.values())).shape[1]
         hidden = source.config.hidden_size
 
@@ -120,7 +120,7 @@ class _Rank:
         rows = store.host_rows(a, b)
         buf = rows if rows is not None else torch.empty(b - a, *store.shape, dtype=store.dtype)
         t0 = time.time()
-        self.t.recv(buf, src, tag)
+        self.transport.recv(buf, src, tag)
         self.wait_s += time.time() - t0
         if rows is None:
             store.put(list(range(a, b)), buf)
@@ -129,52 +129,52 @@ class _Rank:
         """Rows a..b to `dst`, straight from the store's host memory (unchanged until wait_sends, which
         every block calls before its stores are rewritten); a GPU store's rows come through the host."""
         rows = store.host_rows(a, b)
-        self.t.send(rows if rows is not None else store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
+        self.transport.send(rows if rows is not None else store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
 
     def teacher_stream(self, i: int, fp_block, call) -> None:
         """fp input of block i (embedded, received, or already here) -> fp output, sent on chunk by chunk."""
-        remote_in, remote_out = self.t.world > 1 and i > 0, self.t.world > 1 and i + 1 < self.L
-        src, dst = (i - 1) % self.t.world, (i + 1) % self.t.world
+        remote_in, remote_out = self.transport.world > 1 and i > 0, self.transport.world > 1 and i + 1 < self.num_blocks
+        src, dst = (i - 1) % self.transport.world, (i + 1) % self.transport.world
         for s, (k, ids) in enumerate(self.splits.items()):
             fp_in = self.fp[k]
             fp_out = self.fp[k] if self.mode == "student" else self.other[k]
             for a, b in _chunks(len(ids), self.chunk_rows):
                 if i == 0:
-                    for c, d in _chunks(b - a, self.bs):
+                    for c, d in _chunks(b - a, self.batch_size):
                         fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
                     if self.q is not None:  # the student stream starts from the same embeddings
                         self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
                 elif remote_in:
                     self._recv_into(fp_in, a, b, src, _tag(i, 0, s))
-                advance(fp_block, fp_in, fp_out, call, self.bs, self.settings.amp_dtype, rows=(a, b))
+                advance(fp_block, fp_in, fp_out, call, self.batch_size, self.settings.amp_dtype, rows=(a, b))
                 if remote_out:
                     self._send_from(fp_out, a, b, dst, _tag(i + 1, 0, s))
-                self.t.poll()
+                self.transport.poll()
 
     def student_stream_in(self, i: int) -> None:
-        if self.mode != "student" or i == 0 or self.t.world == 1:
+        if self.mode != "student" or i == 0 or self.transport.world == 1:
             return  # block 0: the embeddings; one rank: the stream is already in place
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
-                self._recv_into(self.other[k], a, b, (i - 1) % self.t.world, _tag(i, 1, s))
+                self._recv_into(self.other[k], a, b, (i - 1) % self.transport.world, _tag(i, 1, s))
 
     def post_student_stream(self, i: int) -> None:
         """Pipelined: receive block i's quantized input while its fp phase trains (straight into the
         store's memory when it is in host memory or on disk)."""
-        if self.mode != "pipelined" or i == 0 or self.t.world == 1:
+        if self.mode != "pipelined" or i == 0 or self.transport.world == 1:
             return
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
                 rows = self.q[k].host_rows(a, b)
                 buf = rows if rows is not None else torch.empty(b - a, *self.q[k].shape, dtype=self.q[k].dtype)
                 self.posted.append((k, a, b, buf, rows is None,
-                                    self.t.post_recv(buf, (i - 1) % self.t.world, _tag(i, 1, s))))
+                                    self.transport.post_recv(buf, (i - 1) % self.transport.world, _tag(i, 1, s))))
 
     def student_stream_ready(self) -> dict:
         """Pipelined: the quantized stream is in (waits for the posted receives); returns its stores."""
         if self.posted:
             t0 = time.time()
-            self.t.wait_recvs([h for *_, h in self.posted])
+            self.transport.wait_recvs([h for *_, h in self.posted])
             self.wait_s += time.time() - t0
             for k, a, b, buf, copy, _ in self.posted:
                 if copy:  # the store is on a GPU: the rows came through host memory
@@ -188,24 +188,25 @@ class _Rank:
         self.student_stream_ready()
         packed_dev = packed.to(self.device)
         for s, k in enumerate(self.splits):
-            advance(packed_dev, self.q[k], self.q[k], call, self.bs, self.settings.amp_dtype)
-            if self.t.world > 1 and i + 1 < self.L:
+            advance(packed_dev, self.q[k], self.q[k], call, self.batch_size, self.settings.amp_dtype)
+            if self.transport.world > 1 and i + 1 < self.num_blocks:
                 for a, b in _chunks(len(self.splits[k]), self.chunk_rows):
-                    self._send_from(self.q[k], a, b, (i + 1) % self.t.world, _tag(i + 1, 1, s))
+                    self._send_from(self.q[k], a, b, (i + 1) % self.transport.world, _tag(i + 1, 1, s))
         packed.cpu()
 
     def timeline(self, block: int) -> None:
         if self.monitor:  # which block this rank trains when (-1: not training): shows pipeline bubbles
             self.monitor.scalar("timeline/training_block", block, int((time.time() - self.start) * 10))
 
-    def train_or_restore(self, i: int, call, steps_bar) -> dict:
+    def train_or_restore(self, i: int, call, steps_bar) -> tuple[torch.nn.Module, dict]:
+        """(block i packed, its report): trained here, or read back when a resumed run finished it."""
         if i in self.done:
             packed, report = restore_block(self.source.block(i), self.cfg, self.ckpt_dir, i)
             return packed, report
         inputs = self.other if self.mode == "student" else self.fp
         targets = self.fp if self.mode == "student" else self.other
         student = make_student(self.source.block(i), self.cfg, self.device)
-        total = self.settings.epochs * -(-len(self.splits["train"]) // self.bs)
+        total = self.settings.epochs * -(-len(self.splits["train"]) // self.batch_size)
         steps_bar.reset(total=total)
         def switch():
             self.progress.phase = "waiting for the quantized stream"
@@ -217,10 +218,10 @@ class _Rank:
         t0 = time.time()
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
-                          progress=steps_bar, on_step=self.t.poll, switch_at=switch_at, switch=switch)
+                          progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch)
         self.timeline(-1)
         packed = finish_student(student, self.cfg)
-        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.t.rank, "wait_s": self.wait_s,
+        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.transport.rank, "wait_s": self.wait_s,
                                   "fp_stream_s": self.fp_stream_s}
         save_block(self.ckpt_dir, i, packed, report)
         if self.monitor:
@@ -229,15 +230,15 @@ class _Rank:
         return packed, report
 
     def run(self, calls) -> list[dict]:
-        self.done = finished_blocks(self.ckpt_dir, self.L)
-        mine = list(range(self.t.rank, self.L, self.t.world))
+        self.done = finished_blocks(self.ckpt_dir, self.num_blocks)
+        mine = list(range(self.transport.rank, self.num_blocks, self.transport.world))
         reports = []
-        bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.t.rank}", unit="block", disable=None)
+        bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.transport.rank}", unit="block", disable=None)
         steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
         trained_s, trained = 0.0, 0
         for i in mine:
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
-            self.t.wait_sends()  # the stores are about to be rewritten
+            self.transport.wait_sends()  # the stores are about to be rewritten
             call = calls[i].to(self.device)
             self.post_student_stream(i)
             self.progress.phase = "full-precision stream"
@@ -255,16 +256,16 @@ class _Rank:
             reports.append(report)
             if not restored:
                 trained_s, trained = trained_s + time.time() - t_block, trained + 1
-            tqdm.write(block_line(report | {"restored": restored}, self.L, self.t.rank, len(reports), len(mine),
+            tqdm.write(block_line(report | {"restored": restored}, self.num_blocks, self.transport.rank, len(reports), len(mine),
                                   trained_s, trained))
             self.progress.phase = "student stream"
             self.student_stream_out(i, packed, call)
-            if self.mode != "student" and self.t.world == 1:
+            if self.mode != "student" and self.transport.world == 1:
                 self.fp, self.other = self.other, self.fp  # block i's output is block i+1's input
             self.source.release(i)
             bar.update(1)
         self.progress.phase = "finishing sends"
-        self.t.wait_sends()
+        self.transport.wait_sends()
         steps_bar.close()
         bar.close()
         for s in [*self.fp.values(), *self.other.values(), *(self.q.values() if self.mode == "pipelined" else [])]:

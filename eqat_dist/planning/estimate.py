@@ -144,24 +144,24 @@ def pinned_staging(a: Arch, s: Settings) -> float:
 
 
 def block_ap(a: Arch, s: Settings) -> Phase:
-    P, Pq, G = a.block_params, a.block_linear_params, a.groups(s.group_size)
+    block, linear, groups = a.block_params, a.block_linear_params, a.groups(s.group_size)
     if s.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
         host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
-                "one block and its packed form": P * 8}
-        return _place(Phase(seconds=a.layers * P * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
+                "one block and its packed form": block * 8}
+        return _place(Phase(seconds=a.layers * block * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
     tokens = s.batch_size * s.seqlen
     # fp + student (pipelined: fp in, fp out, quantized), train + val
     store = (3 if s.mode == "pipelined" else 2) * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes
     device = {
-        "fp block (float32)": P * 4,
-        "student weights, grads, Adam (float32)": Pq * 16 + 2 * G * 16 + 2 * a.hidden * 16,
-        "fake-quant temporaries": Pq * 4 * FAKE_QUANT_COPIES,
+        "fp block (float32)": block * 4,
+        "student weights, grads, Adam (float32)": linear * 16 + 2 * groups * 16 + 2 * a.hidden * 16,
+        "fake-quant temporaries": linear * 4 * FAKE_QUANT_COPIES,
         "activations for backward": tokens * (ACT_H * a.hidden + ACT_I * a.intermediate) * s.act_bytes,
         "batch and MSE in float32": tokens * a.hidden * (2 * s.act_bytes + 3 * 4),
     }
     host = {"base": HOST_BASE[s.device], "libraries, tokenizer, tokenized calibration text": BLOCKAP_PROCESS,
-            "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": P * 4}
+            "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": block * 4}
     phase = Phase()
     if s.device == "gpu" and s.activations != "gpu":
         host["pinned staging buffers"] = pinned_staging(a, s)
@@ -174,10 +174,10 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
     steps_tokens = s.epochs * s.train_size * s.seqlen
     eval_tokens = (s.epochs + 2) * s.val_size * s.seqlen  # loss before, after each epoch, after (the streams: below)
-    train_flops = 6 * P * steps_tokens + 2 * P * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
+    train_flops = 6 * block * steps_tokens + 2 * block * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
     stream_tokens = (s.train_size + s.val_size) * s.seqlen
     rate = _flops_per_second(s, "block-ap")
-    times = BlockTimes(train=train_flops / rate, forward=(2 * P + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
+    times = BlockTimes(train=train_flops / rate, forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
                        transfer=store / (3 if s.mode == "pipelined" else 2) / 2 / LINK_BYTES_PER_S[s.device])
     phase.seconds = blockap_seconds(a.layers, s.ranks, s.mode, times, s.correction)
     alone = blockap_seconds(a.layers, 1, "student", times)
