@@ -15,6 +15,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 
 from .export.formats import FORMATS
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
+from .config.run_config import PHASES, STUDENT_INPUTS
 from .preflight import PreflightError, check_plan, run_checks
 
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--student-input", default=None, choices=["student", "teacher", "pipelined"],
+    p.add_argument("--student-input", default=None, choices=list(STUDENT_INPUTS),
                    help="student: the paper's scheme (quantized stream, blocks one after another); teacher: "
                         "full-precision stream (blocks train concurrently, worse at 2-3 bits); pipelined: "
                         "full-precision stream first, the quantized stream for the last --correction-fraction "
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="format of the exported model (eqat_dist/export/formats.py)")
     p.add_argument("--no-tensorboard", action="store_true")
     # Phases and E2E-QP (paper defaults)
-    p.add_argument("--phase", default="all", choices=["all", "block-ap", "e2e", "eval"],
+    p.add_argument("--phase", default="all", choices=list(PHASES),
                    help="all: Block-AP (or RTN with --epochs 0), E2E-QP, evaluation; or one phase alone")
     p.add_argument("--from", dest="from_dir", default=None,
                    help="for --phase e2e/eval: a packed model folder from an earlier phase (default: --output)")

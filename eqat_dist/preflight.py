@@ -70,13 +70,14 @@ def check_output_is_a_folder(cfg: RunConfig) -> None:
         raise PreflightError(f"`output` {cfg.output} is a file, not a folder")
 
 
-def check_lock(cfg: RunConfig) -> str | None:
-    """One run per output folder: a second is refused at once (rank 0 holds the lock)."""
+def check_lock(cfg: RunConfig) -> None:
+    """One run per output folder: a second is refused at once (rank 0 takes the lock once every check
+    passed, and says then when it takes over a stale one)."""
     if cfg.machine.rank != 0:
-        return None
+        return
     from .utils.lock import LockError, check
     try:
-        return check(cfg.output, cfg.take_over_lock)
+        check(cfg.output, cfg.take_over_lock)
     except LockError as err:
         raise PreflightError(str(err)) from err
 
@@ -104,7 +105,8 @@ def check_overwrite(cfg: RunConfig) -> None:
     if not (cfg.overwrite and out.exists()):
         return
     target = out.resolve()
-    for setting, value in (("model", cfg.model), ("from_dir", cfg.from_dir)):
+    start = cfg.from_dir if cfg.from_dir != cfg.output else None  # the default: a phase reading its own output
+    for setting, value in (("model", cfg.model), ("from_dir", start)):
         path = Path(value).expanduser() if value else None
         if path is not None and path.exists() and (path.resolve() == target or target in path.resolve().parents):
             raise PreflightError(f"`output` {out} is or holds the `{setting}` folder {value}; `overwrite` would delete "

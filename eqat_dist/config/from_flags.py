@@ -112,10 +112,17 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
     return RunConfig(
         model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
         streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,
-        from_dir=Path(flags.from_dir) if flags.from_dir else None, seed=flags.seed,
+        from_dir=_start_folder(flags), seed=flags.seed,
         export_dtype=flags.export_dtype, export_format=flags.export_format,
         tensorboard=not flags.no_tensorboard, overwrite=flags.overwrite, take_over_lock=flags.take_over_lock,
         ignore_plan=flags.ignore_plan, debug=flags.debug)
+
+
+def _start_folder(flags) -> Path | None:
+    """--phase e2e/eval start from a packed model: --from, else the output folder itself."""
+    if flags.phase in ("e2e", "eval"):
+        return Path(flags.from_dir or flags.output)
+    return Path(flags.from_dir) if flags.from_dir else None
 
 
 def resolve_device(spec: str) -> torch.device:
