@@ -127,7 +127,10 @@ def model_config_file(spec: str) -> Path | None:
                              f"(org/name) or a bundled model ({', '.join(BUNDLED)}).")
     try:
         from huggingface_hub import hf_hub_download
-        return Path(hf_hub_download(spec, "config.json"))
+        # offline as the environment says now: huggingface_hub reads HF_HUB_OFFLINE once, at its import
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE",
+                                                                                      "TRANSFORMERS_OFFLINE"))
+        return Path(hf_hub_download(spec, "config.json", local_files_only=offline))
     except Exception as err:  # noqa: BLE001 - offline, unknown id, gated repo: one line, not a traceback
         raise ModelLoadError(
             f"could not read the config of model '{spec}' from the Hugging Face hub ({err.__class__.__name__}: "
