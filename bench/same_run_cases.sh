@@ -10,3 +10,5 @@ OMP_NUM_THREADS=2 eqat-dist $COMMON --output $D/a --overwrite --epochs 1 --train
 OMP_NUM_THREADS=1 mpiexec -n 2 eqat-dist $COMMON --output $D/b --overwrite --epochs 1 --train-size 8 --val-size 2 --e2e-epochs 0 --skip-fp-eval > $D/b.log 2>&1; echo "b rc $?"
 OMP_NUM_THREADS=2 eqat-dist $COMMON --output $D/c --overwrite --epochs 0 --e2e-epochs 0 --wbits 3 --export-dtype bfloat16 --skip-fp-eval --no-tensorboard > $D/c.log 2>&1; echo "c rc $?"
 OMP_NUM_THREADS=2 eqat-dist $COMMON --output $D/d --overwrite --phase eval --from $D/a --skip-fp-eval > $D/d.log 2>&1; echo "d rc $?"
+OMP_NUM_THREADS=1 mpiexec -n 2 eqat-dist $COMMON --output $D/e --overwrite --epochs 1 --train-size 8 --val-size 2 --e2e-epochs 0 --skip-fp-eval --student-input student > $D/e.log 2>&1; echo "e rc $?"
+OMP_NUM_THREADS=1 mpiexec -n 2 eqat-dist $COMMON --output $D/f --overwrite --epochs 1 --train-size 8 --val-size 2 --e2e-epochs 0 --skip-fp-eval --student-input teacher --activations disk > $D/f.log 2>&1; echo "f rc $?"

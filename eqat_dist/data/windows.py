@@ -65,7 +65,7 @@ def calibration_windows(tokenizer, source: str, seqlen: int, train_size: int, va
         if count * body > ids.numel():
             warnings.warn(f"'{source}' has {ids.numel():,} {name} tokens and {count} windows of {seqlen} tokens "
                           f"need {count * body / ids.numel():.1f}x as many, so the windows overlap and repeat text "
-                          "(the paper draws 4096 x 2048 from RedPajama): pass `calib_dataset` redpajama (hub) or a "
+                          "(the paper draws 4096 x 2048 from RedPajama): pass --calib-dataset redpajama (hub) or a "
                           "larger .txt/.jsonl/.parquet corpus for the paper's setting", stacklevel=2)
         starts = torch.randint(0, ids.numel() - body, (count,), generator=gen)
         win = torch.stack([ids[s: s + body] for s in starts.tolist()])

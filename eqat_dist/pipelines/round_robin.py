@@ -282,26 +282,27 @@ def correction_start(total_steps: int, correction: float) -> int:
 
 
 def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
-                settings: BlockAPSettings, ckpt_dir: Path, run_settings: dict, device, streams: StreamSpec,
+                settings: BlockAPSettings, ckpt_dir: Path, record: dict, device, streams: StreamSpec,
                 student_input: str = "student", transport: Transport | None = None,
                 monitor: Monitor | None = None, log=print, progress: Progress | None = None,
                 correction: float = 0.5) -> list[dict]:
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
-    `ckpt_dir` and reused on a restart, whatever the number of ranks. Returns this rank's reports."""
+    `ckpt_dir` and reused on a restart, whatever the number of ranks; `record` (RunConfig.blockap_record)
+    is what its manifest keeps and a restart must match. Returns this rank's reports."""
     if student_input not in STUDENT_INPUTS:
         raise ValueError(f"`student_input` {student_input!r}: use one of {', '.join(STUDENT_INPUTS)}")
     transport = transport or LocalTransport()
     progress = progress or Progress()
     ckpt_dir = Path(ckpt_dir)
     if transport.rank == 0:
-        open_run(ckpt_dir, run_settings)
+        open_run(ckpt_dir, record)
     if streams.placement == "disk" and streams.remove_stale:
         stale = remove_stale_stores(streams.disk_dir, streams.prefix)
         if stale:
             log(f"[resume] removed {len(stale)} activation store file(s) a stopped run left in {streams.disk_dir}")
     transport.barrier()
     if transport.rank != 0:
-        open_run(ckpt_dir, run_settings)  # checks the manifest rank 0 wrote or found
+        open_run(ckpt_dir, record)  # checks the manifest rank 0 wrote or found
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
                  student_input, transport, monitor, progress, correction)
