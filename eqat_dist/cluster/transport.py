@@ -89,50 +89,61 @@ class MPITransport(Transport):
         self.MPI = MPI
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
-        self._pending = []  # (request, tensor kept alive)
+        self._pending = []  # (request, tensor kept alive, destination)
         self._posted = []  # receives posted early, tested in poll() so that MPI moves their data on
 
     def send(self, tensor, dst, tag):
         buf = _bytes(tensor).numpy()
-        self._pending.append((self.comm.Isend([buf, self.MPI.BYTE], dest=dst, tag=tag), tensor))
+        self._pending.append((self.comm.Isend([buf, self.MPI.BYTE], dest=dst, tag=tag), tensor, dst))
 
     def recv(self, tensor, src, tag):
         buf = _bytes(tensor).numpy()
-        self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)])
+        self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)], f"lost rank {src} while receiving from it")
 
     def post_recv(self, tensor, src, tag):
         request = self.comm.Irecv([_bytes(tensor).numpy(), self.MPI.BYTE], source=src, tag=tag)
-        self._posted.append(request)
-        return request, tensor
+        self._posted.append((request, src))
+        return request, tensor, src
 
     def wait_recvs(self, handles):
-        self._wait([r for r, _ in handles])
-        done = {id(r) for r, _ in handles}
-        self._posted = [r for r in self._posted if id(r) not in done]
+        sources = sorted({src for _, _, src in handles})
+        self._wait([r for r, _, _ in handles], f"lost rank {', '.join(map(str, sources))} while receiving from it")
+        done = {id(r) for r, _, _ in handles}
+        self._posted = [(r, src) for r, src in self._posted if id(r) not in done]
 
-    def _wait(self, requests) -> None:
+    def _test(self, requests, what: str) -> bool:
+        """Whether every request is done; a peer that died (its connection dropped) is a PeerFailure."""
+        try:
+            return self.MPI.Request.Testall(requests)
+        except self.MPI.Exception as err:
+            raise PeerFailure(f"{what} ({' '.join(str(err).split())[:200]})") from err
+
+    def _wait(self, requests, what: str) -> None:
         """Wait by polling, not inside a blocking MPI call: Python can then act on a signal (Ctrl-C
         raises KeyboardInterrupt here, and the run stops every rank) while a peer is slow."""
         delay, state = 1e-4, {}
-        while not self.MPI.Request.Testall(requests):
+        while not self._test(requests, what):
             time.sleep(delay)
             delay = min(2 * delay, 0.01)
             self._watch(state)
 
     def poll(self):
         if self._pending:
-            self.MPI.Request.Testall([r for r, _ in self._pending])
-            self._pending = [(r, t) for r, t in self._pending if r != self.MPI.REQUEST_NULL]
+            self._test([r for r, _, _ in self._pending],
+                       f"lost rank {', '.join(sorted({str(d) for *_, d in self._pending}))} while sending to it")
+            self._pending = [p for p in self._pending if p[0] != self.MPI.REQUEST_NULL]
         if self._posted:
-            self.MPI.Request.Testall(self._posted)
+            self._test([r for r, _ in self._posted],
+                       f"lost rank {', '.join(sorted({str(s) for _, s in self._posted}))} while receiving from it")
 
     def wait_sends(self):
         if self._pending:
-            self._wait([r for r, _ in self._pending])
+            self._wait([r for r, _, _ in self._pending],
+                       f"lost rank {', '.join(sorted({str(d) for *_, d in self._pending}))} while sending to it")
             self._pending = []
 
     def barrier(self):
-        self._wait([self.comm.Ibarrier()])
+        self._wait([self.comm.Ibarrier()], "a peer rank failed before the barrier")
 
     def allgather_object(self, obj):
         self.barrier()  # wait by polling (signals, the watchdog); the gather itself is then quick
