@@ -16,6 +16,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 from .export.formats import FORMATS
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
+from .pipelines.schedules import SCHEDULES
 from .preflight import PreflightError, check_plan, run_checks
 
 
@@ -45,11 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
     p.add_argument("--student-input", default=None, choices=list(STUDENT_INPUTS),
-                   help="student: the paper's scheme (quantized stream, blocks one after another); teacher: "
-                        "full-precision stream (blocks train concurrently, worse at 2-3 bits); pipelined: "
-                        "full-precision stream first, the quantized stream for the last --correction-fraction "
-                        "of each block's steps (concurrent up to that part). Default: student on one rank, "
-                        "pipelined on several (a resumed run keeps the mode it started with)")
+                   help="; ".join(f"{s.name}: {s.summary}" for s in SCHEDULES.values()) +
+                        ". Default: student on one rank, pipelined on several (a resumed run keeps the mode it "
+                        "started with)")
     p.add_argument("--correction-fraction", type=float, default=None,
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
                         "(default 1/ranks, the most that keeps every rank busy; 1 = student, 0 = teacher)")

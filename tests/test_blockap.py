@@ -330,3 +330,23 @@ def test_bf16_autocast_on_cpu_trains_with_bf16_stores(tmp_path):
     assert all(torch.isfinite(torch.tensor([r["loss_before"], r["loss_after"]])).all() for r in reports)
     model, _ = assemble(source, CFG, tmp_path / "ckpt")
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())  # fp32 master weights
+
+
+@pytest.mark.parametrize("name", ["student", "teacher", "pipelined"])
+def test_each_schedule_holds_the_stores_it_describes_and_the_planner_counts_them(tmp_path, name):
+    """A schedule is described once (pipelines/schedules.py): the stores a rank opens are the ones it
+    names, and the planner's memory term counts the same number per split."""
+    import re
+
+    from eqat_dist.pipelines.schedules import schedule_named
+    from eqat_dist.planning.estimate import Settings
+
+    said = []
+    ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+    run_blockap(LazyModel(str(_folder(tmp_path, 2))), CFG, ids[:4], ids[4:], FAST, tmp_path / "ckpt", {"k": 1}, "cpu",
+                StreamSpec("cpu", torch.float32, tmp_path / "acts"), name, log=said.append)
+    stores = re.findall(r"(\w+?)_(train|val) \d", next(line for line in said if "activation stores" in line))
+    schedule = schedule_named(name)
+    assert len(stores) == 2 * schedule.stores_per_split == 2 * Settings(student_input=name).schedule.stores_per_split
+    names = {n for n, _ in stores}
+    assert ("q" in names) == schedule.keeps_quantized_stream and ("fp_out" in names) != schedule.fp_stream_in_place

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolve, single_process
+from ..pipelines.schedules import schedule_named
 from ..quant import QuantConfig, QuantConfigError
 from ..run_folder import RunFolder
 from .run_config import (DTYPES, BlockAPConfig, ConfigError, E2EConfig, EvalConfig, MachineConfig, RunConfig,
@@ -187,7 +188,7 @@ def _schedule_defaults(flags, world: int, earlier: dict) -> tuple:
     stream (the most that keeps N ranks busy, planning/timeline.py) and one cosine through them. A run
     resumed on another number of ranks keeps what its earlier part used (`earlier`)."""
     student_input = flags.student_input or earlier.get("student_input") or ("pipelined" if world > 1 else "student")
-    if student_input != "pipelined":
+    if not schedule_named(student_input).has_correction:
         return student_input, flags.correction_fraction, flags.correction_lr
     correction = flags.correction_fraction
     if correction is None:

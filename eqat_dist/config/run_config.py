@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from ..cluster.launch import Launch
-from ..pipelines.round_robin import STUDENT_INPUTS  # noqa: F401  (the schedules there are)
+from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
 from ..utils.compare import describe_differences  # noqa: F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("all", "block-ap", "e2e", "eval")
+STUDENT_INPUTS = tuple(SCHEDULES)  # Block-AP schedules by name (pipelines/schedules.py)
 
 
 class ConfigError(ValueError):
@@ -166,6 +167,6 @@ class RunConfig:
                   "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
-        if b.student_input == "pipelined":
+        if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}
         return record

@@ -1,21 +1,12 @@
-"""Block-AP over N ranks (N = 1: the paper's single-GPU mode, same code).
+"""Block-AP over N ranks (N = 1: the paper's single-GPU mode, same code): the rank loop and the
+hand-off of activations; what a block trains on, and when, is its schedule's (schedules.py).
 
 Block i is trained by rank i mod N. The full-precision ("teacher") stream flows from rank to rank in
 chunks: the owner of block i runs the fp block on each chunk of its input as it arrives and sends the
-result on to the owner of block i+1 at once (non-blocking), so every rank starts early.
-
-student_input="teacher": block i's student input is the fp stream; blocks train concurrently.
-student_input="student": the paper's scheme; the quantized stream is handed on after each block is
-                         trained (sequential in time, memory spread over ranks).
-student_input="pipelined": block i trains on the fp stream first (concurrently, as in teacher mode),
-                         then, for the last `correction` fraction of its steps, on the quantized
-                         stream (the output of the finished quantized blocks before it), which it
-                         hands on when done. Only the corrections run one after another, so with
-                         `correction` <= 1/N the N ranks stay busy; the final blocks see the paper's
-                         inputs. The receive of the quantized stream is posted when the block starts,
-                         so the rank that sends it never waits for this one's fp phase to end.
-Streams are updated in place where the schedule allows, so a rank holds two stores per split (three
-in pipelined mode: fp input, fp output, quantized stream).
+result on to the owner of block i+1 at once (non-blocking), so every rank starts early. A schedule that
+keeps the quantized stream advances it with the finished block and hands it on; it is received before
+training (student) or posted when the block starts, so that the rank sending it never waits for this
+one's fp phase to end (pipelined). Streams are updated in place where the schedule allows.
 """
 from __future__ import annotations
 
@@ -37,8 +28,9 @@ from ..cluster.transport import LocalTransport, Transport
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
+from .schedules import SCHEDULES, Schedule, schedule_named
 
-STUDENT_INPUTS = ("student", "teacher", "pipelined")
+STUDENT_INPUTS = tuple(SCHEDULES)
 SPLITS = ("train", "val")
 
 
@@ -81,10 +73,10 @@ def _chunks(count: int, rows: int):
 class _Rank:
     """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
 
-    def __init__(self, source: LazyModel, cfg, splits, settings, ckpt_dir, device, streams, student_input,
-                 transport, monitor, progress, correction: float = 0.5):
+    def __init__(self, source: LazyModel, cfg, splits, settings, ckpt_dir, device, streams, schedule: Schedule,
+                 transport, monitor, progress):
         self.source, self.cfg, self.splits, self.settings = source, cfg, splits, settings
-        self.ckpt_dir, self.device, self.streams, self.mode = Path(ckpt_dir), torch.device(device), streams, student_input
+        self.ckpt_dir, self.device, self.streams, self.schedule = Path(ckpt_dir), torch.device(device), streams, schedule
         self.transport, self.monitor, self.progress = transport, monitor, progress
         self.num_blocks = source.num_blocks
         self.batch_size = settings.batch_size
@@ -92,28 +84,31 @@ class _Rank:
         seqlen = next(iter(splits.values())).shape[1]
         hidden = source.config.hidden_size
 
-        def store(n, name):
-            return ActivationStore(n, seqlen, hidden, streams.dtype, streams.placement, self.device,
-                                   streams.disk_dir, f"{streams.prefix}-{name}-r{transport.rank}")
+        def stores(role):
+            label = schedule.store_label(role)
+            return {k: ActivationStore(len(v), seqlen, hidden, streams.dtype, streams.placement, self.device,
+                                       streams.disk_dir, f"{streams.prefix}-{label}-{k}-r{transport.rank}")
+                    for k, v in splits.items()}
 
-        other = "q" if self.mode == "student" else "fp-out"
-        self.fp = {k: store(len(v), f"fp-{k}") for k, v in splits.items()}
-        self.other = {k: store(len(v), f"{other}-{k}") for k, v in splits.items()}
-        # the quantized ("student") stream: none in teacher mode
-        self.q = {"student": self.other, "teacher": None}.get(self.mode)
-        if self.mode == "pipelined":
-            self.q = {k: store(len(v), f"q-{k}") for k, v in splits.items()}
-        self.correction = correction
-        self.posted = []  # pipelined: receives of the quantized stream, posted when the block starts
+        # per split: the fp stream's input and output (one store when in place), the quantized stream
+        self.fp_in = stores("fp_in")
+        self.fp_out = self.fp_in if schedule.fp_stream_in_place else stores("fp_out")
+        self.q = stores("q") if schedule.keeps_quantized_stream else None
+        self.posted = []  # receives of the quantized stream posted when the block starts
         self.start = time.time()
         self.wait_s = 0.0
 
+    def _own_stores(self) -> dict:
+        """Every store this rank holds, by its name in the memory line, in the order they were made."""
+        named = {f"fp_{k}": s for k, s in self.fp_in.items()}
+        if not self.schedule.fp_stream_in_place:
+            named |= {f"fp_out_{k}": s for k, s in self.fp_out.items()}
+        if self.q is not None:
+            named |= {f"q_{k}": s for k, s in self.q.items()}
+        return named
+
     def memory_line(self) -> str:
-        names = {"student": "q", "teacher": "fp_out", "pipelined": "fp_out"}[self.mode]
-        stores = {f"fp_{k}": s for k, s in self.fp.items()} | {f"{names}_{k}": s for k, s in self.other.items()}
-        if self.mode == "pipelined":
-            stores |= {f"q_{k}": s for k, s in self.q.items()}
-        return describe_memory(stores)
+        return describe_memory(self._own_stores())
 
     def _recv_into(self, store: ActivationStore, a: int, b: int, src: int, tag: int) -> None:
         """Rows a..b from `src`, straight into the store's host memory (a GPU store's through the host)."""
@@ -136,8 +131,7 @@ class _Rank:
         remote_in, remote_out = self.transport.world > 1 and i > 0, self.transport.world > 1 and i + 1 < self.num_blocks
         src, dst = (i - 1) % self.transport.world, (i + 1) % self.transport.world
         for s, (k, ids) in enumerate(self.splits.items()):
-            fp_in = self.fp[k]
-            fp_out = self.fp[k] if self.mode == "student" else self.other[k]
+            fp_in, fp_out = self.fp_in[k], self.fp_out[k]
             for a, b in _chunks(len(ids), self.chunk_rows):
                 if i == 0:
                     for c, d in _chunks(b - a, self.batch_size):
@@ -152,16 +146,17 @@ class _Rank:
                 self.transport.poll()
 
     def student_stream_in(self, i: int) -> None:
-        if self.mode != "student" or i == 0 or self.transport.world == 1:
+        """Block i's quantized input, received before it trains (student)."""
+        if not self.schedule.starts_on_quantized_stream or i == 0 or self.transport.world == 1:
             return  # block 0: the embeddings; one rank: the stream is already in place
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
-                self._recv_into(self.other[k], a, b, (i - 1) % self.transport.world, _tag(i, 1, s))
+                self._recv_into(self.q[k], a, b, (i - 1) % self.transport.world, _tag(i, 1, s))
 
     def post_student_stream(self, i: int) -> None:
-        """Pipelined: receive block i's quantized input while its fp phase trains (straight into the
+        """Receive block i's quantized input while its fp phase trains (pipelined; straight into the
         store's memory when it is in host memory or on disk)."""
-        if self.mode != "pipelined" or i == 0 or self.transport.world == 1:
+        if not self.schedule.receives_quantized_early or i == 0 or self.transport.world == 1:
             return
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
@@ -171,7 +166,7 @@ class _Rank:
                                     self.transport.post_recv(buf, (i - 1) % self.transport.world, _tag(i, 1, s))))
 
     def student_stream_ready(self) -> dict:
-        """Pipelined: the quantized stream is in (waits for the posted receives); returns its stores."""
+        """The quantized stream is in (waits for receives posted early); returns its stores."""
         if self.posted:
             t0 = time.time()
             self.transport.wait_recvs([h for *_, h in self.posted])
@@ -203,8 +198,8 @@ class _Rank:
         if i in self.done:
             packed, report = restore_block(self.source.block(i), self.cfg, self.ckpt_dir, i)
             return packed, report
-        inputs = self.other if self.mode == "student" else self.fp
-        targets = self.fp if self.mode == "student" else self.other
+        inputs = self.q if self.schedule.starts_on_quantized_stream else self.fp_in
+        targets = self.fp_out
         student = make_student(self.source.block(i), self.cfg, self.device)
         total = self.settings.epochs * -(-len(self.splits["train"]) // self.batch_size)
         steps_bar.reset(total=total)
@@ -213,7 +208,7 @@ class _Rank:
             q = self.student_stream_ready()
             self.progress.phase = "training on the quantized stream"
             return q["train"], q["val"]
-        switch_at = correction_start(total, self.correction) if self.mode == "pipelined" else None
+        switch_at = self.schedule.switch_at(total)
         self.timeline(i)
         t0 = time.time()
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
@@ -260,25 +255,22 @@ class _Rank:
                                   trained_s, trained))
             self.progress.phase = "student stream"
             self.student_stream_out(i, packed, call)
-            if self.mode != "student" and self.transport.world == 1:
-                self.fp, self.other = self.other, self.fp  # block i's output is block i+1's input
+            if not self.schedule.fp_stream_in_place and self.transport.world == 1:
+                self.fp_in, self.fp_out = self.fp_out, self.fp_in  # block i's output is block i+1's input
             self.source.release(i)
             bar.update(1)
         self.progress.phase = "finishing sends"
         self.transport.wait_sends()
         steps_bar.close()
         bar.close()
-        for s in [*self.fp.values(), *self.other.values(), *(self.q.values() if self.mode == "pipelined" else [])]:
-            s.close()
+        for store in self._own_stores().values():
+            store.close()
         return reports
 
 
 def correction_start(total_steps: int, correction: float) -> int:
-    """The step from which a pipelined block trains on the quantized stream: the last `correction`
-    fraction of its steps (at least one when the fraction is above 0)."""
-    if correction <= 0:
-        return total_steps
-    return min(total_steps - 1, round(total_steps * (1 - correction))) if total_steps else 0
+    """The step from which a pipelined block trains on the quantized stream (schedules.Pipelined)."""
+    return schedule_named("pipelined", correction).switch_at(total_steps)
 
 
 def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
@@ -289,8 +281,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
     `ckpt_dir` and reused on a restart, whatever the number of ranks; `record` (RunConfig.blockap_record)
     is what its manifest keeps and a restart must match. Returns this rank's reports."""
-    if student_input not in STUDENT_INPUTS:
-        raise ValueError(f"`student_input` {student_input!r}: use one of {', '.join(STUDENT_INPUTS)}")
+    schedule = schedule_named(student_input, correction)
     transport = transport or LocalTransport()
     progress = progress or Progress()
     ckpt_dir = Path(ckpt_dir)
@@ -305,7 +296,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
         open_run(ckpt_dir, record)  # checks the manifest rank 0 wrote or found
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
-                 student_input, transport, monitor, progress, correction)
+                 schedule, transport, monitor, progress)
     log(f"[rank {transport.rank}/{transport.world}] pid {os.getpid()} on {socket.gethostname()}, blocks "
         f"{list(range(transport.rank, source.num_blocks, transport.world))}; " + rank.memory_line())
     return rank.run(calls)

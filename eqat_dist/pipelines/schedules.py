@@ -30,6 +30,7 @@ class Schedule:
     keeps_quantized_stream: ClassVar[bool] = True  # the quantized stream is advanced and handed on
     fp_stream_in_place: ClassVar[bool] = False  # the fp block's output overwrites its input: one fp store
     receives_quantized_early: ClassVar[bool] = False  # posted when the block starts, awaited at the switch
+    has_correction: ClassVar[bool] = False  # its correction share (and the learning rate through it) is a setting
 
     @property
     def stores_per_split(self) -> int:
@@ -74,6 +75,7 @@ class Pipelined(Schedule):
     summary: ClassVar[str] = ("full-precision stream first, the quantized stream for the last --correction-fraction "
                               "of each block's steps (concurrent up to that part)")
     receives_quantized_early: ClassVar[bool] = True
+    has_correction: ClassVar[bool] = True
 
     def switch_at(self, total_steps: int) -> int | None:
         """The last `correction` share of the steps (at least one when the share is above 0)."""

@@ -87,6 +87,12 @@ class Settings:
     def mode(self) -> str:
         return self.student_input or ("pipelined" if self.ranks > 1 else "student")
 
+    @property
+    def schedule(self):
+        """The Block-AP schedule's own description (pipelines/schedules.py)."""
+        from ..pipelines.schedules import schedule_named
+        return schedule_named(self.mode, self.correction)
+
 
 @dataclass
 class Phase:
@@ -139,7 +145,7 @@ def pinned_staging(a: Arch, s: Settings) -> float:
     two per store a batch reads (training reads input and target; a stream pass one), and two per
     store the GPU writes rows into (written behind), each of one batch's rows."""
     batch = pinned_block(s.batch_size * s.seqlen * a.hidden * s.act_bytes)
-    written = (3 if s.mode == "pipelined" else 2) * 2  # stores per split x splits
+    written = s.schedule.stores_per_split * 2  # stores per split x splits
     return batch * (2 * 2 + 2 * 1 + 2 * written)
 
 
@@ -151,8 +157,8 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         return _place(Phase(seconds=a.layers * block * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
     tokens = s.batch_size * s.seqlen
-    # fp + student (pipelined: fp in, fp out, quantized), train + val
-    store = (3 if s.mode == "pipelined" else 2) * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes
+    # the schedule's stores per split (fp in, fp out unless in place, quantized stream), train + val
+    store = s.schedule.stores_per_split * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": block * 4,
         "student weights, grads, Adam (float32)": linear * 16 + 2 * groups * 16 + 2 * a.hidden * 16,
@@ -178,10 +184,11 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     stream_tokens = (s.train_size + s.val_size) * s.seqlen
     rate = _flops_per_second(s, "block-ap")
     times = BlockTimes(train=train_flops / rate, forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
-                       transfer=store / (3 if s.mode == "pipelined" else 2) / 2 / LINK_BYTES_PER_S[s.device])
-    phase.seconds = blockap_seconds(a.layers, s.ranks, s.mode, times, s.correction)
+                       transfer=store / s.schedule.stores_per_split / 2 / LINK_BYTES_PER_S[s.device])
+    phase.seconds = blockap_seconds(a.layers, s.ranks, s.schedule, times)
     alone = blockap_seconds(a.layers, 1, "student", times)
-    detail = f", last {s.correction:.0%} of each block's steps on the quantized stream" if s.mode == "pipelined" else ""
+    detail = (f", last {s.correction:.0%} of each block's steps on the quantized stream"
+              if s.schedule.receives_quantized_early else "")
     phase.note = (f"{s.mode} mode{detail}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
                   f"{store / GIB:.1f} GiB per rank on {s.activations}")
     return _place(phase, device, host, s)

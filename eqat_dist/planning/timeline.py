@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("student", "teacher", "pipelined")
+from ..pipelines.schedules import SCHEDULES, Schedule, schedule_named
 
 
 @dataclass
@@ -27,15 +27,12 @@ class BlockTimes:
     transfer: float = 0.0  # seconds to hand one stream to the next rank (0 on one rank)
 
 
-def correction_share(schedule: str, correction: float) -> float:
-    return {"student": 1.0, "teacher": 0.0}.get(schedule, correction)
-
-
-def blockap_seconds(blocks: int, ranks: int, schedule: str, t: BlockTimes, correction: float = 0.5) -> float:
-    """Wall time from the first block's start to the last block's end."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    c = correction_share(schedule, correction)
+def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockTimes,
+                    correction: float = 0.5) -> float:
+    """Wall time from the first block's start to the last block's end, for a schedule (schedules.py)
+    or its name (`correction`: pipelined's share of steps on the quantized stream)."""
+    schedule = schedule if isinstance(schedule, Schedule) else schedule_named(schedule, correction)
+    c = schedule.correction  # student 1, teacher 0
     hop = t.transfer if ranks > 1 else 0.0
     free = [0.0] * ranks
     fp_out = q_out = 0.0  # when block i-1's fp output / quantized output reached block i's rank
@@ -45,7 +42,7 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str, t: BlockTimes, corre
         start = max(free[r], fp_out if i else 0.0)
         fp_done = start + t.forward
         fp_out = fp_done + (hop if (i + 1) % ranks != r else 0.0)
-        if schedule == "teacher":
+        if not schedule.keeps_quantized_stream:  # every step on the fp stream: nothing to wait for
             end = free[r] = fp_done + t.train
             continue
         first = fp_done + (1 - c) * t.train
