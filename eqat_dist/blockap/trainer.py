@@ -101,13 +101,17 @@ def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | Non
 
 @torch.no_grad()
 def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype) -> float:
+    """Mean squared error of the block over the stores, in eval mode (no dropout, whatever the model)."""
     device = next(block.parameters()).device
+    training = block.training
+    block.eval()
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for x, y in Feed([inputs, targets], batches_of(len(inputs), batch_size), device):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = run_block(block, x, call)
         total += nn.functional.mse_loss(out.float(), y.float(), reduction="sum").double()  # one read, at the end
         n += out.numel()
+    block.train(training)
     return total.item() / max(n, 1)
 
 
@@ -225,7 +229,10 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     report.steps = step
     report.seconds = time.perf_counter() - start
     report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0
-    report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+    if has_val and report.val_losses:  # the last epoch's validation saw these weights already: not again
+        report.loss_after = report.val_losses[-1]
+    else:
+        report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
     peaks = peak_memory_mib(device)
     report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else peak RSS (this block's)
     for p in block.parameters():
