@@ -189,7 +189,7 @@ def settings(argv=None, plan: bool = False) -> tuple[RunConfig, list[str]]:
     or UsageError with the flags named."""
     try:
         cfg, notes = build_run_config(parse_flags(argv))
-        notes += run_checks(cfg)
+        run_checks(cfg)
         if plan:
             check_plan(cfg)
     except (ConfigError, PreflightError) as err:

@@ -1,7 +1,7 @@
-"""Checks before any work: each is one function of the finished RunConfig that returns nothing, or a
-line for the log, or raises PreflightError naming the problem and the fix. `run_checks` runs them in the
-order of CHECKS (cheap and local first, the plan last); the command line calls it right after building
-the settings, and holds the output folder's lock once every check passed.
+"""Checks before any work: each is one function of the finished RunConfig that returns nothing or
+raises PreflightError naming the problem and the fix. `run_checks` runs them in the order of CHECKS
+(cheap and local first); the command line calls it right after building the settings, then
+`check_plan`, and holds the output folder's lock once every check passed.
 """
 from __future__ import annotations
 
@@ -142,12 +142,18 @@ def finished_phases(cfg: RunConfig) -> set[str]:
     return {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}
 
 
+def _continues_a_run(cfg: RunConfig) -> bool:
+    """Whether this command may continue what the output folder holds (not a later phase alone, no
+    overwrite, something there)."""
+    return cfg.phase not in ("e2e", "eval") and not cfg.overwrite and bool(RunFolder(cfg.output).contents())
+
+
 def check_resume(cfg: RunConfig) -> None:
     """A non-empty output is continued only when it is this run, unfinished; a finished run is redone
     only with an overwrite. (Block-AP's manifest refuses blocks of other settings when they are read.)"""
-    folder = RunFolder(cfg.output)
-    if cfg.phase in ("e2e", "eval") or cfg.overwrite or not folder.contents():
+    if not _continues_a_run(cfg):
         return
+    folder = RunFolder(cfg.output)
     done = finished_phases(cfg)
     wanted = {"block-ap", "e2e"} if cfg.continues_to_e2e else {"block-ap"}
     if wanted <= done:
@@ -159,9 +165,7 @@ def check_resume(cfg: RunConfig) -> None:
 
 def blockap_already_done(cfg: RunConfig) -> bool:
     """Whether this command continues a run whose Block-AP (or RTN) phase finished: it goes on with E2E-QP."""
-    if cfg.phase in ("e2e", "eval") or cfg.overwrite or not RunFolder(cfg.output).contents():
-        return False
-    return "block-ap" in finished_phases(cfg)
+    return _continues_a_run(cfg) and "block-ap" in finished_phases(cfg)
 
 
 def check_plan(cfg: RunConfig) -> None:
@@ -203,6 +207,7 @@ CHECKS = (check_layers, check_data_sources, check_context, check_deepspeed_confi
           check_lock, check_writable, check_overwrite, check_start_model, check_resume)
 
 
-def run_checks(cfg: RunConfig, checks=CHECKS) -> list[str]:
-    """Every check in order; returns the lines they have for the log."""
-    return [line for check in checks if (line := check(cfg))]
+def run_checks(cfg: RunConfig, checks=CHECKS) -> None:
+    """Every check in order; the first that fails raises."""
+    for check in checks:
+        check(cfg)

@@ -80,6 +80,11 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.uint8).reshape(-1)
 
 
+def _lost(ranks, doing: str):
+    """The PeerFailure text for a failed transfer with `ranks`, made only when one fails."""
+    return lambda: f"lost rank {', '.join(map(str, sorted(set(ranks))))} while {doing} it"
+
+
 class MPITransport(Transport):
     kind = "mpi"
 
@@ -98,7 +103,7 @@ class MPITransport(Transport):
 
     def recv(self, tensor, src, tag):
         buf = _bytes(tensor).numpy()
-        self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)], f"lost rank {src} while receiving from it")
+        self._wait([self.comm.Irecv([buf, self.MPI.BYTE], source=src, tag=tag)], _lost([src], "receiving from"))
 
     def post_recv(self, tensor, src, tag):
         request = self.comm.Irecv([_bytes(tensor).numpy(), self.MPI.BYTE], source=src, tag=tag)
@@ -106,19 +111,19 @@ class MPITransport(Transport):
         return request, tensor, src
 
     def wait_recvs(self, handles):
-        sources = sorted({src for _, _, src in handles})
-        self._wait([r for r, _, _ in handles], f"lost rank {', '.join(map(str, sources))} while receiving from it")
+        self._wait([r for r, _, _ in handles], _lost([src for *_, src in handles], "receiving from"))
         done = {id(r) for r, _, _ in handles}
         self._posted = [(r, src) for r, src in self._posted if id(r) not in done]
 
-    def _test(self, requests, what: str) -> bool:
-        """Whether every request is done; a peer that died (its connection dropped) is a PeerFailure."""
+    def _test(self, requests, what) -> bool:
+        """Whether every request is done; a peer that died (its connection dropped) is a PeerFailure
+        saying `what()` (built only then: poll() runs every training step)."""
         try:
             return self.MPI.Request.Testall(requests)
         except self.MPI.Exception as err:
-            raise PeerFailure(f"{what} ({' '.join(str(err).split())[:200]})") from err
+            raise PeerFailure(f"{what()} ({' '.join(str(err).split())[:200]})") from err
 
-    def _wait(self, requests, what: str) -> None:
+    def _wait(self, requests, what) -> None:
         """Wait by polling, not inside a blocking MPI call: Python can then act on a signal (Ctrl-C
         raises KeyboardInterrupt here, and the run stops every rank) while a peer is slow."""
         delay, state = 1e-4, {}
@@ -129,21 +134,18 @@ class MPITransport(Transport):
 
     def poll(self):
         if self._pending:
-            self._test([r for r, _, _ in self._pending],
-                       f"lost rank {', '.join(sorted({str(d) for *_, d in self._pending}))} while sending to it")
+            self._test([r for r, _, _ in self._pending], _lost([d for *_, d in self._pending], "sending to"))
             self._pending = [p for p in self._pending if p[0] != self.MPI.REQUEST_NULL]
         if self._posted:
-            self._test([r for r, _ in self._posted],
-                       f"lost rank {', '.join(sorted({str(s) for _, s in self._posted}))} while receiving from it")
+            self._test([r for r, _ in self._posted], _lost([s for _, s in self._posted], "receiving from"))
 
     def wait_sends(self):
         if self._pending:
-            self._wait([r for r, _, _ in self._pending],
-                       f"lost rank {', '.join(sorted({str(d) for *_, d in self._pending}))} while sending to it")
+            self._wait([r for r, _, _ in self._pending], _lost([d for *_, d in self._pending], "sending to"))
             self._pending = []
 
     def barrier(self):
-        self._wait([self.comm.Ibarrier()], "a peer rank failed before the barrier")
+        self._wait([self.comm.Ibarrier()], lambda: "a peer rank failed before the barrier")
 
     def allgather_object(self, obj):
         self.barrier()  # wait by polling (signals, the watchdog); the gather itself is then quick

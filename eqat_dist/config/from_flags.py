@@ -88,7 +88,8 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         raise ConfigError("`eval_max_windows` must be >= 1 (leave it out for every window)")
     student_input, correction, correction_lr = flags.student_input, flags.correction_fraction, flags.correction_lr
     if world is not None:
-        student_input, correction, correction_lr = _schedule_defaults(flags, world, {})
+        student_input, correction, correction_lr = _schedule_defaults(student_input, correction, correction_lr,
+                                                                      world, {})
     blockap = BlockAPConfig(
         epochs=flags.epochs, batch_size=flags.batch_size, train_size=flags.train_size, val_size=flags.val_size,
         seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
@@ -183,31 +184,29 @@ def model_config_of(cfg: RunConfig) -> Path | None:
         raise ConfigError(f"`model`: {err}") from err
 
 
-def _schedule_defaults(flags, world: int, earlier: dict) -> tuple:
-    """student on one rank, pipelined on several; pipelined: 1/N of each block's steps on the quantized
-    stream (the most that keeps N ranks busy, planning/timeline.py) and one cosine through them. A run
-    resumed on another number of ranks keeps what its earlier part used (`earlier`)."""
-    student_input = flags.student_input or earlier.get("student_input") or ("pipelined" if world > 1 else "student")
+def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, world: int,
+                       earlier: dict) -> tuple:
+    """(student input, correction, correction lr) with what was not asked for filled in: student on one
+    rank, pipelined on several; pipelined: 1/N of each block's steps on the quantized stream (the most
+    that keeps N ranks busy, planning/timeline.py) and one cosine through them. A run resumed on another
+    number of ranks keeps what its earlier part used (`earlier`)."""
+    student_input = student_input or earlier.get("student_input") or ("pipelined" if world > 1 else "student")
     if not schedule_named(student_input).has_correction:
-        return student_input, flags.correction_fraction, flags.correction_lr
-    correction = flags.correction_fraction
+        return student_input, correction, correction_lr
     if correction is None:
         correction = earlier.get("correction_fraction") or 1.0 / world
-    correction_lr = flags.correction_lr or earlier.get("correction_lr") or "continue"
+    correction_lr = correction_lr or earlier.get("correction_lr") or "continue"
     return student_input, correction, correction_lr
 
 
 def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     """Step 4: the schedule's defaults from the world and the run being continued, the activation
     stores' placement from the plan. Returns the config and the lines that say what was chosen."""
-    from types import SimpleNamespace
-
     folder = RunFolder(cfg.output)
     earlier = {} if cfg.overwrite else folder.earlier_settings()
     b = cfg.blockap
-    asked = SimpleNamespace(student_input=b.student_input, correction_fraction=b.correction_fraction,
-                            correction_lr=b.correction_lr)
-    student_input, correction, correction_lr = _schedule_defaults(asked, cfg.machine.world, earlier)
+    student_input, correction, correction_lr = _schedule_defaults(b.student_input, b.correction_fraction,
+                                                                  b.correction_lr, cfg.machine.world, earlier)
     cfg = replace(cfg, blockap=replace(b, student_input=student_input, correction_fraction=correction,
                                        correction_lr=correction_lr))
     cfg = replace(cfg, streams=replace(cfg.streams, folder=cfg.streams.folder or folder.activations))

@@ -69,15 +69,16 @@ def evaluate_fp(cfg: RunConfig, tokenizer) -> dict:
     """The full-precision baseline, in the training dtype (bfloat16 on a GPU: Llama-2-70B in float32 is
     280 GB), placed by `fp_device_map`."""
     device, world = cfg.machine.device, cfg.machine.world
-    if RunFolder(resolve_folder(cfg.model)).holds_packed_model():  # --model is itself an export
-        fp_model, _ = load_packed_model(resolve_folder(cfg.model))
+    folder = resolve_folder(cfg.model)  # once: a hub id is looked up, a GGUF file converted
+    if RunFolder(folder).holds_packed_model():  # --model is itself an export
+        fp_model, _ = load_packed_model(folder)
     elif device.type != "cuda":
-        fp_model, _ = load_model(cfg.model)
+        fp_model, _ = load_model(str(folder))
     else:
         if torch.cuda.device_count() > 1 and world > 1:
             torch.cuda.empty_cache()  # this rank's cached blocks: the other GPUs' are freed by their ranks
         placement = fp_device_map(device, world, torch.cuda.device_count())
-        fp_model, _ = load_model(cfg.model, dtype=cfg.machine.model_dtype, device_map=placement)
+        fp_model, _ = load_model(str(folder), dtype=cfg.machine.model_dtype, device_map=placement)
     result = evaluate(fp_model, tokenizer, cfg.evaluation, cfg.machine.amp_dtype, device, "fp")
     del fp_model
     return result

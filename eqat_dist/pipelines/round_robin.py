@@ -28,9 +28,8 @@ from ..cluster.transport import LocalTransport, Transport
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
-from .schedules import SCHEDULES, Schedule, schedule_named
+from .schedules import Schedule, schedule_named
 
-STUDENT_INPUTS = tuple(SCHEDULES)
 SPLITS = ("train", "val")
 
 
