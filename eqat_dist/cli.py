@@ -47,11 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
     p.add_argument("--student-input", default=None, choices=list(STUDENT_INPUTS),
                    help="; ".join(f"{s.name}: {s.summary}" for s in SCHEDULES.values()) +
-                        ". Default: student on one rank, pipelined on several (a resumed run keeps the mode it "
-                        "started with)")
+                        ". Across groups of ranks (--data-parallel); default: student with one group, pipelined "
+                        "with several (a resumed run keeps the mode it started with)")
+    p.add_argument("--data-parallel", type=int, default=None, metavar="D",
+                   help="ranks that train each block together, each on 1/D of the windows, gradients summed every "
+                        "step (the steps of one rank at --batch-size, which stays the global batch); the N ranks "
+                        "form N/D groups, blocks round-robin over the groups. Default: the largest D that divides "
+                        "both N and --batch-size (at the paper's batch 2 on 2 ranks: 2, pure data parallel)")
     p.add_argument("--correction-fraction", type=float, default=None,
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
-                        "(default 1/ranks, the most that keeps every rank busy; 1 = student, 0 = teacher)")
+                        "(default 1/groups, the most that keeps every rank busy; 1 = student, 0 = teacher)")
     p.add_argument("--correction-lr", default=None, choices=["restart", "continue"],
                    help="pipelined: go on down the block's one cosine learning-rate schedule through the steps "
                         "on the quantized stream (default), or restart it there (measured worse at w2g64: "

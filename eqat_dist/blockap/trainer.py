@@ -17,6 +17,7 @@ from ..models.blocks import BlockCall, run_block
 from ..models.quantize import quant_linears
 from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .feed import Feed, batches_of
+from .lanes import Lanes
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
 # collected on the device and read (checked, logged) together.
@@ -100,8 +101,9 @@ def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | Non
 
 
 @torch.no_grad()
-def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype) -> float:
-    """Mean squared error of the block over the stores, in eval mode (no dropout, whatever the model)."""
+def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype, group=None) -> float:
+    """Mean squared error of the block over the stores, in eval mode (no dropout, whatever the model);
+    over the whole data-parallel `group`'s stores when there is one (each rank holds its share)."""
     device = next(block.parameters()).device
     training = block.training
     block.eval()
@@ -112,6 +114,10 @@ def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtyp
         total += nn.functional.mse_loss(out.float(), y.float(), reduction="sum").double()  # one read, at the end
         n += out.numel()
     block.train(training)
+    if group is not None:
+        both = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])
+        group.allreduce_sum_(both)
+        total, n = both[0], int(both[1].item())
     return total.item() / max(n, 1)
 
 
@@ -152,13 +158,54 @@ class _StepValues:
         self.pending = []
 
 
+def group_has_windows(stores, group) -> bool:
+    """Whether any rank of the group holds validation windows (a rank's share may be empty)."""
+    count = torch.tensor([float(len(stores))], dtype=torch.float64)
+    group.allreduce_sum_(count)
+    return count.item() > 0
+
+
+class _GroupSum:
+    """Sums every trainable parameter's gradient and the step's loss over the data-parallel group in
+    one collective (one flat buffer), then puts the sums back into the gradients."""
+
+    def __init__(self, params: list, group, device: torch.device):
+        self.params, self.group = params, group
+        self.flat = torch.empty(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        offset = 0
+        for p in self.params:
+            view = self.flat[offset:offset + p.numel()]
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        self.flat[-1] = loss.detach().float()
+        self.group.allreduce_sum_(self.flat)
+        offset = 0
+        for p in self.params:
+            view = self.flat[offset:offset + p.numel()].view_as(p)
+            if p.grad is None:
+                p.grad = view.clone()
+            else:
+                p.grad.copy_(view)
+            offset += p.numel()
+        return self.flat[-1].clone()
+
+
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
-                on_step=None, switch_at: int | None = None, switch=None) -> BlockReport:
+                on_step=None, switch_at: int | None = None, switch=None, lanes: Lanes | None = None,
+                group=None) -> BlockReport:
     """Train `block` (its linears already QuantLinear, on `device`) in place.
 
     inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
-    empty). `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
+    empty). With a data-parallel `group` (cluster/transport.py) the stores hold this rank's share of the
+    windows (`lanes`: which, and each step's rows), every step's gradients and loss are summed over the
+    group before the clipping and the optimizer step, so every rank takes the same step, the one a
+    single rank would take with all the windows. `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
     `on_step()` is called after every step (the pipeline lets its transfers progress there).
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
     steps (same targets, optimizer state and schedule, or a restarted cosine with
@@ -172,39 +219,49 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     scaler = torch.amp.GradScaler(device.type, enabled=amp_on and amp == torch.float16)
     groups = param_groups(block, settings)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    batches = batches_of(len(inputs), settings.batch_size)
-    total = settings.epochs * len(batches)
+    lanes = lanes or Lanes(len(inputs), settings.batch_size)
+    total = settings.epochs * lanes.steps_per_epoch
     restart_at = switch_at if settings.restart_at_switch and switch is not None else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, settings.min_lr_factor, restart_at))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
-    has_val = len(val_inputs) > 0
+    summed = _GroupSum(trainable, group, device) if group is not None else None
+    eval_batch = len(lanes.own_lanes)  # this rank's share of a step
+    has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)
     check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
-    report.loss_before = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+    report.loss_before = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
     reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
     block.train()
     for epoch in range(settings.epochs):
-        order = torch.randperm(len(inputs), generator=gen).tolist()
-        epoch_batches = [[order[i] for i in batch] for batch in batches]
-        feed = iter(Feed([inputs, targets], epoch_batches, device))  # the next batch copies during this one
-        for position in range(len(epoch_batches)):
+        epoch_steps = lanes.epoch(gen)
+        epoch_batches = [s.rows for s in epoch_steps]
+        feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device))  # the next batch copies during this one
+        for position, this_step in enumerate(epoch_steps):
             if step == switch_at and switch is not None:
                 waited = time.perf_counter()
                 inputs, val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
-                report.loss_at_switch = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+                report.loss_at_switch = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
                 feed.close()
-                feed = iter(Feed([inputs, targets], epoch_batches[position:], device))
-            x, y = next(feed)
-            with torch.autocast(device.type, dtype=amp, enabled=amp_on):
-                out = run_block(block, x, call)
-            loss = nn.functional.mse_loss(out.float(), y.float())
+                feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device))
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if this_step.rows:
+                x, y = next(feed)
+                with torch.autocast(device.type, dtype=amp, enabled=amp_on):
+                    out = run_block(block, x, call)
+                loss = nn.functional.mse_loss(out.float(), y.float())
+                if summed is not None:  # this rank's share of the step's mean
+                    loss = loss * (len(this_step.rows) / this_step.windows)
+                scaler.scale(loss).backward()
+                tokens += x.shape[0] * x.shape[1]
+            else:  # the last, smaller step has no window of this rank's lanes: it adds nothing to the sum
+                loss = torch.zeros((), device=device)
+            if summed is not None:
+                loss = summed(loss)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -212,7 +269,6 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
-            tokens += x.shape[0] * x.shape[1]
             values.add(step, epoch, loss, grad_norm, lrs)
             if on_step is not None:
                 on_step()
@@ -221,7 +277,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             step += 1
         values.read()
         if has_val:
-            val = eval_loss(block, val_inputs, val_targets, call, settings.batch_size, amp)
+            val = eval_loss(block, val_inputs, val_targets, call, eval_batch, amp, group)
             report.val_losses.append(val)
             if log:
                 log("val_loss", val, epoch)
@@ -232,7 +288,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     if has_val and report.val_losses:  # the last epoch's validation saw these weights already: not again
         report.loss_after = report.val_losses[-1]
     else:
-        report.loss_after = eval_loss(block, check_in, check_out, call, settings.batch_size, amp)
+        report.loss_after = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
     peaks = peak_memory_mib(device)
     report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else peak RSS (this block's)
     for p in block.parameters():

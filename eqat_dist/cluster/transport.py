@@ -64,6 +64,14 @@ class Transport:
         """Every rank's small picklable `obj`, in rank order (start-up checks, not activations)."""
         return [obj]
 
+    def data_parallel_group(self, size: int, cuda: bool = False):
+        """The `size` consecutive ranks this one trains each block with (ranks g*size .. g*size+size-1),
+        as a group that sums tensors over its ranks; None when `size` is 1. Every rank calls it, once.
+        `cuda`: the tensors summed are on GPUs (NCCL where the transport has it)."""
+        if size == 1:
+            return None
+        raise NotImplementedError(f"{self.kind} transport: no data-parallel groups")
+
     def fail(self, message: str) -> None:
         """Report a fatal error of this rank and bring the whole job down quickly."""
         print(message, file=sys.stderr, flush=True)
@@ -151,9 +159,32 @@ class MPITransport(Transport):
         self.barrier()  # wait by polling (signals, the watchdog); the gather itself is then quick
         return self.comm.allgather(obj)
 
+    def data_parallel_group(self, size, cuda=False):
+        if size == 1:
+            return None
+        return MPIGroup(self, self.comm.Split(color=self.rank // size, key=self.rank % size), self.rank // size)
+
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)
         self.comm.Abort(1)  # every rank stops now, not at a timeout
+
+
+class MPIGroup:
+    """A data-parallel group over an MPI sub-communicator: sums in host memory (a GPU tensor goes
+    through the host), waited for by polling like every transfer (signals, the watchdog)."""
+
+    def __init__(self, transport: MPITransport, comm, index: int):
+        self.transport, self.comm, self.index = transport, comm, index
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        request = self.comm.Iallreduce(self.transport.MPI.IN_PLACE, host.numpy(), op=self.transport.MPI.SUM)
+        first = self.index * self.size
+        self.transport._wait([request], lambda: f"lost a rank of data-parallel group {self.index} "
+                                                f"(ranks {first}-{first + self.size - 1}) while summing gradients")
+        if host is not tensor:
+            tensor.copy_(host)
 
 
 def backends(cuda: bool) -> tuple[str, str]:
@@ -238,9 +269,41 @@ class TorchTransport(Transport):
         self.dist.all_gather_object(gathered, obj, group=self.group)
         return gathered
 
+    def data_parallel_group(self, size, cuda=False):
+        if size == 1:
+            return None
+        backend = "nccl" if cuda else "gloo"  # gradients on GPUs: NCCL; on the CPU: gloo
+        mine = None
+        for first in range(0, self.world, size):  # every rank makes every group, in the same order
+            # the default timeout: members meet every step, so a long wait is a lost rank
+            group = self.dist.new_group(ranks=list(range(first, first + size)), backend=backend)
+            if first <= self.rank < first + size:
+                mine = TorchGroup(self, group, self.rank // size, size, cuda)
+        return mine
+
     def fail(self, message):
         print(message, file=sys.stderr, flush=True)
         os._exit(1)  # peers blocked on us see the connection drop and stop too
+
+
+class TorchGroup:
+    """A data-parallel group over a torch.distributed group (NCCL on GPUs, gloo on the CPU)."""
+
+    def __init__(self, transport: TorchTransport, group, index: int, size: int, cuda: bool):
+        self.transport, self.group, self.index, self.size, self.cuda = transport, group, index, size, cuda
+        self.rank = transport.rank % size
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        first = self.index * self.size
+        what = f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) while summing gradients"
+        try:
+            work = self.transport.dist.all_reduce(tensor, group=self.group, async_op=True)
+        except RuntimeError as err:
+            raise PeerFailure(f"{what} ({str(err).splitlines()[0][:200]})") from err
+        if self.cuda:
+            work.wait()  # NCCL: orders the compute stream after the sum; the host does not block
+        else:
+            self.transport._wait(work, what)
 
 
 def make_transport(launch) -> Transport:

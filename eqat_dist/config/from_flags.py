@@ -86,15 +86,25 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         raise ConfigError("`zeroshot_limit` must be >= 2 (items per task)")
     if flags.eval_max_windows is not None and flags.eval_max_windows < 1:
         raise ConfigError("`eval_max_windows` must be >= 1 (leave it out for every window)")
+    if flags.data_parallel is not None:
+        if flags.data_parallel < 1:
+            raise ConfigError("`data_parallel` must be >= 1 (ranks per group)")
+        if flags.batch_size % flags.data_parallel:
+            raise ConfigError(f"`batch_size` {flags.batch_size} is the global batch and must split evenly over the "
+                              f"{flags.data_parallel} ranks of a `data_parallel` group: use a multiple of "
+                              f"{flags.data_parallel}")
     student_input, correction, correction_lr = flags.student_input, flags.correction_fraction, flags.correction_lr
+    data_parallel = flags.data_parallel
     if world is not None:
+        data_parallel = _data_parallel_default(data_parallel, flags.batch_size, world)
         student_input, correction, correction_lr = _schedule_defaults(student_input, correction, correction_lr,
-                                                                      world, {})
+                                                                      world // data_parallel, {})
     blockap = BlockAPConfig(
         epochs=flags.epochs, batch_size=flags.batch_size, train_size=flags.train_size, val_size=flags.val_size,
         seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
         max_grad_norm=flags.max_grad_norm, train_norms=not flags.no_train_norms, calib_dataset=flags.calib_dataset,
-        student_input=student_input, correction_fraction=correction, correction_lr=correction_lr)
+        student_input=student_input, correction_fraction=correction, correction_lr=correction_lr,
+        data_parallel=data_parallel)
     e2e = E2EConfig(
         epochs=flags.e2e_epochs, train_size=flags.e2e_train_size, seqlen=flags.e2e_seqlen,
         global_batch=flags.e2e_global_batch, micro_batch=flags.e2e_micro_batch, lr=e2e_lr, warmup=flags.e2e_warmup,
@@ -184,17 +194,28 @@ def model_config_of(cfg: RunConfig) -> Path | None:
         raise ConfigError(f"`model`: {err}") from err
 
 
-def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, world: int,
+def _data_parallel_default(asked: int | None, batch_size: int, world: int) -> int:
+    """Ranks per group: as asked (it must divide the world), else the largest number that divides both
+    the world and the global batch (D ranks at batch B/D take one rank's steps at batch B: the paper's
+    arithmetic, and its quality, at D-fold speed; docs/benchmarks.md, the batch-size question)."""
+    if asked is None:
+        return math.gcd(world, batch_size)
+    if world % asked:
+        raise ConfigError(f"`data_parallel` {asked} must divide the {world} ranks (groups of equal size)")
+    return asked
+
+
+def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, groups: int,
                        earlier: dict) -> tuple:
-    """(student input, correction, correction lr) with what was not asked for filled in: student on one
-    rank, pipelined on several; pipelined: 1/N of each block's steps on the quantized stream (the most
-    that keeps N ranks busy, planning/timeline.py) and one cosine through them. A run resumed on another
-    number of ranks keeps what its earlier part used (`earlier`)."""
-    student_input = student_input or earlier.get("student_input") or ("pipelined" if world > 1 else "student")
+    """(student input, correction, correction lr) with what was not asked for filled in: student with one
+    group of ranks, pipelined with several; pipelined: 1/G of each block's steps on the quantized stream
+    (the most that keeps G groups busy, planning/timeline.py) and one cosine through them. A run resumed
+    on another number of ranks keeps what its earlier part used (`earlier`)."""
+    student_input = student_input or earlier.get("student_input") or ("pipelined" if groups > 1 else "student")
     if not schedule_named(student_input).has_correction:
         return student_input, correction, correction_lr
     if correction is None:
-        correction = earlier.get("correction_fraction") or 1.0 / world
+        correction = earlier.get("correction_fraction") or 1.0 / groups
     correction_lr = correction_lr or earlier.get("correction_lr") or "continue"
     return student_input, correction, correction_lr
 
@@ -205,10 +226,12 @@ def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     folder = RunFolder(cfg.output)
     earlier = {} if cfg.overwrite else folder.earlier_settings()
     b = cfg.blockap
+    data_parallel = _data_parallel_default(b.data_parallel, b.batch_size, cfg.machine.world)
     student_input, correction, correction_lr = _schedule_defaults(b.student_input, b.correction_fraction,
-                                                                  b.correction_lr, cfg.machine.world, earlier)
+                                                                  b.correction_lr, cfg.machine.world // data_parallel,
+                                                                  earlier)
     cfg = replace(cfg, blockap=replace(b, student_input=student_input, correction_fraction=correction,
-                                       correction_lr=correction_lr))
+                                       correction_lr=correction_lr, data_parallel=data_parallel))
     cfg = replace(cfg, streams=replace(cfg.streams, folder=cfg.streams.folder or folder.activations))
     notes = []
     if cfg.streams.placement is None:

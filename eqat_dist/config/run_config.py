@@ -43,6 +43,11 @@ class BlockAPConfig:
     student_input: str = "student"
     correction_fraction: float | None = None  # pipelined only: share of steps on the quantized stream
     correction_lr: str | None = None  # pipelined only: "continue" or "restart"
+    data_parallel: int | None = None  # ranks per group (each block trained by one group); None: chosen at start
+
+    def groups(self, world: int) -> int:
+        """Groups of ranks the blocks go round-robin over."""
+        return world // (self.data_parallel or 1)
 
 
 @dataclass(frozen=True)

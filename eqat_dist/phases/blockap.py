@@ -57,10 +57,13 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
         if transport.rank == 0:
             print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {b.seqlen} tokens from "
                   f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, "
-                  f"student input: {b.student_input}, {transport.world} rank(s) over {transport.kind}", flush=True)
+                  f"student input: {b.student_input}, {transport.world} rank(s) over {transport.kind}"
+                  + (f" in {b.groups(transport.world)} group(s) of {b.data_parallel} (data parallel)"
+                     if b.data_parallel > 1 else ""), flush=True)
         t_blockap = time.time()
         run_blockap(source, qcfg, train_ids, val_ids, settings, folder.blockap, cfg.blockap_record(), device,
-                    streams, b.student_input, transport, monitor, progress=progress, correction=b.correction_fraction)
+                    streams, b.student_input, transport, monitor, progress=progress, correction=b.correction_fraction,
+                    data_parallel=b.data_parallel)
         progress.block, progress.phase = None, "waiting for the other ranks"
         transport.barrier()
         results["blockap_wall_s"] = time.time() - t_blockap  # all ranks done

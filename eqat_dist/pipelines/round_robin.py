@@ -1,12 +1,19 @@
 """Block-AP over N ranks (N = 1: the paper's single-GPU mode, same code): the rank loop and the
 hand-off of activations; what a block trains on, and when, is its schedule's (schedules.py).
 
-Block i is trained by rank i mod N. The full-precision ("teacher") stream flows from rank to rank in
-chunks: the owner of block i runs the fp block on each chunk of its input as it arrives and sends the
-result on to the owner of block i+1 at once (non-blocking), so every rank starts early. A schedule that
-keeps the quantized stream advances it with the finished block and hands it on; it is received before
-training (student) or posted when the block starts, so that the rank sending it never waits for this
-one's fp phase to end (pipelined). Streams are updated in place where the schedule allows.
+The N ranks form G = N / D groups of D consecutive ranks (D: `data_parallel`). Block i is trained by
+group i mod G; inside a group every rank trains the same block on its own share of the calibration
+windows (blockap/lanes.py), the gradients summed over the group every step, so the D ranks take the
+steps one rank would take with all the windows, each holding 1/D of every stream. D = 1 is the plain
+round-robin over ranks; G = 1 is pure data parallelism (no hand-off at all).
+
+The full-precision ("teacher") stream flows from group to group in chunks: the owner of block i runs
+the fp block on each chunk of its input as it arrives and sends the result on to the owner of block i+1
+at once (non-blocking), so every group starts early; rank d of a group hands its share to rank d of the
+next. A schedule that keeps the quantized stream advances it with the finished block and hands it on;
+it is received before training (student) or posted when the block starts, so that the rank sending it
+never waits for this one's fp phase to end (pipelined). Streams are updated in place where the schedule
+allows.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..blockap.checkpoint import finished_blocks, open_run, save_block
+from ..blockap.lanes import Lanes
 from ..blockap.steps import advance, finish_student, make_student, restore_block
 from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
@@ -72,22 +80,29 @@ def _chunks(count: int, rows: int):
 class _Rank:
     """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
 
-    def __init__(self, source: LazyModel, cfg, splits, settings, ckpt_dir, device, streams, schedule: Schedule,
-                 transport, monitor, progress):
-        self.source, self.cfg, self.splits, self.settings = source, cfg, splits, settings
+    def __init__(self, source: LazyModel, cfg, windows, settings, ckpt_dir, device, streams, schedule: Schedule,
+                 transport, monitor, progress, data_parallel: int = 1):
+        self.source, self.cfg, self.settings = source, cfg, settings
         self.ckpt_dir, self.device, self.streams, self.schedule = Path(ckpt_dir), torch.device(device), streams, schedule
         self.transport, self.monitor, self.progress = transport, monitor, progress
         self.num_blocks = source.num_blocks
-        self.batch_size = settings.batch_size
+        self.width = data_parallel  # D: ranks per group
+        self.groups = transport.world // data_parallel  # G: blocks go round-robin over these
+        self.group, self.member = divmod(transport.rank, data_parallel)
+        self.reducer = transport.data_parallel_group(data_parallel, cuda=self.device.type == "cuda")
+        # this rank's share of each split, and which of its rows each step takes
+        self.lanes = {k: Lanes(len(v), settings.batch_size, data_parallel, self.member) for k, v in windows.items()}
+        self.splits = {k: v[self.lanes[k].windows()] for k, v in windows.items()}
+        self.batch_size = settings.batch_size // data_parallel  # this rank's rows per step
         self.chunk_rows = self.batch_size * 4
-        seqlen = next(iter(splits.values())).shape[1]
+        seqlen = next(iter(windows.values())).shape[1]
         hidden = source.config.hidden_size
 
         def stores(role):
             label = schedule.store_label(role)
             return {k: ActivationStore(len(v), seqlen, hidden, streams.dtype, streams.placement, self.device,
                                        streams.disk_dir, f"{streams.prefix}-{label}-{k}-r{transport.rank}")
-                    for k, v in splits.items()}
+                    for k, v in self.splits.items()}
 
         # per split: the fp stream's input and output (one store when in place), the quantized stream
         self.fp_in = stores("fp_in")
@@ -125,10 +140,17 @@ class _Rank:
         rows = store.host_rows(a, b)
         self.transport.send(rows if rows is not None else store.get(list(range(a, b))).cpu().contiguous(), dst, tag)
 
+    def owner(self, block: int) -> int:
+        """The rank of block `block`'s group that holds the same share as this one (its peer)."""
+        return (block % self.groups) * self.width + self.member
+
+    def mine(self) -> list[int]:
+        return list(range(self.group, self.num_blocks, self.groups))
+
     def teacher_stream(self, i: int, fp_block, call) -> None:
         """fp input of block i (embedded, received, or already here) -> fp output, sent on chunk by chunk."""
-        remote_in, remote_out = self.transport.world > 1 and i > 0, self.transport.world > 1 and i + 1 < self.num_blocks
-        src, dst = (i - 1) % self.transport.world, (i + 1) % self.transport.world
+        remote_in, remote_out = self.groups > 1 and i > 0, self.groups > 1 and i + 1 < self.num_blocks
+        src, dst = self.owner(i - 1), self.owner(i + 1)
         for s, (k, ids) in enumerate(self.splits.items()):
             fp_in, fp_out = self.fp_in[k], self.fp_out[k]
             for a, b in _chunks(len(ids), self.chunk_rows):
@@ -146,23 +168,23 @@ class _Rank:
 
     def student_stream_in(self, i: int) -> None:
         """Block i's quantized input, received before it trains (student)."""
-        if not self.schedule.starts_on_quantized_stream or i == 0 or self.transport.world == 1:
-            return  # block 0: the embeddings; one rank: the stream is already in place
+        if not self.schedule.starts_on_quantized_stream or i == 0 or self.groups == 1:
+            return  # block 0: the embeddings; one group: the stream is already in place
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
-                self._recv_into(self.q[k], a, b, (i - 1) % self.transport.world, _tag(i, 1, s))
+                self._recv_into(self.q[k], a, b, self.owner(i - 1), _tag(i, 1, s))
 
     def post_student_stream(self, i: int) -> None:
         """Receive block i's quantized input while its fp phase trains (pipelined; straight into the
         store's memory when it is in host memory or on disk)."""
-        if not self.schedule.receives_quantized_early or i == 0 or self.transport.world == 1:
+        if not self.schedule.receives_quantized_early or i == 0 or self.groups == 1:
             return
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
                 rows = self.q[k].host_rows(a, b)
                 buf = rows if rows is not None else torch.empty(b - a, *self.q[k].shape, dtype=self.q[k].dtype)
                 self.posted.append((k, a, b, buf, rows is None,
-                                    self.transport.post_recv(buf, (i - 1) % self.transport.world, _tag(i, 1, s))))
+                                    self.transport.post_recv(buf, self.owner(i - 1), _tag(i, 1, s))))
 
     def student_stream_ready(self) -> dict:
         """The quantized stream is in (waits for receives posted early); returns its stores."""
@@ -183,9 +205,9 @@ class _Rank:
         packed_dev = packed.to(self.device)
         for s, k in enumerate(self.splits):
             advance(packed_dev, self.q[k], self.q[k], call, self.batch_size, self.settings.amp_dtype)
-            if self.transport.world > 1 and i + 1 < self.num_blocks:
+            if self.groups > 1 and i + 1 < self.num_blocks:
                 for a, b in _chunks(len(self.splits[k]), self.chunk_rows):
-                    self._send_from(self.q[k], a, b, (i + 1) % self.transport.world, _tag(i + 1, 1, s))
+                    self._send_from(self.q[k], a, b, self.owner(i + 1), _tag(i + 1, 1, s))
         packed.cpu()
 
     def timeline(self, block: int) -> None:
@@ -200,7 +222,7 @@ class _Rank:
         inputs = self.q if self.schedule.starts_on_quantized_stream else self.fp_in
         targets = self.fp_out
         student = make_student(self.source.block(i), self.cfg, self.device)
-        total = self.settings.epochs * -(-len(self.splits["train"]) // self.batch_size)
+        total = self.settings.epochs * self.lanes["train"].steps_per_epoch
         steps_bar.reset(total=total)
         def switch():
             self.progress.phase = "waiting for the quantized stream"
@@ -212,12 +234,14 @@ class _Rank:
         t0 = time.time()
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
-                          progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch)
+                          progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch,
+                          lanes=self.lanes["train"], group=self.reducer)
         self.timeline(-1)
         packed = finish_student(student, self.cfg)
-        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.transport.rank, "wait_s": self.wait_s,
-                                  "fp_stream_s": self.fp_stream_s}
-        save_block(self.ckpt_dir, i, packed, report)
+        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.transport.rank, "group": self.group,
+                                  "wait_s": self.wait_s, "fp_stream_s": self.fp_stream_s}
+        if self.member == 0:  # the group's ranks hold the same block: one writes it
+            save_block(self.ckpt_dir, i, packed, report)
         if self.monitor:
             for tag in ("loss_before", "loss_after", "seconds", "tokens_per_s", "peak_mem_mib", "wait_s"):
                 self.monitor.scalar(f"blockap_blocks/{tag}", report[tag], i)
@@ -225,7 +249,7 @@ class _Rank:
 
     def run(self, calls) -> list[dict]:
         self.done = finished_blocks(self.ckpt_dir, self.num_blocks)
-        mine = list(range(self.transport.rank, self.num_blocks, self.transport.world))
+        mine = self.mine()
         reports = []
         bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.transport.rank}", unit="block", disable=None)
         steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
@@ -250,11 +274,12 @@ class _Rank:
             reports.append(report)
             if not restored:
                 trained_s, trained = trained_s + time.time() - t_block, trained + 1
-            tqdm.write(block_line(report | {"restored": restored}, self.num_blocks, self.transport.rank, len(reports), len(mine),
-                                  trained_s, trained))
+            if self.member == 0:  # one line per block, from its group's first rank
+                tqdm.write(block_line(report | {"restored": restored}, self.num_blocks, self.transport.rank, len(reports),
+                                      len(mine), trained_s, trained))
             self.progress.phase = "student stream"
             self.student_stream_out(i, packed, call)
-            if not self.schedule.fp_stream_in_place and self.transport.world == 1:
+            if not self.schedule.fp_stream_in_place and self.groups == 1:
                 self.fp_in, self.fp_out = self.fp_out, self.fp_in  # block i's output is block i+1's input
             self.source.release(i)
             bar.update(1)
@@ -276,10 +301,11 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
                 settings: BlockAPSettings, ckpt_dir: Path, record: dict, device, streams: StreamSpec,
                 student_input: str = "student", transport: Transport | None = None,
                 monitor: Monitor | None = None, log=print, progress: Progress | None = None,
-                correction: float = 0.5) -> list[dict]:
+                correction: float = 0.5, data_parallel: int = 1) -> list[dict]:
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
-    `ckpt_dir` and reused on a restart, whatever the number of ranks; `record` (RunConfig.blockap_record)
-    is what its manifest keeps and a restart must match. Returns this rank's reports."""
+    `ckpt_dir` and reused on a restart, whatever the number of ranks and `data_parallel`; `record`
+    (RunConfig.blockap_record) is what its manifest keeps and a restart must match. Returns this rank's
+    reports."""
     schedule = schedule_named(student_input, correction)
     transport = transport or LocalTransport()
     progress = progress or Progress()
@@ -295,9 +321,11 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
         open_run(ckpt_dir, record)  # checks the manifest rank 0 wrote or found
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
-                 schedule, transport, monitor, progress)
+                 schedule, transport, monitor, progress, data_parallel)
+    group = (f" (group {rank.group}, {len(rank.splits['train'])} of {len(train_ids)} train windows)"
+             if data_parallel > 1 else "")
     log(f"[rank {transport.rank}/{transport.world}] pid {os.getpid()} on {socket.gethostname()}, blocks "
-        f"{list(range(transport.rank, source.num_blocks, transport.world))}; " + rank.memory_line())
+        f"{rank.mine()}{group}; " + rank.memory_line())
     return rank.run(calls)
 
 

@@ -5,6 +5,7 @@ machine it is on first and refuses, in seconds, a run that will not fit (--ignor
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -35,11 +36,12 @@ def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "
     else:
         act_bytes = 4 if cfg.machine.dtype == "float32" else 2
     b, e, ev = cfg.blockap, cfg.e2e, cfg.evaluation
+    width = b.data_parallel or math.gcd(ranks, b.batch_size)
     return Settings(
         ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
         group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,
         seqlen=b.seqlen, batch_size=b.batch_size, activations=cfg.streams.placement or "cpu", act_bytes=act_bytes,
-        student_input=b.student_input, correction=b.correction_fraction or 1.0 / ranks,
+        student_input=b.student_input, correction=b.correction_fraction or width / ranks, data_parallel=width,
         e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
         e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,
         zero_stage=stage, offload=offload, keep_checkpoints=e.keep_checkpoints or 10,

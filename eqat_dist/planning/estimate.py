@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .arch import Arch
 from .timeline import BlockTimes, blockap_seconds
@@ -38,6 +38,11 @@ FAKE_QUANT_COPIES = 3
 BLOCKAP_PROCESS = 0.6 * GIB
 E2E_CPU_FIXED, E2E_CPU_PER_WEIGHT, E2E_CPU_PER_WEIGHT_SHARDED = 0.69 * GIB, 1.02, 0.0
 LINK_BYTES_PER_S = {"gpu": 10e9, "cpu": 2e9}  # activations rank to rank through host memory (assumed)
+# A data-parallel group sums each step's gradients (float32, ring all-reduce: each rank sends and receives
+# 2 (D-1)/D of them): NCCL bus bandwidth inside a node (NVLink; A100/H100 nccl-tests reach 150-450 GB/s,
+# assumed low) and across nodes (one 200 Gb/s InfiniBand port per GPU); on CPUs through MPI/gloo.
+ALLREDUCE_BYTES_PER_S = {("gpu", "node"): 100e9, ("gpu", "network"): 20e9, ("cpu", "node"): 2e9,
+                         ("cpu", "network"): 1e9}
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
 EFFICIENCY = {"block-ap": 0.28, "e2e": 0.54, "eval": 0.40}
 EVAL_TOKENS = {"wikitext2": 340_000, "c4": 256 * 2048, "wiki": 584_000, "news": 76_000}  # per dataset
@@ -65,6 +70,7 @@ class Settings:
     act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
     student_input: str | None = None
     correction: float = 0.5  # pipelined: share of each block's steps on the quantized stream
+    data_parallel: int | None = None  # ranks per group; None: the run's default (config/from_flags.py)
     e2e_epochs: int = 1
     e2e_train_size: int = 4096
     e2e_seqlen: int = 4096
@@ -84,8 +90,19 @@ class Settings:
     tflops: float | None = None  # overrides PEAK_TFLOPS x EFFICIENCY
 
     @property
+    def width(self) -> int:
+        """D: ranks that train each block together (the run's default: the largest that divides both
+        the ranks and the global batch)."""
+        return self.data_parallel or math.gcd(self.ranks, self.batch_size)
+
+    @property
+    def groups(self) -> int:
+        """G: groups of ranks the blocks go round-robin over."""
+        return self.ranks // self.width
+
+    @property
     def mode(self) -> str:
-        return self.student_input or ("pipelined" if self.ranks > 1 else "student")
+        return self.student_input or ("pipelined" if self.groups > 1 else "student")
 
     @property
     def schedule(self):
@@ -144,7 +161,7 @@ def pinned_staging(a: Arch, s: Settings) -> float:
     """Pinned staging buffers between host (or disk) stores and the GPU (blockap/feed.py, stores.py):
     two per store a batch reads (training reads input and target; a stream pass one), and two per
     store the GPU writes rows into (written behind), each of one batch's rows."""
-    batch = pinned_block(s.batch_size * s.seqlen * a.hidden * s.act_bytes)
+    batch = pinned_block(s.batch_size // s.width * s.seqlen * a.hidden * s.act_bytes)
     written = s.schedule.stores_per_split * 2  # stores per split x splits
     return batch * (2 * 2 + 2 * 1 + 2 * written)
 
@@ -156,9 +173,12 @@ def block_ap(a: Arch, s: Settings) -> Phase:
                 "one block and its packed form": block * 8}
         return _place(Phase(seconds=a.layers * block * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
-    tokens = s.batch_size * s.seqlen
-    # the schedule's stores per split (fp in, fp out unless in place, quantized stream), train + val
-    store = s.schedule.stores_per_split * (s.train_size + s.val_size) * s.seqlen * a.hidden * s.act_bytes
+    width = s.width
+    tokens = s.batch_size // width * s.seqlen  # this rank's share of a step
+    # this rank's share of the windows (blockap/lanes.py: the largest share), in each of the schedule's
+    # stores per split (fp in, fp out unless in place, quantized stream), train + val
+    train, val = lane_share(s.train_size, s.batch_size, width), lane_share(s.val_size, s.batch_size, width)
+    store = s.schedule.stores_per_split * (train + val) * s.seqlen * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": block * 4,
         "student weights, grads, Adam (float32)": linear * 16 + 2 * groups * 16 + 2 * a.hidden * 16,
@@ -178,20 +198,42 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     else:
         phase.disk = store * min(s.ranks, s.ranks_per_node)
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
-    steps_tokens = s.epochs * s.train_size * s.seqlen
-    eval_tokens = (s.epochs + 2) * s.val_size * s.seqlen  # loss before, after each epoch, after (the streams: below)
-    train_flops = 6 * block * steps_tokens + 2 * block * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
-    stream_tokens = (s.train_size + s.val_size) * s.seqlen
     rate = _flops_per_second(s, "block-ap")
-    times = BlockTimes(train=train_flops / rate, forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
-                       transfer=store / s.schedule.stores_per_split / 2 / LINK_BYTES_PER_S[s.device])
-    phase.seconds = blockap_seconds(a.layers, s.ranks, s.schedule, times)
-    alone = blockap_seconds(a.layers, 1, "student", times)
+    times = block_times(a, s, train, val, rate)
+    phase.seconds = blockap_seconds(a.layers, s.groups, s.schedule, times)
+    alone = blockap_seconds(a.layers, 1, "student", block_times(a, replace(s, ranks=1, data_parallel=1),
+                                                                 s.train_size, s.val_size, rate))
     detail = (f", last {s.correction:.0%} of each block's steps on the quantized stream"
               if s.schedule.receives_quantized_early else "")
-    phase.note = (f"{s.mode} mode{detail}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
+    layout = (f" over {s.groups} group(s) of {width} data-parallel ranks (gradient sums "
+              f"{times.allreduce / max(times.train, 1e-9):.0%} of training)" if width > 1 else "")
+    phase.note = (f"{s.mode} mode{detail}{layout}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
                   f"{store / GIB:.1f} GiB per rank on {s.activations}")
     return _place(phase, device, host, s)
+
+
+def lane_share(count: int, batch: int, width: int) -> int:
+    """Windows of the largest rank's share (blockap/lanes.py: rank 0 holds lanes 0 .. B/D - 1)."""
+    return sum(len(range(lane, count, batch)) for lane in range(batch // width))
+
+
+def block_times(a: Arch, s: Settings, train: int, val: int, rate: float) -> BlockTimes:
+    """One block's times on one rank of a group that holds `train` + `val` windows of each stream:
+    training (its share of every step, the gradient sum over the group, the loss evaluations), the
+    block forward over its share of a stream, and handing that share on."""
+    block, width = a.block_params, s.width
+    steps_tokens = s.epochs * train * s.seqlen
+    eval_tokens = (s.epochs + 2) * val * s.seqlen  # loss before, after each epoch, after (the streams: below)
+    train_flops = 6 * block * steps_tokens + 2 * block * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
+    stream_tokens = (train + val) * s.seqlen
+    grads = (a.block_linear_params + 2 * a.groups(s.group_size) + 2 * a.hidden) * 4
+    link = "node" if width <= s.ranks_per_node else "network"
+    steps = s.epochs * -(-s.train_size // s.batch_size)
+    allreduce = steps * 2 * (width - 1) / width * grads / ALLREDUCE_BYTES_PER_S[(s.device, link)] if width > 1 else 0.0
+    store = (train + val) * s.seqlen * a.hidden * s.act_bytes
+    return BlockTimes(train=train_flops / rate + allreduce,
+                      forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
+                      transfer=store / 2 / LINK_BYTES_PER_S[s.device], allreduce=allreduce)
 
 
 def e2e(a: Arch, s: Settings) -> Phase:

@@ -90,7 +90,8 @@ def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
     phases = plan(arch, s)
     return {"model": arch.name, "params_b": arch.total_params / 1e9, "settings": {
                 "ranks": s.ranks, "ranks_per_node": s.ranks_per_node, "device": s.device, "gpu": s.gpu,
-                "wbits": s.bits, "group_size": s.group_size, "student_input": s.mode},
+                "wbits": s.bits, "group_size": s.group_size, "student_input": s.mode,
+                "data_parallel": s.width, "groups": s.groups},
             "machine": {"gpu_memory_gib": None if m.gpu_memory is None else m.gpu_memory / GIB,
                         "host_memory_gib": m.host_memory / GIB, "disk_gib": None if m.disk is None else m.disk / GIB},
             "phases": {k: v.as_dict() for k, v in phases.items()}, "fits": not todo,
@@ -118,7 +119,8 @@ def render(r: dict) -> str:
     disk = "unchecked" if mc["disk_gib"] is None else f"{mc['disk_gib']:.0f} GiB"
     lines = [f"Plan: {r['model']} ({r['params_b']:.1f}B parameters), w{st['wbits']}g{st['group_size']}, "
              f"{st['ranks']} rank(s), {st['ranks_per_node']} per node, {gpu}, host {mc['host_memory_gib']:.0f} GiB "
-             f"per node, disk {disk}; Block-AP in {st['student_input']} mode",
+             f"per node, disk {disk}; Block-AP in {st['student_input']} mode"
+             + (f" over {st['groups']} group(s) of {st['data_parallel']} data-parallel ranks" if st["data_parallel"] > 1 else ""),
              "", f"{'phase':<9} {'GPU peak/rank':>14} {'host peak/rank':>15} {'disk/node':>10} {'hours':>7}"]
     for name in PHASES:
         p = r["phases"][name]

@@ -1,7 +1,8 @@
 """Block-AP wall time of each schedule on N ranks, from three per-block times: training one block
 (`train`, its loss evaluations included), running one block forward over the calibration set
 (`forward`: the fp stream, and in student/pipelined mode the quantized stream after training) and
-handing one stream to the next rank (`transfer`).
+handing one stream to the next rank (`transfer`). With data-parallel groups (D ranks each) the "ranks"
+here are the G groups and the times are one rank's, on its 1/D of the windows (planning/estimate.py).
 
 It replays what pipelines/round_robin.py does. Block i belongs to rank i mod N; each rank takes its
 blocks in order, and for each:
@@ -25,6 +26,7 @@ class BlockTimes:
     train: float  # seconds to train one block (all its steps)
     forward: float  # seconds to run one block over the calibration windows
     transfer: float = 0.0  # seconds to hand one stream to the next rank (0 on one rank)
+    allreduce: float = 0.0  # of `train`: summing the gradients over a data-parallel group
 
 
 def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockTimes,

@@ -1,0 +1,64 @@
+"""Which calibration windows each Block-AP step trains on: the same steps whatever the number of
+data-parallel ranks that share them.
+
+Window w belongs to lane w mod B (B: the global batch). Every step takes one window from each lane, in
+an order drawn per epoch and per lane from the block's generator; when B does not divide the windows,
+the longer lanes' leftover windows make a last, smaller step. A data-parallel group of D ranks splits
+the lanes: rank d holds lanes d*B/D .. (d+1)*B/D - 1 and only their windows, so its stores hold 1/D of
+the windows, its share of every step is already in them, and the D shares of a step together are the
+step one rank takes at batch B. (A plain shuffle of all windows would put any window in any rank's
+share: every rank would have to hold every window, or receive them every step.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Step:
+    rows: list[int]  # this rank's rows (positions in its own stores), in lane order
+    windows: int  # windows in the whole step, over every rank of the group
+
+
+@dataclass(frozen=True)
+class Lanes:
+    count: int  # windows in the split
+    batch: int  # global batch: lanes
+    parts: int = 1  # ranks sharing each step (the data-parallel group's size)
+    part: int = 0  # this rank's place in the group
+
+    def __post_init__(self):
+        if self.batch < 1 or self.parts < 1 or not 0 <= self.part < self.parts:
+            raise ValueError(f"lanes: batch {self.batch}, part {self.part} of {self.parts}")
+        if self.batch % self.parts:
+            raise ValueError(f"`batch_size` {self.batch} is the global batch and must split evenly over the "
+                             f"{self.parts} ranks of a `data_parallel` group: use a multiple of {self.parts}")
+
+    @property
+    def own_lanes(self) -> range:
+        share = self.batch // self.parts
+        return range(self.part * share, (self.part + 1) * share)
+
+    def windows(self) -> list[int]:
+        """The windows this rank holds, in the order of its store's rows."""
+        return [w for w in range(self.count) if w % self.batch in self.own_lanes]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.count // self.batch)
+
+    def _lane_length(self, lane: int) -> int:
+        return len(range(lane, self.count, self.batch))
+
+    def epoch(self, generator: torch.Generator) -> list[Step]:
+        """This epoch's steps. Every rank draws every lane's order (the generator advances the same way
+        whatever `parts`), and keeps its own."""
+        orders = [torch.randperm(self._lane_length(lane), generator=generator).tolist() for lane in range(self.batch)]
+        position = {w: i for i, w in enumerate(self.windows())}
+        steps = []
+        for k in range(self.steps_per_epoch):
+            rows = [position[lane + self.batch * orders[lane][k]] for lane in self.own_lanes if k < len(orders[lane])]
+            steps.append(Step(rows, sum(k < len(order) for order in orders)))
+        return steps

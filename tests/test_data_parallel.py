@@ -1,0 +1,121 @@
+"""Data-parallel Block-AP: the lanes that make a step's windows independent of the ranks sharing it,
+and D ranks at global batch B taking the steps one rank takes at batch B (in threads here: the MPI
+and torch.distributed runs are in test_distributed.py)."""
+import threading
+
+import pytest
+import torch
+
+from eqat_dist.blockap.lanes import Lanes
+from eqat_dist.blockap.steps import make_student
+from eqat_dist.blockap.trainer import BlockAPSettings, train_block
+from eqat_dist.models.quantize import quant_linears
+from test_blockap import CFG, _block_setup, _stores
+
+
+@pytest.mark.parametrize("count,batch", [(16, 4), (13, 4), (3, 4), (10, 2)])
+def test_every_window_once_per_epoch_and_the_steps_do_not_depend_on_the_ranks(count, batch):
+    one = Lanes(count, batch)
+    epochs_one = [one.epoch(torch.Generator().manual_seed(5)) for _ in range(1)][0]
+    seen = sorted(w for step in epochs_one for w in (one.windows()[r] for r in step.rows))
+    assert seen == list(range(count))  # each window exactly once
+    assert [len(s.rows) for s in epochs_one][:-1] == [batch] * (len(epochs_one) - 1)
+    for parts in [p for p in (2, 4) if batch % p == 0]:
+        shares = [Lanes(count, batch, parts, d) for d in range(parts)]
+        held = sorted(w for lanes in shares for w in lanes.windows())
+        assert held == list(range(count))  # the ranks hold the windows between them, none twice
+        assert max(len(lanes.windows()) for lanes in shares) <= -(-count // batch) * (batch // parts)
+        per_rank = [lanes.epoch(torch.Generator().manual_seed(5)) for lanes in shares]
+        for k, step in enumerate(epochs_one):
+            union = sorted(lanes.windows()[r] for lanes, steps in zip(shares, per_rank) for r in steps[k].rows)
+            assert union == sorted(one.windows()[r] for r in step.rows), (parts, k)
+            assert all(steps[k].windows == step.windows == len(step.rows) for steps in per_rank)
+
+
+def test_a_batch_that_does_not_split_over_the_group_is_refused():
+    with pytest.raises(ValueError, match="`batch_size` 3 is the global batch.*multiple of 2"):
+        Lanes(8, 3, 2, 0)
+
+
+class _ThreadGroup:
+    """D threads standing for D ranks: sums in rank order, the same on every 'rank'."""
+
+    def __init__(self, shared, rank, size):
+        self.shared, self.rank, self.size = shared, rank, size
+
+    def allreduce_sum_(self, tensor):
+        s = self.shared
+        s["barrier"].wait()
+        s["slots"][self.rank] = tensor.clone()
+        s["barrier"].wait()
+        total = s["slots"][0].clone()
+        for other in s["slots"][1:]:
+            total += other
+        s["barrier"].wait()
+        tensor.copy_(total)
+
+
+def _train(fp_block, call, x, y, settings, parts):
+    """(per-rank train losses by step, per-rank reports, per-rank students) for `parts` ranks."""
+    shared = {"barrier": threading.Barrier(parts), "slots": [None] * parts}
+    losses, reports, students = [[] for _ in range(parts)], [None] * parts, [None] * parts
+    errors = []
+
+    def rank(d):
+        try:
+            train_lanes = Lanes(6, settings.batch_size, parts, d)
+            val_lanes = Lanes(2, settings.batch_size, parts, d)
+            xs, ys = _stores([x[:6][train_lanes.windows()], y[:6][train_lanes.windows()]])
+            vx, vy = _stores([x[6:][val_lanes.windows()], y[6:][val_lanes.windows()]])
+            student = make_student(fp_block, CFG, "cpu")
+            log = lambda tag, value, step: losses[d].append(value) if tag == "train_loss" else None
+            group = _ThreadGroup(shared, d, parts) if parts > 1 else None
+            reports[d] = train_block(student, 0, xs, ys, vx, vy, call, settings, "cpu", log=log,
+                                     lanes=train_lanes, group=group)
+            students[d] = student
+        except Exception as err:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(err)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(d,)) for d in range(parts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return losses, reports, students
+
+
+@pytest.mark.parametrize("batch,parts", [(2, 2), (4, 2), (4, 4)])
+def test_d_ranks_take_the_steps_of_one_rank_at_the_same_global_batch(batch, parts):
+    torch.set_num_threads(1)
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=3, batch_size=batch, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+    (one,), (one_report,), (one_student,) = _train(fp_block, call, x, y, settings, 1)
+    losses, reports, students = _train(fp_block, call, x, y, settings, parts)
+    assert len(one) == 3 * -(-6 // batch)
+    for d in range(parts):
+        assert torch.allclose(torch.tensor(losses[d]), torch.tensor(one), rtol=1e-5, atol=0), d
+        assert reports[d].val_losses == pytest.approx(one_report.val_losses, rel=1e-5)
+        assert reports[d].loss_before == pytest.approx(one_report.loss_before, rel=1e-6)
+        for name, q in quant_linears(students[d]).items():  # every rank took the same steps: same block
+            ref = quant_linears(one_student)[name]
+            torch.testing.assert_close(q.weight, ref.weight, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(q.scale, ref.scale, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(q.zero, ref.zero, rtol=1e-5, atol=1e-5)
+    for d in range(1, parts):  # the ranks of a group hold one and the same block, bit for bit
+        for name, q in quant_linears(students[d]).items():
+            assert torch.equal(q.weight, quant_linears(students[0])[name].weight)
+
+
+def test_a_rank_without_a_window_in_the_last_step_still_takes_it():
+    """6 windows at global batch 4 over 4 ranks: the last step has 2 windows, ranks 2 and 3 none."""
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=2, batch_size=4, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+    shares = [Lanes(6, 4, 4, d) for d in range(4)]
+    assert [len(s.windows()) for s in shares] == [2, 2, 1, 1]
+    (one,), _, _ = _train(fp_block, call, x, y, settings, 1)
+    losses, reports, _ = _train(fp_block, call, x, y, settings, 4)
+    assert all(r.steps == 4 for r in reports)
+    assert torch.allclose(torch.tensor(losses[3]), torch.tensor(one), rtol=1e-5, atol=0)
