@@ -38,10 +38,19 @@ def test_a_batch_that_does_not_split_over_the_group_is_refused():
 
 
 class _ThreadGroup:
-    """D threads standing for D ranks: sums in rank order, the same on every 'rank'."""
+    """D threads standing for D ranks: sums in rank order, the same on every 'rank', started inside
+    the backward (as torch.distributed's groups do) or at the end of the step (as MPI's)."""
 
-    def __init__(self, shared, rank, size):
-        self.shared, self.rank, self.size = shared, rank, size
+    def __init__(self, shared, rank, size, overlaps=True):
+        self.shared, self.rank, self.size, self.overlaps_backward = shared, rank, size, overlaps
+
+    def finish(self, handles):
+        self.shared["finished"][self.rank] += len(handles)
+
+    def start_sum_(self, tensor):
+        in_backward = torch._C._current_graph_task_id() != -1
+        self.allreduce_sum_(tensor)
+        self.shared["started"][self.rank].append((tensor.numel(), in_backward))
 
     def allreduce_sum_(self, tensor):
         s = self.shared
@@ -55,9 +64,11 @@ class _ThreadGroup:
         tensor.copy_(total)
 
 
-def _train(fp_block, call, x, y, settings, parts):
+def _train(fp_block, call, x, y, settings, parts, overlaps=True, shared=None):
     """(per-rank train losses by step, per-rank reports, per-rank students) for `parts` ranks."""
-    shared = {"barrier": threading.Barrier(parts), "slots": [None] * parts}
+    shared = shared if shared is not None else {}
+    shared |= {"barrier": threading.Barrier(parts), "slots": [None] * parts, "started": [[] for _ in range(parts)],
+               "finished": [0] * parts}
     losses, reports, students = [[] for _ in range(parts)], [None] * parts, [None] * parts
     errors = []
 
@@ -69,7 +80,7 @@ def _train(fp_block, call, x, y, settings, parts):
             vx, vy = _stores([x[6:][val_lanes.windows()], y[6:][val_lanes.windows()]])
             student = make_student(fp_block, CFG, "cpu")
             log = lambda tag, value, step: losses[d].append(value) if tag == "train_loss" else None
-            group = _ThreadGroup(shared, d, parts) if parts > 1 else None
+            group = _ThreadGroup(shared, d, parts, overlaps) if parts > 1 else None
             reports[d] = train_block(student, 0, xs, ys, vx, vy, call, settings, "cpu", log=log,
                                      lanes=train_lanes, group=group)
             students[d] = student
@@ -119,3 +130,24 @@ def test_a_rank_without_a_window_in_the_last_step_still_takes_it():
     losses, reports, _ = _train(fp_block, call, x, y, settings, 4)
     assert all(r.steps == 4 for r in reports)
     assert torch.allclose(torch.tensor(losses[3]), torch.tensor(one), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("overlaps", [True, False])
+def test_gradient_sums_start_inside_the_backward_in_the_same_order_on_every_rank(overlaps, monkeypatch):
+    """Small buckets (4 KiB) make many sums per step: with a backend that overlaps, sums start while
+    the backward runs; every rank starts the same sums in the same order; the steps stay the ones of
+    one rank."""
+    monkeypatch.setattr("eqat_dist.blockap.grad_sum.BUCKET_BYTES", 4096)
+    torch.set_num_threads(1)
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+    (one,), _, _ = _train(fp_block, call, x, y, settings, 1)
+    shared = {}
+    losses, _, _ = _train(fp_block, call, x, y, settings, 2, overlaps=overlaps, shared=shared)
+    assert torch.allclose(torch.tensor(losses[1]), torch.tensor(one), rtol=1e-5, atol=0)
+    started = shared["started"]
+    assert started[0] == started[1] and shared["finished"][0] == shared["finished"][1]
+    sizes = {n for n, _ in started[0]}
+    assert len(sizes) > 3  # many buckets
+    inside = sum(b for _, b in started[0])
+    assert (inside > 0) == overlaps

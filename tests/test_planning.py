@@ -128,3 +128,35 @@ def test_timeline_model_of_the_block_ap_schedules():
     with_io = BlockTimes(train=10.0, forward=1.0, transfer=0.5)
     assert blockap_seconds(2, 2, "student", with_io) == pytest.approx(1 + 10 + 1 + 0.5 + 10 + 1)
     assert speedups(32, with_io)["teacher"][8] > speedups(32, with_io)["pipelined"][8] > 1
+
+
+def test_data_parallel_layout_divides_each_ranks_stores_and_its_time():
+    """D ranks per group: each holds 1/D of every stream (blockap/lanes.py) and trains 1/D of each step;
+    the groups take the blocks round-robin (the timeline over G = N/D)."""
+    arch, node = load_arch("llama-2-70b"), Machine(gpu_memory=80 * GIB, host_memory=1024 * GIB, disk=8000 * GIB)
+    flags = [f for f in PAPER if f != "single-gpu"] + ["zero3-offload"]
+
+    def block_ap(*extra, ranks=8):
+        args = build_plan_parser().parse_args(["--model", "llama-2-70b", *flags, *extra])
+        r = report(arch, _settings(args, ranks, min(ranks, 8), "gpu"), node)
+        return r, r["phases"]["block-ap"]
+
+    stores = {d: block_ap("--batch-size", "8", "--student-input", "student", "--data-parallel", str(d))[1]
+              ["terms_gib"]["host: activation stores"] for d in (1, 2, 4, 8)}
+    for d in (2, 4, 8):
+        assert stores[d] == pytest.approx(stores[1] / d, rel=1e-3)
+    alone = block_ap(ranks=1)[1]["hours"]
+    # the default on 8 ranks at global batch 8: one group of 8, student mode, the stores in host memory
+    r, phase = block_ap("--batch-size", "8")
+    assert r["settings"]["data_parallel"] == 8 and r["settings"]["student_input"] == "student" and r["fits"]
+    assert phase["hours"] <= alone / 6.4
+    # at the paper's batch 2 the default is 4 groups of 2, pipelined across them (1/4 of the steps)
+    r, phase = block_ap()
+    assert (r["settings"]["data_parallel"], r["settings"]["groups"], r["settings"]["student_input"]) == (2, 4, "pipelined")
+    assert "last 25% of each block's steps" in phase["note"]
+    # two nodes: a group that spans them sums its gradients over the slower link
+    within = block_ap("--batch-size", "16", "--data-parallel", "8", ranks=16)[1]
+    across = block_ap("--batch-size", "16", "--data-parallel", "16", ranks=16)[1]
+    assert "waiting for gradient sums" in across["note"]
+    assert float(across["note"].split("waiting for gradient sums: ")[1].split("%")[0]) > \
+        float(within["note"].split("waiting for gradient sums: ")[1].split("%")[0])

@@ -17,6 +17,7 @@ from ..models.blocks import BlockCall, run_block
 from ..models.quantize import quant_linears
 from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .feed import Feed, batches_of
+from .grad_sum import GroupGradSum
 from .lanes import Lanes
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
@@ -165,36 +166,6 @@ def group_has_windows(stores, group) -> bool:
     return count.item() > 0
 
 
-class _GroupSum:
-    """Sums every trainable parameter's gradient and the step's loss over the data-parallel group in
-    one collective (one flat buffer), then puts the sums back into the gradients."""
-
-    def __init__(self, params: list, group, device: torch.device):
-        self.params, self.group = params, group
-        self.flat = torch.empty(sum(p.numel() for p in params) + 1, dtype=torch.float32, device=device)
-
-    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        offset = 0
-        for p in self.params:
-            view = self.flat[offset:offset + p.numel()]
-            if p.grad is None:
-                view.zero_()
-            else:
-                view.copy_(p.grad.reshape(-1))
-            offset += p.numel()
-        self.flat[-1] = loss.detach().float()
-        self.group.allreduce_sum_(self.flat)
-        offset = 0
-        for p in self.params:
-            view = self.flat[offset:offset + p.numel()].view_as(p)
-            if p.grad is None:
-                p.grad = view.clone()
-            else:
-                p.grad.copy_(view)
-            offset += p.numel()
-        return self.flat[-1].clone()
-
-
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
                 on_step=None, switch_at: int | None = None, switch=None, lanes: Lanes | None = None,
@@ -226,7 +197,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
         optimizer, lambda s: lr_factor(s, total, settings.min_lr_factor, restart_at))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
-    summed = _GroupSum(trainable, group, device) if group is not None else None
+    summed = GroupGradSum(trainable, group, device) if group is not None else None
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step
     has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)
     check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
@@ -282,6 +253,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             if log:
                 log("val_loss", val, epoch)
     block.eval()
+    if summed is not None:
+        summed.close()
     report.steps = step
     report.seconds = time.perf_counter() - start
     report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0

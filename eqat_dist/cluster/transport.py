@@ -169,22 +169,48 @@ class MPITransport(Transport):
         self.comm.Abort(1)  # every rank stops now, not at a timeout
 
 
-class MPIGroup:
-    """A data-parallel group over an MPI sub-communicator: sums in host memory (a GPU tensor goes
-    through the host), waited for by polling like every transfer (signals, the watchdog)."""
+class SumGroup:
+    """The ranks of a data-parallel group: sums tensors over them, in place. `start_sum_` begins a sum
+    and returns at once where the backend allows (the backward goes on meanwhile), `finish` waits for
+    sums begun; every rank must begin the same sums in the same order."""
+    index: int = 0  # which group
+    size: int = 1
+    rank: int = 0  # place in the group
+    overlaps_backward: bool = False  # sums may start inside the backward (from autograd's threads)
+
+    def start_sum_(self, tensor: torch.Tensor):
+        raise NotImplementedError
+
+    def finish(self, handles: list) -> None:
+        raise NotImplementedError
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> None:
+        self.finish([self.start_sum_(tensor)])
+
+    def _lost(self) -> str:
+        first = self.index * self.size
+        return f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) while summing gradients"
+
+
+class MPIGroup(SumGroup):
+    """A data-parallel group over an MPI sub-communicator: sums in host memory (a GPU tensor is copied
+    through the host, which waits for it there), waited for by polling like every transfer (signals,
+    the watchdog)."""
 
     def __init__(self, transport: MPITransport, comm, index: int):
         self.transport, self.comm, self.index = transport, comm, index
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
-    def allreduce_sum_(self, tensor: torch.Tensor) -> None:
+    def start_sum_(self, tensor):
         host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
         request = self.comm.Iallreduce(self.transport.MPI.IN_PLACE, host.numpy(), op=self.transport.MPI.SUM)
-        first = self.index * self.size
-        self.transport._wait([request], lambda: f"lost a rank of data-parallel group {self.index} "
-                                                f"(ranks {first}-{first + self.size - 1}) while summing gradients")
-        if host is not tensor:
-            tensor.copy_(host)
+        return request, host, tensor
+
+    def finish(self, handles):
+        self.transport._wait([request for request, _, _ in handles], self._lost)
+        for _, host, tensor in handles:
+            if host is not tensor:
+                tensor.copy_(host)
 
 
 def backends(cuda: bool) -> tuple[str, str]:
@@ -286,24 +312,26 @@ class TorchTransport(Transport):
         os._exit(1)  # peers blocked on us see the connection drop and stop too
 
 
-class TorchGroup:
+class TorchGroup(SumGroup):
     """A data-parallel group over a torch.distributed group (NCCL on GPUs, gloo on the CPU)."""
+    overlaps_backward = True
 
     def __init__(self, transport: TorchTransport, group, index: int, size: int, cuda: bool):
         self.transport, self.group, self.index, self.size, self.cuda = transport, group, index, size, cuda
         self.rank = transport.rank % size
 
-    def allreduce_sum_(self, tensor: torch.Tensor) -> None:
-        first = self.index * self.size
-        what = f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) while summing gradients"
+    def start_sum_(self, tensor):
         try:
-            work = self.transport.dist.all_reduce(tensor, group=self.group, async_op=True)
+            return self.transport.dist.all_reduce(tensor, group=self.group, async_op=True)
         except RuntimeError as err:
-            raise PeerFailure(f"{what} ({str(err).splitlines()[0][:200]})") from err
-        if self.cuda:
-            work.wait()  # NCCL: orders the compute stream after the sum; the host does not block
-        else:
-            self.transport._wait(work, what)
+            raise PeerFailure(f"{self._lost()} ({str(err).splitlines()[0][:200]})") from err
+
+    def finish(self, handles):
+        for work in handles:
+            if self.cuda:
+                work.wait()  # NCCL: orders the compute stream after the sum; the host does not block
+            else:
+                self.transport._wait(work, self._lost())
 
 
 def make_transport(launch) -> Transport:

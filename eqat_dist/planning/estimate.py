@@ -40,7 +40,8 @@ E2E_CPU_FIXED, E2E_CPU_PER_WEIGHT, E2E_CPU_PER_WEIGHT_SHARDED = 0.69 * GIB, 1.02
 LINK_BYTES_PER_S = {"gpu": 10e9, "cpu": 2e9}  # activations rank to rank through host memory (assumed)
 # A data-parallel group sums each step's gradients (float32, ring all-reduce: each rank sends and receives
 # 2 (D-1)/D of them): NCCL bus bandwidth inside a node (NVLink; A100/H100 nccl-tests reach 150-450 GB/s,
-# assumed low) and across nodes (one 200 Gb/s InfiniBand port per GPU); on CPUs through MPI/gloo.
+# assumed low) and across nodes (one 200 Gb/s InfiniBand port per GPU); on CPUs through MPI/gloo
+# (not measured yet).
 ALLREDUCE_BYTES_PER_S = {("gpu", "node"): 100e9, ("gpu", "network"): 20e9, ("cpu", "node"): 2e9,
                          ("cpu", "network"): 1e9}
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
@@ -205,8 +206,8 @@ def block_ap(a: Arch, s: Settings) -> Phase:
                                                                  s.train_size, s.val_size, rate))
     detail = (f", last {s.correction:.0%} of each block's steps on the quantized stream"
               if s.schedule.receives_quantized_early else "")
-    layout = (f" over {s.groups} group(s) of {width} data-parallel ranks (gradient sums "
-              f"{times.allreduce / max(times.train, 1e-9):.0%} of training)" if width > 1 else "")
+    layout = (f" over {s.groups} group(s) of {width} data-parallel ranks (waiting for gradient sums: "
+              f"{times.allreduce / max(times.train, 1e-9):.1%} of training)" if width > 1 else "")
     phase.note = (f"{s.mode} mode{detail}{layout}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
                   f"{store / GIB:.1f} GiB per rank on {s.activations}")
     return _place(phase, device, host, s)
@@ -215,6 +216,20 @@ def block_ap(a: Arch, s: Settings) -> Phase:
 def lane_share(count: int, batch: int, width: int) -> int:
     """Windows of the largest rank's share (blockap/lanes.py: rank 0 holds lanes 0 .. B/D - 1)."""
     return sum(len(range(lane, count, batch)) for lane in range(batch // width))
+
+
+def exposed_sum_seconds(grad_bytes: float, width: int, step_seconds: float, device: str, link: str) -> float:
+    """The part of one step's gradient sum that the step waits for. A ring all-reduce moves 2 (D-1)/D
+    of the bytes per rank. On GPUs (NCCL) the buckets' sums run during the backward, about 4/6 of the
+    step's FLOPs (blockap/grad_sum.py): only what exceeds it, and the last bucket, is waited for. MPI and
+    gloo on CPUs sum after the backward."""
+    from ..blockap.grad_sum import BUCKET_BYTES
+
+    per_byte = 2 * (width - 1) / width / ALLREDUCE_BYTES_PER_S[(device, link)]
+    total = grad_bytes * per_byte
+    if device != "gpu":
+        return total
+    return max(total - 4 / 6 * step_seconds, min(grad_bytes, BUCKET_BYTES) * per_byte)
 
 
 def block_times(a: Arch, s: Settings, train: int, val: int, rate: float) -> BlockTimes:
@@ -228,8 +243,10 @@ def block_times(a: Arch, s: Settings, train: int, val: int, rate: float) -> Bloc
     stream_tokens = (train + val) * s.seqlen
     grads = (a.block_linear_params + 2 * a.groups(s.group_size) + 2 * a.hidden) * 4
     link = "node" if width <= s.ranks_per_node else "network"
-    steps = s.epochs * -(-s.train_size // s.batch_size)
-    allreduce = steps * 2 * (width - 1) / width * grads / ALLREDUCE_BYTES_PER_S[(s.device, link)] if width > 1 else 0.0
+    steps_per_epoch = -(-s.train_size // s.batch_size)
+    step_seconds = (6 * block + 6 * 2 * a.hidden * s.seqlen) * train * s.seqlen / steps_per_epoch / rate  # this rank's share
+    allreduce = (s.epochs * steps_per_epoch * exposed_sum_seconds(grads, width, step_seconds, s.device, link)
+                 if width > 1 else 0.0)
     store = (train + val) * s.seqlen * a.hidden * s.act_bytes
     return BlockTimes(train=train_flops / rate + allreduce,
                       forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
