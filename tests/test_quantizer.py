@@ -122,3 +122,31 @@ def test_group_that_does_not_divide_the_layer_is_refused_with_a_hint():
 def test_bits_per_weight_matches_paper():
     assert QuantConfig(2, 64).bits_per_weight(4096) == pytest.approx(2.28125)
     assert QuantConfig(4, 128).bits_per_weight(4096) == pytest.approx(4.15625)
+
+
+@pytest.mark.parametrize("bits, group, rows, cols", [(2, 32, 37, 96), (3, 64, 19, 128), (4, 128, 5, 256),
+                                                     (8, -1, 7, 96), (2, -1, 3, 160)])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_the_layers_fake_quantization_matches_the_composed_one_forward_and_gradients(bits, group, rows, cols, clipped):
+    """QuantLinear's path off the GPU (backward written out) against autograd through `fake_quantize`:
+    forward bit-identical; dW, ds, dz equal up to summation order, clipped elements and zero points off
+    the integer grid included."""
+    from eqat_dist.quant.fake_quant import fused_fake_quantize
+
+    torch.manual_seed(bits * 100 + rows)
+    cfg = QuantConfig(bits, group)
+    w = torch.randn(rows, cols)
+    s, z = minmax_init(w, cfg)
+    if clipped:
+        s = s * 0.6
+    z = z + torch.rand_like(z) * 0.8 - 0.4
+    ref = [t.clone().requires_grad_() for t in (w, s, z)]
+    new = [t.clone().requires_grad_() for t in (w, s, z)]
+    want, got = fake_quantize(*ref, cfg), fused_fake_quantize(*new, cfg)
+    assert torch.equal(want, got)
+    grad = torch.randn_like(want)
+    want.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(new[0].grad, ref[0].grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new[1].grad, ref[1].grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(new[2].grad, ref[2].grad, rtol=1e-4, atol=1e-5)
