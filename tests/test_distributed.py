@@ -153,11 +153,12 @@ def test_two_groups_of_two_ranks_pipelined_match_two_ranks(model_dir, references
     _same_steps(references / "pipelined", tmp_path / "out")
 
 
-def test_a_killed_rank_stops_its_data_parallel_group_and_a_restart_with_another_layout_completes(model_dir, tmp_path):
-    kw = dict(train_size=16, epochs=3)
+def _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp):
+    """A one-process reference in tmp_path/ref, then 2 MPI ranks in tmp_path/run with rank 1 killed once
+    block 1 is saved; the run must stop within 30 s. Returns (run folder, killed pid, stdout, all output)."""
     _single(model_dir, tmp_path / "ref", "student", **kw)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=2, **kw), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=dp, **kw), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _when_block_exists(proc, out, "block_0001.safetensors")
     pid = _rank_pid(str(out), 1)
@@ -165,7 +166,12 @@ def test_a_killed_rank_stops_its_data_parallel_group_and_a_restart_with_another_
     killed_at = time.time()
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.time() - killed_at < 30
-    said = stdout + stderr
+    return out, pid, stdout, stdout + stderr
+
+
+def test_a_killed_rank_stops_its_data_parallel_group_and_a_restart_with_another_layout_completes(model_dir, tmp_path):
+    kw = dict(train_size=16, epochs=3)
+    out, pid, stdout, said = _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp=2)
     assert re.search(rf"PID {pid} RUNNING AT", said) or re.search(
         r"rank 0 stopping at block \d+ \(.*\): lost a rank of data-parallel group 0 \(ranks 0-1\)", said), said[-3000:]
     assert not (out / "results.json").exists()
@@ -209,18 +215,8 @@ def _kill_rank_when(proc, out: Path, rank: int, block_file: str):
 
 def test_killed_mpi_rank_stops_the_run_and_a_restart_on_one_rank_completes_identically(model_dir, tmp_path):
     kw = dict(train_size=16, epochs=3)
-    _single(model_dir, tmp_path / "ref", "student", **kw)
-    out = tmp_path / "run"
-    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", **kw), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _when_block_exists(proc, out, "block_0001.safetensors")
-    pid = _rank_pid(str(out), 1)
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.time()
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and time.time() - killed_at < 30
+    out, pid, stdout, said = _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp=1)
     # whoever notices first stops the job: MPI's launcher (naming only the pid), or rank 0 (naming rank 1)
-    said = stdout + stderr
     assert re.search(rf"PID {pid} RUNNING AT", said) or re.search(r"rank 0 stopping at block \d+ \(.*\): lost rank 1 ",
                                                                   said), said[-3000:]
     assert re.search(rf"^\[rank 1/2\] pid {pid} on ", stdout, re.M), stdout[-2000:]  # our log maps pid to rank
