@@ -11,9 +11,17 @@ share: every rank would have to hold every window, or receive them every step.)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+def group_width(ranks: int, batch: int, asked: int | None = None) -> int:
+    """D, the ranks of a data-parallel group: as asked, else the largest number that divides both the
+    ranks and the global batch (each rank then holds whole lanes; docs/benchmarks.md, the batch-size
+    question, for why D does not grow past the batch)."""
+    return asked or math.gcd(ranks, batch)
 
 
 @dataclass(frozen=True)

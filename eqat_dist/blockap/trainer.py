@@ -185,8 +185,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     empty). With a data-parallel `group` (cluster/transport.py) the stores hold this rank's share of the
     windows (`lanes`: which, and each step's rows), every step's gradients and loss are summed over the
     group before the clipping and the optimizer step, so every rank takes the same step, the one a
-    single rank would take with all the windows. `log(tag, value, step)` receives scalars; `progress` is an optional tqdm bar over steps;
-    `on_step()` is called after every step (the pipeline lets its transfers progress there).
+    single rank would take with all the windows. `log(tag, value, step)` receives scalars; `progress`
+    is an optional tqdm bar over steps; `on_step()` is called after every step (the pipeline lets its
+    transfers progress there).
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
     steps (same targets, optimizer state and schedule, or a restarted cosine with
     settings.restart_at_switch): the pipelined schedule trains on the full-precision stream

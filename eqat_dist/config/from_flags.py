@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..blockap.lanes import group_width
 from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolve, single_process
 from ..pipelines.schedules import schedule_named
 from ..quant import QuantConfig, QuantConfigError
@@ -195,14 +196,10 @@ def model_config_of(cfg: RunConfig) -> Path | None:
 
 
 def _data_parallel_default(asked: int | None, batch_size: int, world: int) -> int:
-    """Ranks per group: as asked (it must divide the world), else the largest number that divides both
-    the world and the global batch (D ranks at batch B/D take one rank's steps at batch B: the paper's
-    arithmetic, and its quality, at D-fold speed; docs/benchmarks.md, the batch-size question)."""
-    if asked is None:
-        return math.gcd(world, batch_size)
-    if world % asked:
+    """Ranks per group (blockap/lanes.group_width); one that was asked must divide the world."""
+    if asked is not None and world % asked:
         raise ConfigError(f"`data_parallel` {asked} must divide the {world} ranks (groups of equal size)")
-    return asked
+    return group_width(world, batch_size, asked)
 
 
 def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, groups: int,

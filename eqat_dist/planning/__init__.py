@@ -5,11 +5,11 @@ machine it is on first and refuses, in seconds, a run that will not fit (--ignor
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
 
+from ..blockap.lanes import group_width
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, Settings, plan
 from .fit import Machine, render, report, to_json
@@ -36,7 +36,7 @@ def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "
     else:
         act_bytes = 4 if cfg.machine.dtype == "float32" else 2
     b, e, ev = cfg.blockap, cfg.e2e, cfg.evaluation
-    width = b.data_parallel or math.gcd(ranks, b.batch_size)
+    width = group_width(ranks, b.batch_size, b.data_parallel)
     return Settings(
         ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
         group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,

@@ -27,6 +27,7 @@ import math
 
 from dataclasses import dataclass, field, replace
 
+from ..blockap.lanes import group_width
 from .arch import Arch
 from .timeline import BlockTimes, blockap_seconds
 
@@ -94,7 +95,7 @@ class Settings:
     def width(self) -> int:
         """D: ranks that train each block together (the run's default: the largest that divides both
         the ranks and the global batch)."""
-        return self.data_parallel or math.gcd(self.ranks, self.batch_size)
+        return group_width(self.ranks, self.batch_size, self.data_parallel)
 
     @property
     def groups(self) -> int:
