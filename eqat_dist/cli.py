@@ -245,7 +245,18 @@ def plan_main(argv) -> int:
     return 0 if result["fits"] else 1
 
 
+def whole_lines(*streams) -> None:
+    """Each line of output in one write. Under PYTHONUNBUFFERED (which MPI launchers and cluster
+    set-ups often export) print() writes a line's text and its newline apart, and the launcher merges
+    the ranks' outputs between the two: one rank's line runs into another's. Line buffering joins them
+    (and still shows every line at once in a log file)."""
+    for stream in streams:
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def main(argv=None) -> int:
+    whole_lines(sys.stdout, sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])

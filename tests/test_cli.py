@@ -370,3 +370,26 @@ def test_pre_flight_checks_run_in_their_stated_order_and_each_runs_alone(tmp_pat
     cfg = parse_args(_args(tmp_path))
     with pytest.raises(preflight.PreflightError, match="`seqlen` 9000 is longer than the model's context"):
         preflight.check_context(replace(cfg, blockap=replace(cfg.blockap, seqlen=9000)))
+
+
+def test_each_line_of_output_is_one_write_even_when_python_is_unbuffered():
+    """Under PYTHONUNBUFFERED print() writes the text and the newline apart; ranks' lines then run into
+    each other in a launcher's merged output. After `whole_lines` nothing of a line reaches the pipe
+    before its newline, and then all of it at once."""
+    import io
+
+    from eqat_dist.cli import whole_lines
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = io.TextIOWrapper(io.FileIO(write_end, "w"), write_through=True)  # what PYTHONUNBUFFERED gives
+    stream.write("[rank 0/2] half")
+    assert os.read(read_end, 100) == b"[rank 0/2] half"  # the failure mode: a line in pieces
+    whole_lines(stream)
+    stream.write("[rank 1/2] pid 7")
+    with pytest.raises(BlockingIOError):
+        os.read(read_end, 100)
+    stream.write(" on node\n")
+    assert os.read(read_end, 100) == b"[rank 1/2] pid 7 on node\n"
+    stream.close()
+    os.close(read_end)
