@@ -13,7 +13,7 @@ from pathlib import Path
 if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at tqdm's import) are noise there
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .export.formats import FORMATS
+from .export.formats import ALL_FORMATS, SERVING
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
 from .pipelines.schedules import SCHEDULES
@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the full-precision model")
     p.add_argument("--export-dtype", default="float16", choices=list(DTYPES),
                    help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the export")
-    p.add_argument("--export-format", default="gptq_v2", choices=sorted(FORMATS),
-                   help="format of the exported model (eqat_dist/export/formats.py)")
+    p.add_argument("--export-format", default="gptq_v2", metavar="FORMAT[,FORMAT]",
+                   help=f"formats of the exported model, comma-separated, from {', '.join(ALL_FORMATS)}: "
+                        "gptq_v2 is always written into the output (evaluation and E2E-QP read it), every "
+                        "other format beside it in OUTPUT/export-FORMAT/ (eqat_dist/export/formats.py)")
     p.add_argument("--no-tensorboard", action="store_true")
     # Phases and E2E-QP (paper defaults)
     p.add_argument("--phase", default="all", choices=list(PHASES),
@@ -245,6 +247,32 @@ def plan_main(argv) -> int:
     return 0 if result["fits"] else 1
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eqat-dist export", description=(
+        "Convert a finished export (a run's output, GPTQ v2) into a serving format, block by block."))
+    p.add_argument("--from", dest="from_dir", required=True, help="a finished run's output folder")
+    p.add_argument("--format", dest="export_format", required=True, choices=list(SERVING),
+                   help="compressed-tensors (any width; vLLM), awq (4-bit; vLLM, transformers), gguf (4-bit, "
+                        "groups of a multiple of 32; llama.cpp)")
+    p.add_argument("--output", required=True, help="a new or empty folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    return p
+
+
+def export_main(argv) -> int:
+    from .export import CheckpointError
+    from .export.convert import convert
+
+    parser = build_export_parser()
+    args = parser.parse_args(argv)
+    try:
+        convert(Path(args.from_dir), args.export_format, Path(args.output), args.overwrite)
+    except (ValueError, CheckpointError) as err:
+        print(f"eqat-dist export: error: {flag_message(str(err), parser)}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def whole_lines(*streams) -> None:
     """Each line of output in one write. Under PYTHONUNBUFFERED (which MPI launchers and cluster
     set-ups often export) print() writes a line's text and its newline apart, and the launcher merges
@@ -260,6 +288,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:
         return plan_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     try:
         cfg, notes = settings(argv, plan=True)
         if cfg.machine.rank == 0:

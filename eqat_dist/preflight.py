@@ -27,6 +27,15 @@ def check_layers(cfg: RunConfig) -> None:
         raise PreflightError(str(err)) from err
 
 
+def check_export_formats(cfg: RunConfig) -> None:
+    """Each asked export format holds this width, group size and model family (AWQ and GGUF: 4-bit)."""
+    from .export.formats import refusals
+    model_type = json.loads(cfg.model_config.read_text()).get("model_type") if cfg.model_config else None
+    problems = refusals(cfg.export_formats, cfg.quant, model_type)
+    if problems:
+        raise PreflightError(problems[0])
+
+
 def check_data_sources(cfg: RunConfig) -> None:
     """Evaluation and calibration sources exist (bundled, a file, or a reachable hub dataset)."""
     from .data.text import DataError, check_source
@@ -203,8 +212,8 @@ def check_plan(cfg: RunConfig) -> None:
 # The order: the model and data, then the output folder (never touched before every check on it
 # passed). The plan (check_plan) comes after them all, when the command line runs it: it needs the rest
 # to be sound, and it is the one check a user may skip (`ignore_plan`).
-CHECKS = (check_layers, check_data_sources, check_context, check_deepspeed_config, check_output_is_a_folder,
-          check_lock, check_writable, check_overwrite, check_start_model, check_resume)
+CHECKS = (check_layers, check_export_formats, check_data_sources, check_context, check_deepspeed_config,
+          check_output_is_a_folder, check_lock, check_writable, check_overwrite, check_start_model, check_resume)
 
 
 def run_checks(cfg: RunConfig, checks=CHECKS) -> None:

@@ -4,6 +4,7 @@ settings, what a failed run leaves to resume from).
 
     OUTPUT/
       config.json, model-*.safetensors, tokenizer...   the export (export/, moved in by export/staging.py)
+      export-FORMAT/                                    the export in a serving format (--export-format)
       results.json, report.md                           figures of every phase, with the export
       blockap/                                          finished blocks and their manifest (blockap/checkpoint.py)
       e2e_ckpt/                                         E2E-QP's DeepSpeed checkpoints (e2e/checkpoints.py)
@@ -32,6 +33,7 @@ E2E_CHECKPOINTS = "e2e_ckpt"
 TENSORBOARD = "tb"
 ACTIVATIONS = "acts"
 CONFIG = "config.json"
+SERVING_PREFIX = "export-"
 
 
 class RunFolder:
@@ -107,6 +109,13 @@ class RunFolder:
         """File-name prefix of this run's disk stores: the same for a resumed run, another for another
         run sharing the folder (an activations folder on a node's scratch disk)."""
         return "eqat-" + hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:10]
+
+    def serving_export(self, name: str, within: Path | None = None) -> Path:
+        """The folder of the export in serving format `name` (export/formats.SERVING)."""
+        return (within or self.root) / (SERVING_PREFIX + name)
+
+    def serving_exports(self) -> list[Path]:
+        return sorted(p for p in self.root.glob(SERVING_PREFIX + "*") if p.is_dir())
 
     # -- what is there
     def contents(self) -> list[Path]:

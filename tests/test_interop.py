@@ -21,6 +21,12 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 RUN = str(ROOT / "launch" / "run.py")
 LOADERS = str(ROOT / "tests" / "interop" / "gptq_loaders.py")
+# the serving formats each width's runs write: AWQ and GGUF hold 4-bit only
+SERVING_AT = {2: "compressed-tensors", 3: "compressed-tensors", 4: "compressed-tensors,awq,gguf"}
+
+
+def name_bits(name: str) -> int:
+    return int(name.rsplit("-w", 1)[1][0])
 GPTQMODEL = "gptqmodel==7.6.0"  # 7.7 needs torch >= 2.14.1
 OPTIMUM = "optimum==2.3.0"      # transformers loads GPTQ checkpoints through optimum + gptqmodel
 
@@ -57,24 +63,44 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
-    """RTN at 2/3/4 bits, a (tiny) Block-AP run and an E2E-QP run from it, all on the real bundled model,
-    each made by the command a user runs."""
+    """RTN at 2/3/4 bits, (tiny) Block-AP runs and E2E-QP runs from them at 2 and 4 bits, all on the real
+    bundled model, each made by the command a user runs, each with the serving formats its width allows
+    (export-FORMAT/ beside the GPTQ v2 files)."""
     base = tmp_path_factory.mktemp("interop")
     out = {}
     for bits in (2, 3, 4):
         _cli("--wbits", str(bits), "--group-size", "64", "--epochs", "0", "--phase", "block-ap",
-             "--output", str(base / f"rtn{bits}"))
+             "--export-format", SERVING_AT[bits], "--output", str(base / f"rtn{bits}"))
         out[f"rtn-w{bits}g64"] = base / f"rtn{bits}"
-    small = ["--wbits", "2", "--group-size", "64", "--seqlen", "32", "--train-size", "2", "--val-size", "1",
-             "--batch-size", "1"]
-    _cli(*small, "--epochs", "1", "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--phase", "block-ap",
-         "--output", str(base / "blockap"))
-    out["block-ap-w2g64"] = base / "blockap"
-    _cli(*small, "--phase", "e2e", "--from", str(base / "blockap"), "--output", str(base / "e2e"),
-         "--e2e-train-size", "4", "--e2e-seqlen", "32", "--e2e-global-batch", "2", "--e2e-lr", "1e-3",
-         "--ds-config", "single-gpu")
-    out["block-ap+e2e-qp-w2g64"] = base / "e2e"
+    for bits in (2, 4):
+        small = ["--wbits", str(bits), "--group-size", "64", "--seqlen", "32", "--train-size", "2", "--val-size",
+                 "1", "--batch-size", "1", "--export-format", SERVING_AT[bits]]
+        _cli(*small, "--epochs", "1", "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--phase", "block-ap",
+             "--output", str(base / f"blockap{bits}"))
+        out[f"block-ap-w{bits}g64"] = base / f"blockap{bits}"
+        _cli(*small, "--phase", "e2e", "--from", str(base / f"blockap{bits}"), "--output", str(base / f"e2e{bits}"),
+             "--e2e-train-size", "4", "--e2e-seqlen", "32", "--e2e-global-batch", "2", "--e2e-lr", "1e-3",
+             "--ds-config", "single-gpu")
+        out[f"block-ap+e2e-qp-w{bits}g64"] = base / f"e2e{bits}"
     return out
+
+
+def test_every_run_writes_its_serving_formats_and_their_libraries_read_our_weights(exports):
+    """compressed-tensors' decompressor (every width) and the gguf package + transformers (4-bit) on the
+    exports each run wrote beside its GPTQ v2 files; `eqat-dist export` converts the same bytes later."""
+    from eqat_dist.cli import main
+    from serving_checks import check_compressed_tensors, check_gguf
+
+    for name, folder in exports.items():
+        written = sorted(p.name for p in folder.glob("export-*"))
+        assert written == sorted(f"export-{f}" for f in SERVING_AT[name_bits(name)].split(",")), (name, written)
+        assert check_compressed_tensors(folder, folder / "export-compressed-tensors") == 30 * 7, name
+        if (folder / "export-gguf").exists():
+            check_gguf(folder, folder / "export-gguf" / "model-Q4_1.gguf")
+    e2e = exports["block-ap+e2e-qp-w2g64"]
+    assert main(["export", "--from", str(e2e), "--format", "compressed-tensors", "--output", str(e2e.parent / "ct")]) == 0
+    for file in (e2e / "export-compressed-tensors").iterdir():
+        assert (e2e.parent / "ct" / file.name).read_bytes() == file.read_bytes(), file.name
 
 
 def test_exported_config_is_accepted_by_transformers_and_names_the_method(exports):
@@ -96,24 +122,39 @@ def test_gptqmodel_and_transformers_load_our_exports_with_our_logits(exports, in
     from eqat_dist.data.windows import eval_windows
     from eqat_dist.export import load_packed_model
 
-    names = list(exports)
+    from eqat_dist.export.packed_source import PackedExport
+
+    # every GPTQ v2 export, then the AWQ exports of the 4-bit runs (same weights: the same reference logits)
+    folders = {n: f for n, f in exports.items()} | {f"{n} (awq)": f / "export-awq" for n, f in exports.items()
+                                                    if (f / "export-awq").exists()}
+    names = list(folders)
     tensors = {}
     for i, name in enumerate(names):
-        model, tokenizer = load_packed_model(exports[name])
+        source = exports[name.removesuffix(" (awq)")]
+        model, tokenizer = load_packed_model(source)
         if i == 0:
             tensors["input_ids"] = eval_windows(tokenizer, "news", 128, 1)[:1].contiguous()
         with torch.no_grad():
             tensors[f"logits_{i}"] = model(input_ids=tensors["input_ids"]).logits.contiguous()
+        if name.endswith("(awq)"):  # block 0's weights, for the exact check of GPTQModel's AWQ decoder
+            packed = PackedExport(source)
+            for layer_name, layer in packed.block(0)[0].items():
+                tensors[f"weight_{i}:{packed.prefix}.0.{layer_name}"] = layer.dequantized().half().contiguous()
     save_file(tensors, tmp_path / "reference.safetensors")
     result = subprocess.run([interop_python, LOADERS, str(tmp_path / "reference.safetensors"),
-                             *(str(exports[n]) for n in names)], capture_output=True, text=True,
+                             *(str(folders[n]) for n in names)], capture_output=True, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
     lines = [line for line in result.stdout.splitlines() if line.startswith("INTEROP ")]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
     report = json.loads(lines[-1][len("INTEROP "):])
     print(json.dumps(report, indent=1))
     for name in names:
-        r = report[str(exports[name])]
+        r = report[str(folders[name])]
+        if name.endswith("(awq)"):  # GPTQModel's AWQ kernels compute in fp16; transformers' in bf16 (aten)
+            assert r["decoded_weights_equal"] and r["decoded_layers"] == 7, (name, r)
+            assert r["gptqmodel"]["rel_l2"] <= 5e-3 and r["gptqmodel"]["top1_agree"] >= 0.95, (name, r)
+            assert r["transformers"]["rel_l2"] <= 3e-2 and r["transformers"]["top1_agree"] >= 0.95, (name, r)
+            continue
         assert r["gptqmodel"]["rel_max"] <= 1e-4, (name, r)
         assert r["transformers_torch_fp32"]["rel_max"] <= 1e-4, (name, r)
         assert r["transformers"]["rel_l2"] <= 2e-2 and r["transformers"]["top1_agree"] >= 0.95, (name, r)

@@ -126,9 +126,17 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
         streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,
         from_dir=_start_folder(flags), seed=flags.seed,
-        export_dtype=flags.export_dtype, export_format=flags.export_format,
+        export_dtype=flags.export_dtype, export_formats=_export_formats(flags.export_format),
         tensorboard=not flags.no_tensorboard, overwrite=flags.overwrite, take_over_lock=flags.take_over_lock,
         ignore_plan=flags.ignore_plan, debug=flags.debug)
+
+
+def _export_formats(text: str) -> tuple[str, ...]:
+    from ..export.formats import parse_formats
+    try:
+        return parse_formats(text)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _start_folder(flags) -> Path | None:

@@ -140,7 +140,7 @@ class RunConfig:
     from_dir: Path | None = None  # --phase e2e/eval: the packed model to start from (resolved: never None there)
     seed: int = 0
     export_dtype: str = "float16"
-    export_format: str = "gptq_v2"
+    export_formats: tuple[str, ...] = ("gptq_v2",)  # gptq_v2 first, always written; then serving formats
     tensorboard: bool = True
     overwrite: bool = False
     take_over_lock: bool = False

@@ -53,6 +53,9 @@ def _finish(out_dir: Path) -> None:
     for stale in [*out_dir.glob("model*.safetensors"), out_dir / INDEX]:
         if stale.name not in items:  # the earlier export's weights: a loader must not pick them up
             stale.unlink(missing_ok=True)
+    for stale in RunFolder(out_dir).serving_exports():
+        if stale.name not in items:  # converted from the earlier weights: not this export any more
+            shutil.rmtree(stale)
     for name in sorted(items):
         item, target = stage / name, out_dir / name
         if not item.exists():

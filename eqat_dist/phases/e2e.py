@@ -9,6 +9,8 @@ import torch
 from ..config import DTYPES, RunConfig
 from ..data.windows import calibration_windows
 from ..export import load_packed_model, writer_for
+from ..export.convert import write_format
+from ..export.formats import NATIVE
 from ..export.staging import publish, staged
 from ..models.blocks import blocks_name
 from ..run_folder import RunFolder
@@ -60,10 +62,13 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     report["partition"] = partitions
     report["ds_config"] = e.ds_config
     results = folder.read_results() or {}
-    writer = writer_for(cfg.export_format)
+    writer = writer_for(NATIVE)
     with staged(folder) as stage:  # the E2E-QP weights, results and report replace the earlier ones together
         report |= writer.write_retrained(from_dir, gathered, blocks_name(engine.module), tokenizer, stage,
                                          writer.method_after_e2e(from_dir), DTYPES[cfg.export_dtype])
+        for name in cfg.export_formats[1:]:  # the serving formats, converted from what was just written
+            write_format(stage, name, folder.serving_export(name, within=stage),
+                         shown=folder.serving_export(name))
         if monitor:
             monitor.close()
         del engine, model

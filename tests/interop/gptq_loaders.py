@@ -1,4 +1,4 @@
-"""Load eqat-dist exports with the standard GPTQ loaders and report how their logits differ from ours.
+"""Load eqat-dist exports with the standard GPTQ and AWQ loaders and report how their logits differ from ours.
 
 Runs in a separate virtual environment set up as a GPTQModel user has it (gptqmodel + optimum beside
 torch; see tests/test_interop.py), not in eqat-dist's own, and imports nothing from eqat-dist.
@@ -6,7 +6,8 @@ torch; see tests/test_interop.py), not in eqat-dist's own, and imports nothing f
     python gptq_loaders.py REFERENCE.safetensors EXPORT_DIR [EXPORT_DIR ...]
 
 REFERENCE holds `input_ids` and, per export i, `logits_i`: what eqat-dist's own loader computes in
-float32. Prints one JSON object: {export: {loader: {"max_abs": .., "rel_max": .., "rel_l2": ..}}}.
+float32 (and for an AWQ export `weight_i:NAME`: block 0's de-quantized weights in fp16). Prints one JSON
+object: {export: {loader: {"max_abs": .., "rel_max": .., "rel_l2": ..}}}.
 """
 import json
 import sys
@@ -38,6 +39,34 @@ def _kernel(model) -> str:
     return type(model.model.layers[0].self_attn.q_proj).__name__
 
 
+def awq(folder: str, i: int, reference: dict, ids: torch.Tensor) -> dict:
+    """GPTQModel's AWQ decoder on the file's tensors (exact weights), its torch AWQ kernel, and
+    transformers as a user gets it."""
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ref = reference[f"logits_{i}"]
+    qc = json.load(open(f"{folder}/config.json"))["quantization_config"]
+    index = json.load(open(f"{folder}/model.safetensors.index.json"))["weight_map"]
+    exact = []
+    for key in (k for k in reference if k.startswith(f"weight_{i}:")):
+        name = key.split(":", 1)[1]
+        with safe_open(f"{folder}/{index[name + '.qweight']}", "pt") as f:
+            weight = dequantize_gemm(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".qzeros"),
+                                     f.get_tensor(name + ".scales"), qc["bits"], qc["group_size"])
+        exact.append(torch.equal(weight.t(), reference[key]))
+    entry = {"decoded_weights_equal": bool(exact) and all(exact), "decoded_layers": len(exact)}
+    gq = GPTQModel.load(folder, device="cpu", backend=BACKEND.TORCH_AWQ, dtype=torch.float16)
+    gq.model.float()  # its AWQ kernel still computes in fp16
+    entry["gptqmodel"] = _errors(_logits(gq.model, ids), ref) | {"kernel": _kernel(gq.model)}
+    del gq
+    hf = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float16)
+    entry["transformers"] = _errors(_logits(hf, ids), ref) | {"kernel": _kernel(hf)}
+    return entry
+
+
 def main(reference_file: str, exports: list[str]) -> dict:
     from gptqmodel import BACKEND, GPTQModel
     from transformers import AutoModelForCausalLM, GPTQConfig
@@ -47,6 +76,9 @@ def main(reference_file: str, exports: list[str]) -> dict:
     report = {}
     for i, folder in enumerate(exports):
         ref = reference[f"logits_{i}"]
+        if json.load(open(f"{folder}/config.json"))["quantization_config"]["quant_method"] == "awq":
+            report[folder] = awq(folder, i, reference, ids)
+            continue
         # GPTQModel's torch kernel computes in fp16/bf16 only: load in fp16, then upcast the model.
         gq = GPTQModel.load(folder, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
         gq.model.float()
