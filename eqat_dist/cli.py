@@ -14,6 +14,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .export.formats import ALL_FORMATS, SERVING
+from .quant.config import INITS
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
 from .pipelines.schedules import SCHEDULES
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
     p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
+    p.add_argument("--init", default="minmax", choices=INITS,
+                   help="how step sizes and zero points start: minmax (the paper's) or clip (each group's range "
+                        "shrunk to its least weight error)")
     p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
     p.add_argument("--overwrite", action="store_true", help="wipe an existing output folder first")
     # Block-AP (official code's names, kebab-case)

@@ -150,3 +150,44 @@ def test_the_layers_fake_quantization_matches_the_composed_one_forward_and_gradi
     torch.testing.assert_close(new[0].grad, ref[0].grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(new[1].grad, ref[1].grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(new[2].grad, ref[2].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_clip_init_picks_each_groups_least_error_shrink_and_is_never_worse_than_minmax(bits):
+    from eqat_dist.quant.fake_quant import CLIP_GRID, clip_init
+
+    torch.manual_seed(bits)
+    weight = torch.randn(32, 128) * 0.02
+    weight[torch.rand_like(weight) < 0.01] *= 10  # outliers stretch min/max
+    cfg = QuantConfig(bits, 32, "clip")
+    scale, zero = clip_init(weight, cfg)
+
+    def group_errors(s, z):
+        codes, zeros = quantize_to_int(weight, s, z, cfg)
+        return (dequantize(codes, s, zeros, 32) - weight).square().view(32, 4, 32).sum(-1)
+
+    # reference: every group, every factor, one at a time
+    for row in range(32):
+        for g in range(4):
+            w = weight[row, g * 32:(g + 1) * 32].double()
+            lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
+            errors = []
+            for factor in CLIP_GRID:
+                s = (hi - lo) * factor / cfg.qmax
+                z = round(-lo * factor / s)
+                q = ((w / s).round() + z).clamp(0, cfg.qmax)
+                errors.append((((q - z) * s - w) ** 2).sum().item())
+            best = min(range(len(CLIP_GRID)), key=errors.__getitem__)
+            assert scale[row, g].item() == pytest.approx((hi - lo) * CLIP_GRID[best] / cfg.qmax, rel=1e-5)
+    minmax = group_errors(*minmax_init(weight, cfg))
+    clipped = group_errors(scale, zero)
+    assert (clipped <= minmax * (1 + 1e-6)).all() and clipped.sum() < 0.97 * minmax.sum()
+    layer = torch.nn.Linear(128, 32, bias=False)
+    layer.weight.data = weight.clone()
+    assert torch.equal(QuantLinear(layer, cfg).scale.detach(), scale)
+    assert torch.equal(QuantLinear(layer, QuantConfig(bits, 32)).scale.detach(), minmax_init(weight, cfg)[0])
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(QuantConfigError, match="`init` gptq is not known; use one of minmax, clip"):
+        QuantConfig(2, 64, "gptq")

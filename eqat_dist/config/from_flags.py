@@ -58,7 +58,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
     if not flags.model:
         raise ConfigError("`model` is required (a hub id, a folder, a .gguf file or smollm2-135m)")
     try:
-        quant = QuantConfig(flags.wbits, flags.group_size)
+        quant = QuantConfig(flags.wbits, flags.group_size, flags.init)
     except QuantConfigError as err:
         raise ConfigError(str(err)) from err
     _at_least(flags, 0, "epochs", "train_size", "val_size", "e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints")

@@ -172,6 +172,8 @@ class RunConfig:
                   "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
+        if self.quant.init != "minmax":  # absent for the paper's start: earlier records stay comparable
+            record["init"] = self.quant.init
         if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}
         return record

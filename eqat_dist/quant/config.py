@@ -1,9 +1,12 @@
-"""What to quantize to: bit width and group size, validated once."""
+"""What to quantize to: bit width, group size and how the step sizes start, validated once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# how s and z start (quant/fake_quant.py): the paper's min/max, or the shrink of each group's range
+# that minimises its weight error
+INITS = ("minmax", "clip")
 
 
 class QuantConfigError(ValueError):
@@ -15,8 +18,11 @@ class QuantConfigError(ValueError):
 class QuantConfig:
     bits: int
     group_size: int  # -1 = one group per output row (per channel)
+    init: str = "minmax"
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise QuantConfigError(f"`init` {self.init} is not known; use one of {', '.join(INITS)}.")
         if self.bits not in SUPPORTED_BITS:
             raise QuantConfigError(
                 f"`wbits` {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}."

@@ -68,6 +68,36 @@ def minmax_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, t
     return scale, zero
 
 
+CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(21))  # shrink factors 1.0 down to 0.5
+
+
+def _group_error(w: torch.Tensor, w_min: torch.Tensor, w_max: torch.Tensor, qmax: int):
+    """(squared error per group, s, z) of quantizing groups `w` [out, groups, g] on the range [w_min, w_max]."""
+    scale = ((w_max - w_min) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zero = (-w_min / scale).round().clamp(0, qmax)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    error = (((w / s).round() + z).clamp(0, qmax).sub_(z).mul_(s).sub_(w)).square_().sum(-1)
+    return error, scale, zero
+
+
+def clip_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """min/max shrunk by the factor of CLIP_GRID that gives each group the least squared weight error
+    (1.0 is in the grid: never worse than `minmax_init`). At 2 bits a few outliers stretch min/max over
+    most of the grid; clipping them is what RTN-based methods (AWQ, OmniQuant's LWC) do first."""
+    w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
+    w_min, w_max = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    best, scale, zero = _group_error(w, w_min, w_max, cfg.qmax)
+    for factor in CLIP_GRID[1:]:
+        error, s, z = _group_error(w, w_min * factor, w_max * factor, cfg.qmax)
+        better = error < best
+        best, scale, zero = torch.where(better, error, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def initial_scale_zero(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    return clip_init(weight, cfg) if cfg.init == "clip" else minmax_init(weight, cfg)
+
+
 def quantize_to_int(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig):
     """Integer codes and rounded zero points (no gradient): what gets packed.
 
@@ -145,7 +175,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().float().clone())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
-        scale, zero = minmax_init(self.weight, cfg)
+        scale, zero = initial_scale_zero(self.weight, cfg)
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero)
 
