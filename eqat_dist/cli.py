@@ -13,7 +13,7 @@ from pathlib import Path
 if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at tqdm's import) are noise there
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-from .export.formats import ALL_FORMATS, SERVING
+from .export.formats import ALL_FORMATS
 from .quant.config import INITS
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
@@ -255,9 +255,9 @@ def build_export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eqat-dist export", description=(
         "Convert a finished export (a run's output, GPTQ v2) into a serving format, block by block."))
     p.add_argument("--from", dest="from_dir", required=True, help="a finished run's output folder")
-    p.add_argument("--format", dest="export_format", required=True, choices=list(SERVING),
+    p.add_argument("--format", dest="export_format", required=True, choices=list(ALL_FORMATS),
                    help="compressed-tensors (any width; vLLM), awq (4-bit; vLLM, transformers), gguf (4-bit, "
-                        "groups of a multiple of 32; llama.cpp)")
+                        "groups of a multiple of 32; llama.cpp), gptq_v2 (the model alone, as the run wrote it)")
     p.add_argument("--output", required=True, help="a new or empty folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
     return p

@@ -176,6 +176,12 @@ def test_export_command_converts_a_run_and_refuses_bad_outputs_in_one_line(bundl
     assert sorted(p.name for p in out.iterdir()) == before and (user / "notes.txt").read_text() == "keep"
     assert main(["export", "--from", str(bundled_w4), "--format", "gguf", "--output", str(out), "--overwrite"]) == 0
     assert [p.name for p in out.iterdir()] == ["model-Q4_1.gguf"]  # the earlier export replaced whole
+    plain = tmp_path / "gptq"  # the GPTQ v2 model alone, without the run's results and serving folders
+    assert main(["export", "--from", str(bundled_w4), "--format", "gptq_v2", "--output", str(plain)]) == 0
+    assert not any(plain.glob("export-*")) and not (plain / "results.json").exists()
+    reloaded, _ = load_packed_model(plain)
+    original, _ = load_packed_model(bundled_w4)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), original.state_dict().values()))
 
 
 def test_a_run_refuses_a_format_that_cannot_hold_its_width_before_any_work(tmp_path):

@@ -7,21 +7,35 @@ import shutil
 import time
 from pathlib import Path
 
-from .formats import serving_format
+from .formats import NATIVE, serving_format
 from .packed_source import PackedExport
-from .staging import new_stage, publish
+from .safetensors_format import copy_side_files
+from .staging import INDEX, new_stage, publish
+
+
+def copy_gptq_v2(source: PackedExport, folder: Path) -> None:
+    """The GPTQ v2 model alone, as a run left it (without its results, checkpoints and logs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [*source.folder.glob("model*.safetensors"), source.folder / INDEX, source.folder / "config.json",
+                 source.folder / "quantize_config.json"]:
+        if path.exists():
+            shutil.copy2(path, folder / path.name)
+    copy_side_files(source.folder, folder)
 
 
 def write_format(source_folder: Path, name: str, folder: Path, shown: Path | None = None) -> Path:
     """Write format `name` of the export in `source_folder` into the new folder `folder` (a stage: the log
     names `shown`, where it will be)."""
-    writer = serving_format(name)
     source = PackedExport(source_folder)
-    problem = writer.refusal(source.quant, source.config.get("model_type"))
-    if problem:
-        raise ValueError(f"`export_format` {name}: {problem}")
     started = time.time()
-    writer.write(source, folder)
+    if name == NATIVE:
+        copy_gptq_v2(source, folder)
+    else:
+        writer = serving_format(name)
+        problem = writer.refusal(source.quant, source.config.get("model_type"))
+        if problem:
+            raise ValueError(f"`export_format` {name}: {problem}")
+        writer.write(source, folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"[export] {name}: {shown or folder} ({size / 2**20:.1f} MiB, {time.time() - started:.0f} s)", flush=True)
     return folder
@@ -35,8 +49,8 @@ def _is_earlier_export(folder: Path) -> bool:
 
 def check_conversion(source_folder: Path, name: str, output: Path, overwrite: bool) -> PackedExport:
     """Everything that can be refused before writing: ValueError with one line."""
-    source = PackedExport(source_folder)  # CheckpointError (a ValueError) when it is not a packed export
-    problem = serving_format(name).refusal(source.quant, source.config.get("model_type"))
+    source = PackedExport(source_folder)  # CheckpointError when it is not a packed export
+    problem = None if name == NATIVE else serving_format(name).refusal(source.quant, source.config.get("model_type"))
     if problem:
         raise ValueError(f"`export_format` {name}: {problem}")
     if output.resolve() == source.folder.resolve():
