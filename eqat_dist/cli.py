@@ -15,6 +15,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 
 from .export.formats import ALL_FORMATS
 from .quant.config import INITS
+from .blockap.losses import LOSSES
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
 from .pipelines.schedules import SCHEDULES
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 at 3/4/8 bits")
     p.add_argument("--min-lr-factor", type=float, default=20.0, help="cosine decays to lr / this factor")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--loss", default="mse", choices=LOSSES,
+                   help="Block-AP's reconstruction loss: mse (the paper's) or relative (each token's squared "
+                        "error over its target's mean square: no token, the attention sink's included, dominates)")
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")

@@ -350,3 +350,38 @@ def test_each_schedule_holds_the_stores_it_describes_and_the_planner_counts_them
     assert len(stores) == 2 * schedule.stores_per_split == 2 * Settings(student_input=name).schedule.stores_per_split
     names = {n for n, _ in stores}
     assert ("q" in names) == schedule.keeps_quantized_stream and ("fp_out" in names) != schedule.fp_stream_in_place
+
+
+def test_relative_loss_weighs_every_token_alike_and_mse_is_the_papers():
+    from eqat_dist.blockap.losses import reconstruction_loss
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 8)
+    out = target + 0.1 * torch.randn(2, 5, 8)
+    assert torch.equal(reconstruction_loss("mse", out, target), torch.nn.functional.mse_loss(out, target))
+    per_token = [((out[b, t] - target[b, t]) ** 2).sum() / (target[b, t] ** 2).sum() for b in range(2) for t in range(5)]
+    assert torch.allclose(reconstruction_loss("relative", out, target), torch.stack(per_token).mean())
+    # a massive token (x1000, as the attention sink's) moves MSE a million-fold, the relative loss not at all
+    big_out, big_target = out.clone(), target.clone()
+    big_out[:, 0] *= 1000
+    big_target[:, 0] *= 1000
+    assert reconstruction_loss("mse", big_out, big_target) > 1e4 * reconstruction_loss("mse", out, target)
+    assert torch.allclose(reconstruction_loss("relative", big_out, big_target), reconstruction_loss("relative", out, target))
+    with pytest.raises(ValueError, match="`loss` 'l1' is not known"):
+        reconstruction_loss("l1", out, target)
+
+
+def test_the_trainer_minimises_the_loss_it_is_given():
+    """batch = all 6 windows: the first step's loss is the chosen loss of the untrained student on them."""
+    from eqat_dist.blockap.losses import reconstruction_loss
+
+    fp_block, call, x, y = _block_setup()
+    for name in ("mse", "relative"):
+        student = make_student(fp_block, CFG, "cpu")
+        with torch.no_grad():
+            expected = reconstruction_loss(name, run_block(student, x[:6], call), y[:6]).item()
+        xs, ys, vx, vy = _stores([x[:6], y[:6], x[6:], y[6:]])
+        report = train_block(student, 0, xs, ys, vx, vy, call, BlockAPSettings(epochs=2, batch_size=6, quant_lr=1e-3,
+                                                                               weight_lr=1e-4, loss=name), "cpu")
+        assert report.train_loss_first == pytest.approx(expected, rel=1e-5), name
+        assert report.train_loss_last < report.train_loss_first

@@ -19,6 +19,7 @@ from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
 from .lanes import Lanes
+from .losses import reconstruction_loss
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
 # collected on the device and read (checked, logged) together.
@@ -40,6 +41,7 @@ class BlockAPSettings:
     train_norms: bool = True  # the official code trains every parameter named "weight", norms included
     amp_dtype: torch.dtype | None = None  # autocast dtype, None = train in the stores' dtype
     seed: int = 0
+    loss: str = "mse"  # blockap/losses.py; validation losses stay MSE, the paper's figure
     restart_at_switch: bool = False  # pipelined: a cosine of their own for the quantized-stream steps (measured worse)
 
 
@@ -234,7 +236,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 x, y = next(feed)
                 with torch.autocast(device.type, dtype=amp, enabled=amp_on):
                     out = run_block(block, x, call)
-                loss = nn.functional.mse_loss(out.float(), y.float())
+                loss = reconstruction_loss(settings.loss, out, y)
                 if summed is not None:  # this rank's share of the step's mean
                     loss = loss * (len(this_step.rows) / this_step.windows)
                 scaler.scale(loss).backward()

@@ -44,6 +44,7 @@ class BlockAPConfig:
     correction_fraction: float | None = None  # pipelined only: share of steps on the quantized stream
     correction_lr: str | None = None  # pipelined only: "continue" or "restart"
     data_parallel: int | None = None  # ranks per group (each block trained by one group); None: chosen at start
+    loss: str = "mse"  # what a block minimises (blockap/losses.py); mse is the paper's
 
     def groups(self, world: int) -> int:
         """Groups of ranks the blocks go round-robin over."""
@@ -172,8 +173,10 @@ class RunConfig:
                   "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
-        if self.quant.init != "minmax":  # absent for the paper's start: earlier records stay comparable
+        if self.quant.init != "minmax":  # absent for the paper's recipe: earlier records stay comparable
             record["init"] = self.quant.init
+        if b.loss != "mse":
+            record["loss"] = b.loss
         if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}
         return record
