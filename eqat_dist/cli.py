@@ -15,6 +15,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 
 from .export.formats import ALL_FORMATS
 from .quant.config import INITS
+from .config.recipes import DEFAULT_RECIPE, RECIPES
 from .blockap.losses import LOSSES
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
@@ -32,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
     p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
-    p.add_argument("--init", default="minmax", choices=INITS,
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+                   help="the method's choices as a bundle (config/recipes.py): paper = the paper's (min/max start, "
+                        "MSE); --init and --loss override one choice")
+    p.add_argument("--init", default=None, choices=INITS,
                    help="how step sizes and zero points start: minmax (the paper's) or clip (each group's range "
-                        "shrunk to its least weight error)")
+                        "shrunk to its least weight error); default: the recipe's")
     p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
     p.add_argument("--overwrite", action="store_true", help="wipe an existing output folder first")
     # Block-AP (official code's names, kebab-case)
@@ -47,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 at 3/4/8 bits")
     p.add_argument("--min-lr-factor", type=float, default=20.0, help="cosine decays to lr / this factor")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--loss", default="mse", choices=LOSSES,
+    p.add_argument("--loss", default=None, choices=LOSSES,
                    help="Block-AP's reconstruction loss: mse (the paper's) or relative (each token's squared "
-                        "error over its target's mean square: no token, the attention sink's included, dominates)")
+                        "error over its target's mean square: no token, the attention sink's included, dominates); "
+                        "default: the recipe's")
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")

@@ -393,3 +393,18 @@ def test_each_line_of_output_is_one_write_even_when_python_is_unbuffered():
     assert os.read(read_end, 100) == b"[rank 1/2] pid 7 on node\n"
     stream.close()
     os.close(read_end)
+
+
+def test_the_paper_recipe_is_the_papers_choices_and_one_flag_overrides_one_choice():
+    from eqat_dist.cli import parse_flags
+    from eqat_dist.config.from_flags import settings_from_flags
+
+    base = ["--model", "smollm2-135m", "--output", "/tmp/never-written"]
+    paper = settings_from_flags(parse_flags(base), world=1)
+    assert (paper.quant.init, paper.blockap.loss) == ("minmax", "mse")
+    assert settings_from_flags(parse_flags([*base, "--recipe", "paper"]), world=1) == paper
+    # the paper's record has no key for these choices: runs and resumes from before them compare equal
+    assert "init" not in paper.blockap_record() and "loss" not in paper.blockap_record()
+    mixed = settings_from_flags(parse_flags([*base, "--init", "clip", "--loss", "relative"]), world=1)
+    assert (mixed.quant.init, mixed.blockap.loss) == ("clip", "relative")
+    assert mixed.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "relative"}

@@ -1,0 +1,14 @@
+"""Recipes: named bundles of the method's choices, so that `--recipe paper` reproduces the paper's method
+(with the official code's defects fixed, gradient clipping included) whatever the defaults become, and
+a single flag still overrides one choice of a recipe."""
+from __future__ import annotations
+
+RECIPES = {
+    "paper": {"init": "minmax", "loss": "mse"},
+}
+DEFAULT_RECIPE = "paper"
+
+
+def recipe_choice(recipe: str, setting: str, asked):
+    """The value of `setting`: what the user asked, else the recipe's."""
+    return asked if asked is not None else RECIPES[recipe][setting]
