@@ -19,6 +19,7 @@ from eqat_dist.data.windows import eval_windows
 from eqat_dist.eval.perplexity import perplexity
 from eqat_dist.export import load_packed_model
 from eqat_dist.export.convert import write_format
+from eqat_dist.export.packed_source import PackedExport
 
 
 def _size_mib(folder: Path) -> float:
@@ -56,7 +57,7 @@ def main() -> None:
         for name in args.formats.split(","):
             folder = Path(tmp) / name
             started = time.time()
-            write_format(source, name, folder)
+            write_format(PackedExport(source), name, folder)
             seconds = time.time() - started
             model = _reader(name, folder)
             rows.append((f"{name} (transformers)", _size_mib(folder), seconds,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..quant import QuantConfig
+from ..quant.packing import as_int32
 from .packed_source import PackedExport, QuantizedLinear
 from .safetensors_format import write_like_source
 
@@ -27,8 +28,7 @@ def pack_columns(values: torch.Tensor) -> torch.Tensor:
     rows, cols = values.shape
     v = values.to(torch.int64).view(rows, cols // 8, 8)[..., list(ORDER)]
     shifts = torch.arange(0, 32, BITS, dtype=torch.int64)
-    words = (v << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return as_int32((v << shifts).sum(-1))
 
 
 def linear_tensors(name: str, layer: QuantizedLinear) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .formats import NATIVE, serving_format
+from .formats import NATIVE, refusal, serving_format
 from .packed_source import PackedExport
 from .safetensors_format import copy_side_files
 from .staging import INDEX, new_stage, publish
@@ -23,22 +23,30 @@ def copy_gptq_v2(source: PackedExport, folder: Path) -> None:
     copy_side_files(source.folder, folder)
 
 
-def write_format(source_folder: Path, name: str, folder: Path, shown: Path | None = None) -> Path:
-    """Write format `name` of the export in `source_folder` into the new folder `folder` (a stage: the log
-    names `shown`, where it will be)."""
-    source = PackedExport(source_folder)
+def write_format(source: PackedExport, name: str, folder: Path, shown: Path | None = None) -> Path:
+    """Write format `name` of the export `source` into the new folder `folder` (a stage: the log names
+    `shown`, where it will be)."""
+    problem = refusal(name, source.quant, source.config.get("model_type"))
+    if problem:
+        raise ValueError(problem)
     started = time.time()
     if name == NATIVE:
         copy_gptq_v2(source, folder)
     else:
-        writer = serving_format(name)
-        problem = writer.refusal(source.quant, source.config.get("model_type"))
-        if problem:
-            raise ValueError(f"`export_format` {name}: {problem}")
-        writer.write(source, folder)
+        serving_format(name).write(source, folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"[export] {name}: {shown or folder} ({size / 2**20:.1f} MiB, {time.time() - started:.0f} s)", flush=True)
     return folder
+
+
+def write_serving_formats(stage: Path, names, run_folder) -> None:
+    """A run's serving formats, converted from the GPTQ v2 export just written into `stage`, each into
+    its `export-FORMAT/` folder there (moved into the output with the rest)."""
+    if names:
+        source = PackedExport(stage)
+        for name in names:
+            write_format(source, name, run_folder.serving_export(name, within=stage),
+                         shown=run_folder.serving_export(name))
 
 
 def _is_earlier_export(folder: Path) -> bool:
@@ -50,9 +58,9 @@ def _is_earlier_export(folder: Path) -> bool:
 def check_conversion(source_folder: Path, name: str, output: Path, overwrite: bool) -> PackedExport:
     """Everything that can be refused before writing: ValueError with one line."""
     source = PackedExport(source_folder)  # CheckpointError when it is not a packed export
-    problem = None if name == NATIVE else serving_format(name).refusal(source.quant, source.config.get("model_type"))
+    problem = refusal(name, source.quant, source.config.get("model_type"))
     if problem:
-        raise ValueError(f"`export_format` {name}: {problem}")
+        raise ValueError(problem)
     if output.resolve() == source.folder.resolve():
         raise ValueError(f"`output` {output} is the export converted from; name another folder")
     if output.exists() and not output.is_dir():
@@ -70,10 +78,10 @@ def check_conversion(source_folder: Path, name: str, output: Path, overwrite: bo
 def convert(source_folder: Path, name: str, output: Path, overwrite: bool = False) -> Path:
     """`eqat-dist export`: the format into `output` (new or empty, or an earlier export with `overwrite`);
     the output changes only once the whole conversion is written."""
-    check_conversion(source_folder, name, output, overwrite)
+    source = check_conversion(source_folder, name, output, overwrite)
     stage = new_stage(output)
     try:
-        write_format(source_folder, name, stage, shown=output)
+        write_format(source, name, stage, shown=output)
         if output.is_dir():
             for item in output.iterdir():  # an earlier export (checked above): replaced whole
                 shutil.rmtree(item) if item.is_dir() else item.unlink()

@@ -57,12 +57,13 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return (NATIVE, *dict.fromkeys(f for f in asked if f != NATIVE))
 
 
+def refusal(name: str, quant, model_type: str | None) -> str | None:
+    """The line refusing format `name` for this width, group size and model family; None when it holds
+    them (GPTQ v2 holds everything we make)."""
+    problem = serving_format(name).refusal(quant, model_type) if name != NATIVE else None
+    return f"`export_format` {name}: {problem}" if problem else None
+
+
 def refusals(formats, quant, model_type: str | None) -> list[str]:
     """One line for each asked format that cannot hold this width, group size or model family."""
-    found = []
-    for name in formats:
-        if name in SERVING:
-            problem = SERVING[name]().refusal(quant, model_type)
-            if problem:
-                found.append(f"`export_format` {name}: {problem}")
-    return found
+    return [line for line in (refusal(name, quant, model_type) for name in formats) if line]

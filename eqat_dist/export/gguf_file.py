@@ -73,14 +73,13 @@ def pre_tokenizer(tokenizer: dict) -> str:
         return "smollm"
     if r"\p{N}{1,3}" in regex:
         return "llama-bpe"
-    if r"\p{N}|" in regex or r"\p{N}" in regex:
+    if r"\p{N}" in regex:
         return "qwen2"
     return "default"
 
 
 def add_tokenizer(writer, folder: Path, vocab_size: int) -> str:
-    """Tokens, their types, merges, special ids and chat template from the export's tokenizer files;
-    returns the pre-tokenizer name written."""
+    """Tokens, their types, merges, special ids and chat template from the export's tokenizer files."""
     import gguf
 
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
@@ -95,22 +94,22 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> str:
         writer.add_token_scores(list(scores))
         pre = "default"
     else:
-        by_id = {i: t for t, i in model["vocab"].items()}
-        types = [gguf.TokenType.NORMAL] * vocab_size
-        for added in tokenizer.get("added_tokens", []):
-            by_id[added["id"]] = added["content"]
-            types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        added = {a["id"]: a for a in tokenizer.get("added_tokens", [])}
+        by_id = {i: t for t, i in model["vocab"].items()} | {i: a["content"] for i, a in added.items()}
+
+        def kind(i: int):
+            if i in added:
+                return gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
+            return gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED
+
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-        for i in range(vocab_size):
-            if i not in by_id:
-                types[i] = gguf.TokenType.UNUSED
+        types = [kind(i) for i in range(vocab_size)]
         writer.add_tokenizer_model("gpt2")
         pre = pre_tokenizer(tokenizer)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(list(tokens))
     writer.add_token_types(list(types))
     gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
-    return pre
 
 
 def add_architecture(writer, config: dict) -> None:
@@ -163,7 +162,7 @@ class GGUF:
         path = folder / FILE_NAME
         writer = gguf.GGUFWriter(path, arch, use_temp_file=True)
         add_architecture(writer, config)
-        self.pre = add_tokenizer(writer, source.folder, config["vocab_size"])
+        add_tokenizer(writer, source.folder, config["vocab_size"])
 
         def gguf_name(name: str) -> str:
             found = names.get_name(name, try_suffixes=(".weight", ".bias"))

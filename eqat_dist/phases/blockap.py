@@ -10,7 +10,7 @@ from ..blockap.trainer import BlockAPSettings
 from ..config import DTYPES, RunConfig
 from ..data.windows import calibration_windows
 from ..export import load_packed_model, writer_for
-from ..export.convert import write_format
+from ..export.convert import write_serving_formats
 from ..export.formats import NATIVE
 from ..export.staging import publish, staged
 from ..models.lazy import LazyModel
@@ -79,9 +79,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
     with staged(folder) as stage:  # weights, config, results and report appear in the output together
         writer_for(NATIVE).write_blocks(source, blocks, tokenizer, stage, qcfg, results["method"],
                                         DTYPES[cfg.export_dtype])
-        for name in cfg.export_formats[1:]:  # the serving formats, converted from what was just written
-            write_format(stage, name, folder.serving_export(name, within=stage),
-                         shown=folder.serving_export(name))
+        write_serving_formats(stage, cfg.export_formats[1:], folder)  # converted from what was just written
         if results.get("blocks"):
             print(summary_table(results["blocks"]))
         del source

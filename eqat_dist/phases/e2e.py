@@ -9,7 +9,7 @@ import torch
 from ..config import DTYPES, RunConfig
 from ..data.windows import calibration_windows
 from ..export import load_packed_model, writer_for
-from ..export.convert import write_format
+from ..export.convert import write_serving_formats
 from ..export.formats import NATIVE
 from ..export.staging import publish, staged
 from ..models.blocks import blocks_name
@@ -66,9 +66,7 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     with staged(folder) as stage:  # the E2E-QP weights, results and report replace the earlier ones together
         report |= writer.write_retrained(from_dir, gathered, blocks_name(engine.module), tokenizer, stage,
                                          writer.method_after_e2e(from_dir), DTYPES[cfg.export_dtype])
-        for name in cfg.export_formats[1:]:  # the serving formats, converted from what was just written
-            write_format(stage, name, folder.serving_export(name, within=stage),
-                         shown=folder.serving_export(name))
+        write_serving_formats(stage, cfg.export_formats[1:], folder)  # converted from what was just written
         if monitor:
             monitor.close()
         del engine, model

@@ -60,12 +60,19 @@ def minmax_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, t
     Returns float32 `s` and `z` of shape [out, groups]. min is capped at 0 and max floored at 0
     (the range always holds zero, as in the official code), so z lies in [0, 2^N - 1].
     """
-    w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
-    w_min = w.amin(dim=-1).clamp(max=0)
-    w_max = w.amax(dim=-1).clamp(min=0)
-    scale = ((w_max - w_min) / cfg.qmax).clamp(SCALE_MIN, SCALE_MAX)
-    zero = (-w_min / scale).round().clamp(0, cfg.qmax)
-    return scale, zero
+    w_min, w_max = _group_range(grouped(weight.detach().float(), cfg.effective_group(weight.shape[1])))
+    return _scale_zero(w_min, w_max, cfg.qmax)
+
+
+def _group_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's min capped at 0 and max floored at 0 (the range always holds zero)."""
+    return w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+
+
+def _scale_zero(w_min: torch.Tensor, w_max: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s and z that put [w_min, w_max] on the grid 0..qmax."""
+    scale = ((w_max - w_min) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    return scale, (-w_min / scale).round().clamp(0, qmax)
 
 
 CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(21))  # shrink factors 1.0 down to 0.5
@@ -73,8 +80,7 @@ CLIP_GRID = tuple(1.0 - 0.025 * k for k in range(21))  # shrink factors 1.0 down
 
 def _group_error(w: torch.Tensor, w_min: torch.Tensor, w_max: torch.Tensor, qmax: int):
     """(squared error per group, s, z) of quantizing groups `w` [out, groups, g] on the range [w_min, w_max]."""
-    scale = ((w_max - w_min) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    zero = (-w_min / scale).round().clamp(0, qmax)
+    scale, zero = _scale_zero(w_min, w_max, qmax)
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     error = (((w / s).round() + z).clamp(0, qmax).sub_(z).mul_(s).sub_(w)).square_().sum(-1)
     return error, scale, zero
@@ -85,7 +91,7 @@ def clip_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, tor
     (1.0 is in the grid: never worse than `minmax_init`). At 2 bits a few outliers stretch min/max over
     most of the grid; clipping them is what RTN-based methods (AWQ, OmniQuant's LWC) do first."""
     w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
-    w_min, w_max = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    w_min, w_max = _group_range(w)
     best, scale, zero = _group_error(w, w_min, w_max, cfg.qmax)
     for factor in CLIP_GRID[1:]:
         error, s, z = _group_error(w, w_min * factor, w_max * factor, cfg.qmax)

@@ -12,7 +12,7 @@ _WORD = 32
 _U32 = (1 << 32) - 1
 
 
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
+def as_int32(words: torch.Tensor) -> torch.Tensor:
     """Unsigned 32-bit values held in int64 -> the same bits as int32."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
@@ -31,7 +31,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
         words[:, word] |= (v[:, k] << shift) & _U32
         if shift + bits > _WORD:  # the value straddles into the next word
             words[:, word + 1] |= v[:, k] >> (_WORD - shift)
-    return _to_int32(words[:, :bits].reshape(rows * bits // _WORD, cols))
+    return as_int32(words[:, :bits].reshape(rows * bits // _WORD, cols))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
