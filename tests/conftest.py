@@ -59,3 +59,13 @@ def export_tensors(folder) -> dict:
     """Every tensor of an export, whether it is one file or one shard per block."""
     from eqat_dist.export.gptq_v2 import LazyTensors
     return dict(LazyTensors(folder))
+
+
+def sigint_as_default() -> None:
+    """preexec_fn for a child that a test interrupts with SIGINT. A shell without job control (a CI job
+    started in the background) starts its commands with SIGINT ignored, the children inherit that, and
+    Python then installs no KeyboardInterrupt handler: the signal would be lost. The child gets the
+    disposition an interactive terminal gives."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
+from conftest import sigint_as_default, tiny_model
 from eqat_dist.cli import UsageError, parse_args
 from eqat_dist.preflight import blockap_already_done
 
@@ -299,7 +299,7 @@ def test_ctrl_c_in_one_process_ends_with_one_line_naming_the_block_and_what_is_k
                              "1", "--phase", "block-ap", "--output", str(out), "--eval-datasets", "", "--zeroshot-tasks",
                              "", "--skip-fp-eval", "--no-tensorboard"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+                            env=dict(os.environ, OMP_NUM_THREADS="2"), preexec_fn=sigint_as_default)
     deadline = time.time() + 300
     while not (out / "blockap" / "block_0001.safetensors").exists():  # saved whole (not its .tmp): block 2 trains
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]

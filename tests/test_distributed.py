@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import export_tensors, tiny_model
+from conftest import export_tensors, sigint_as_default, tiny_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +269,8 @@ def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, 
     """SIGINT to rank 1 while it waits for rank 0's stream: the run ends (MPI Abort), it does not hang."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_default)
     _when_block_exists(proc, out, "block_0000.safetensors")
     pid = _rank_pid(str(out), 1)
     assert pid is not None
