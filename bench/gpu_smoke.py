@@ -8,7 +8,7 @@ Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after
 - kernels:    the Triton kernels on CUDA tensors at Llama-2-70B shapes (hidden 8192, intermediate 28672;
               g64/g128; 2/3/4 bits; 1/16/4096 tokens) against the PyTorch reference, with times, and one
               launch past 2^31 elements (80k tokens x 28672) that int32 offsets would get wrong;
-- bench:      bench/kernels.py's own tables;
+- bench:      bench/kernel_timings.py's own tables;
 - pipeline:   the whole --single-gpu run on the bundled model with and without the kernels (perplexities
               within 1%), step times, and each phase's GPU peak next to `eqat-dist plan --json`;
 - block70b:   one Llama-2-70B-shaped block (1-layer config, random weights) trained 32 steps at 2 x 2048
@@ -47,12 +47,12 @@ def needs(*modules: str) -> None:
 
 
 def timed_ms(fn, repeat: int = 10) -> float:
-    """Median milliseconds of fn: bench/kernels.py's CUDA-event timer on a GPU, the wall clock on the CPU."""
+    """Median milliseconds of fn: bench/kernel_timings.py's CUDA-event timer on a GPU, the wall clock on the CPU."""
     import torch
 
     if torch.cuda.is_available():
         sys.path.insert(0, str(ROOT / "bench"))
-        from kernels import timed
+        from kernel_timings import timed
         return timed(fn, repeat)
     fn()
     times = []
@@ -149,13 +149,13 @@ def overflow_check(ctx) -> list[str]:
     return [f"| past 2^31 elements | w4g128 | {in_f} -> {out_f} | {tokens} | last rows rel. error {err:.1e} |"]
 
 
-# -- bench/kernels.py ----------------------------------------------------------------------------------
+# -- bench/kernel_timings.py ----------------------------------------------------------------------------------
 def section_bench(ctx) -> list[str]:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "kernels.py")], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_timings.py")], capture_output=True, text=True,
                           timeout=300, env=ctx.env)
-    ctx.appendix.append("## bench/kernels.py\n\n" + done.stdout)
+    ctx.appendix.append("## bench/kernel_timings.py\n\n" + done.stdout)
     assert done.returncode == 0, done.stderr[-1500:]
-    return ["| bench/kernels.py | | | | tables below |"]
+    return ["| bench/kernel_timings.py | | | | tables below |"]
 
 
 # -- the whole pipeline on one GPU ---------------------------------------------------------------------
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-check", action="store_true", help="run every section at toy sizes on the CPU")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections ({', '.join(SECTIONS)})")
-    parser.add_argument("--out", help="also write the table (and bench/kernels.py's tables) to this Markdown file")
+    parser.add_argument("--out", help="also write the table (and bench/kernel_timings.py's tables) to this Markdown file")
     parser.add_argument("--work", help="folder for the runs (default: a temporary folder, removed afterwards)")
     args = parser.parse_args(argv)
     if args.cpu_check:

@@ -113,3 +113,13 @@ def test_the_supported_families_are_the_ones_the_tests_build():
 def test_library_messages_name_settings_and_the_command_line_shows_flags(message, flag_text):
     from eqat_dist.cli import flag_message
     assert flag_message(message) == flag_text
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """`python bench/x.py` puts bench/ first on sys.path, so a script named like an installed package
+    replaces it for every import in the run: bench/kernels.py hid the `kernels` package, and
+    transformers' `from kernels import ...` broke every benchmark that loads a model."""
+    import importlib.util
+
+    shadowing = [p.name for p in sorted((PACKAGE.parent / "bench").glob("*.py")) if importlib.util.find_spec(p.stem) is not None]
+    assert not shadowing, f"bench scripts named like installed modules (rename them): {shadowing}"

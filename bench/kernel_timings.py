@@ -1,6 +1,6 @@
 """The Triton kernels against the PyTorch paths they replace (issue 13).
 
-    python bench/kernels.py            # on a GPU: the timing table; on a CPU: interpreter checks only
+    python bench/kernel_timings.py            # on a GPU: the timing table; on a CPU: interpreter checks only
 
 On a GPU it prints: fake quantization fwd+bwd time and achieved memory bandwidth vs the PyTorch path;
 packed linear fwd+bwd time and peak memory vs dequantize + matmul (an E2E-QP step's layer); GEMV at
