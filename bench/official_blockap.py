@@ -38,7 +38,7 @@ LRS = {2: (2e-2, 2e-3), 3: (5e-3, 5e-4), 4: (1e-4, 1e-5)}
 
 
 def ours(a, bits: int, work: Path) -> float:
-    out = work / f"ours-w{bits}"
+    out = work / f"ours-w{bits}{a.ours_flags.replace(' ', '').replace('--', '-')}"
     if not (out / "results.json").exists():
         qlr, wlr = LRS[bits]
         cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", str(bits),
@@ -46,8 +46,8 @@ def ours(a, bits: int, work: Path) -> float:
                "--val-size", str(a.val_size), "--seqlen", str(a.seqlen), "--epochs", str(a.epochs),
                "--batch-size", str(a.batch_size), "--quant-lr", str(qlr), "--weight-lr", str(wlr), "--seed", "0",
                "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard",
-               "--output", str(out), "--overwrite"]
-        with open(work / f"ours-w{bits}.log", "w") as f:
+               "--output", str(out), "--overwrite", *a.ours_flags.split()]
+        with open(out.with_suffix(".log"), "w") as f:
             subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return json.loads((out / "results.json").read_text())["blockap_wall_s"]
 
@@ -121,6 +121,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--which", choices=["both", "ours", "official"], default="both")
     p.add_argument("--work", type=Path, default=Path("runs/official"))
+    p.add_argument("--ours-flags", default="", help="more flags for our run, e.g. '--compile'")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs (0 = skip E2E-QP)")
     p.add_argument("--e2e-train-size", type=int, default=4096)
     p.add_argument("--e2e-seqlen", type=int, default=4096)
+    p.add_argument("--e2e-data", default=None,
+                   help="E2E-QP's training data (default: --calib-dataset): a text source as --calib-dataset takes, "
+                        "or chat data for an instruction-tuned model, a .jsonl of {\"messages\": [...]} or the "
+                        "bundled 'sciq-chat': rendered with the tokenizer's chat template, the loss on the "
+                        "assistant's tokens only, one conversation per row cut at --e2e-seqlen")
     p.add_argument("--e2e-global-batch", type=int, default=32, help="kept whatever the number of ranks")
     p.add_argument("--e2e-micro-batch", type=int, default=1)
     p.add_argument("--e2e-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 otherwise")
@@ -127,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "naming it; a dead rank is noticed at once")
     p.add_argument("--no-kernels", action="store_true",
                    help="on a GPU, use the PyTorch layers instead of the Triton kernels (eqat_dist/kernels)")
+    p.add_argument("--compile", action="store_true",
+                   help="Block-AP: run the block's forward and backward through torch.compile (fused element-wise "
+                        "work: fewer passes over the activations; the first block pays the compile once). Not "
+                        "bit-identical to the plain run: float sums in another order")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")

@@ -39,14 +39,34 @@ def check_export_formats(cfg: RunConfig) -> None:
 def check_data_sources(cfg: RunConfig) -> None:
     """Evaluation and calibration sources exist (bundled, a file, or a reachable hub dataset)."""
     from .data.text import DataError, check_source
+    from .data.chat import is_chat_source, load_conversations
     sources = [("eval_datasets", d) for d in cfg.evaluation.datasets]
-    if cfg.trains_blocks or cfg.trains_e2e:
+    if cfg.trains_blocks:
         sources.append(("calib_dataset", cfg.blockap.calib_dataset))
+    if cfg.trains_e2e:
+        sources.append(("e2e_data", cfg.e2e.data))
     for setting, source in sources:
         try:
-            check_source(source)
+            if setting == "e2e_data" and is_chat_source(source):
+                load_conversations(source)  # every record read and checked (seconds for a large set)
+                _check_chat_template(cfg)
+            else:
+                check_source(source)
         except DataError as err:
             raise PreflightError(f"`{setting}`: {err}") from err
+
+
+def _check_chat_template(cfg: RunConfig) -> None:
+    """Chat data needs the tokenizer's chat template: the one of the model E2E-QP starts from."""
+    from transformers import AutoTokenizer
+
+    from .data.text import DataError
+    folder = cfg.from_dir if cfg.phase == "e2e" else (cfg.model_config.parent if cfg.model_config else None)
+    if folder is None or not (Path(folder) / "tokenizer_config.json").is_file():  # GGUF, hub: checked when loaded
+        return
+    if not getattr(AutoTokenizer.from_pretrained(str(folder)), "chat_template", None):
+        raise DataError(f"the tokenizer in {folder} has no chat template; chat data needs an instruction-tuned "
+                        "model's tokenizer (or pass a text source)")
 
 
 def check_context(cfg: RunConfig) -> None:

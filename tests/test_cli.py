@@ -177,6 +177,8 @@ def test_overwrite_never_deletes_a_folder_that_is_not_an_eqat_dist_run_nor_the_m
     (["--e2e-lr=-1e-4"], "--e2e-lr -0.0001 must be a finite number >= 0"),
     (["--correction-fraction", "1.5"], "--correction-fraction must be between 0 and 1"),
     (["--peer-timeout", "1"], "--peer-timeout must be >= 5 seconds"),
+    (["--init", "gptq", "--epochs", "0"], "--init gptq starts Block-AP from GPTQ on its calibration windows, and --epochs 0"),
+    (["--e2e-data", "missing.jsonl"], "--e2e-data: data file missing.jsonl does not exist"),
 ])
 def test_settings_that_would_fail_after_hours_are_refused_up_front(tmp_path, extra, message):
     """What used to fail after Block-AP and the export (issue 14) fails in parsing, naming the fix."""

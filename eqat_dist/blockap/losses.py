@@ -5,13 +5,21 @@
   it, and the steps go to that one element.
 - `relative`: each token's squared error divided by that token's target mean square, then the mean over
   tokens: every position counts the same whatever its norm (the attention-sink token included).
+- `huber`: the MSE, but a token whose squared error is more than HUBER_FACTOR times the batch's median
+  token error counts with the square root of its error (Huber's loss on the token's error norm): its
+  gradient is capped at that of a token at the threshold. In SmolLM2 at 2 bits the quantized stream
+  grows a second attention sink now and then (a full ~25,000 massive activation at position 1-3 of a
+  window, from block 11 on; docs/benchmarks.md): an error no later block can undo, which under the MSE
+  took each step's gradient (and, through the clipping, shrank every other token's). Where no token is
+  past the threshold it is the MSE exactly.
 """
 from __future__ import annotations
 
 import torch
 
-LOSSES = ("mse", "relative")
+LOSSES = ("mse", "relative", "huber")
 _FLOOR = 1e-8  # a token whose target is all zeros would divide by zero
+HUBER_FACTOR = 100.0  # threshold: this many times the batch's median token error (the sink token stays under it)
 
 
 def reconstruction_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -21,4 +29,11 @@ def reconstruction_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> t
     if name == "relative":
         error = (out - target).square().mean(-1)
         return (error / target.square().mean(-1).clamp_min(_FLOOR)).mean()
+    if name == "huber":
+        error = (out - target).square().mean(-1)  # per token; their mean is the MSE
+        limit = (HUBER_FACTOR * error.detach().flatten().median()).clamp_min(_FLOOR)
+        beyond = error > limit
+        # past the limit: 2 sqrt(limit * e) - limit, which meets e at the limit with the same slope
+        robust = torch.where(beyond, 2 * (limit * error.clamp_min(_FLOOR)).sqrt() - limit, error)
+        return robust.mean()
     raise ValueError(f"`loss` {name!r} is not known; use one of {', '.join(LOSSES)}")

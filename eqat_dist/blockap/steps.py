@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..models.blocks import BlockCall, run_block
-from ..models.quantize import packed_skeleton, to_fake_quant, to_packed
+from ..models.quantize import packed_skeleton, to_fake_quant, to_packed, weights_fixed
 from ..quant import QuantConfig
 from .checkpoint import load_block
 from .feed import Feed, batches_of
@@ -22,9 +22,10 @@ def advance(block: nn.Module, source, target, call: BlockCall, batch_size: int, 
     device = next(block.parameters()).device
     a, b = rows or (0, len(source))
     batches = [[a + i for i in batch] for batch in batches_of(b - a, batch_size)]
-    for idx, (x,) in zip(batches, Feed([source], batches, device)):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            target.put(idx, run_block(block, x, call))
+    with weights_fixed(block):  # a quantized block's weights dequantized once for the pass, not per batch
+        for idx, (x,) in zip(batches, Feed([source], batches, device)):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                target.put(idx, run_block(block, x, call))
 
 
 def make_student(fp_block: nn.Module, cfg: QuantConfig, device) -> nn.Module:
@@ -43,3 +44,33 @@ def restore_block(fp_block: nn.Module, cfg: QuantConfig, folder, index: int) -> 
     block = packed_skeleton(copy.deepcopy(fp_block).float(), cfg, dtype=torch.float32)
     report = load_block(folder, index, block)
     return block, report
+
+
+@torch.no_grad()
+def gptq_start(student: nn.Module, fp_block: nn.Module, inputs, call: BlockCall, batch_size: int, amp_dtype=None,
+               group=None) -> None:
+    """`--init gptq`: each quantized linear of `student` starts from GPTQ (quant/gptq.py) instead of
+    round-to-nearest: its weight, step sizes and zero points replaced, in place. The second moments of
+    each linear's inputs come from running the full-precision block on the student's own training
+    inputs (`inputs`: this rank's share; summed over the data-parallel `group`, so every rank of it
+    starts from the same weights)."""
+    from ..models.blocks import block_linears
+    from ..models.quantize import quant_linears
+    from ..quant.gptq import InputMoments, gptq_weight
+
+    device = next(student.parameters()).device
+    moments = InputMoments(block_linears(fp_block))
+    try:
+        for (x,) in Feed([inputs], batches_of(len(inputs), batch_size), device):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                run_block(fp_block, x, call)
+    finally:
+        moments.close()
+    for name, layer in quant_linears(student).items():
+        hessian = moments.sums[name].float()
+        if group is not None:
+            group.allreduce_sum_(hessian)
+        weight, scale, zero = gptq_weight(layer.weight, hessian, layer.cfg)
+        layer.weight.copy_(weight)
+        layer.scale.copy_(scale)
+        layer.zero.copy_(zero)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models.blocks import BlockCall, run_block
-from ..models.quantize import quant_linears
+from ..models.blocks import BlockCall
+from ..models.quantize import quant_linears, weights_fixed
 from ..utils.memory import peak_memory_mib, reset_peak_memory
+from .compiled import block_forward
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
 from .lanes import Lanes
@@ -43,6 +44,7 @@ class BlockAPSettings:
     seed: int = 0
     loss: str = "mse"  # blockap/losses.py; validation losses stay MSE, the paper's figure
     restart_at_switch: bool = False  # pipelined: a cosine of their own for the quantized-stream steps (measured worse)
+    compile: bool = False  # the block's forward (and so its backward) through torch.compile (compiled.py)
 
 
 def default_weight_lr(bits: int) -> float:
@@ -113,18 +115,21 @@ def lr_factor(step: int, total: int, min_lr_factor: float, restart_at: int | Non
 
 
 @torch.no_grad()
-def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype, group=None) -> float:
+def eval_loss(block, inputs, targets, call: BlockCall, batch_size: int, amp_dtype, group=None,
+              compile: bool = False) -> float:
     """Mean squared error of the block over the stores, in eval mode (no dropout, whatever the model);
     over the whole data-parallel `group`'s stores when there is one (each rank holds its share)."""
     device = next(block.parameters()).device
+    forward = block_forward(compile)
     training = block.training
     block.eval()
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for x, y in Feed([inputs, targets], batches_of(len(inputs), batch_size), device):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = run_block(block, x, call)
-        total += nn.functional.mse_loss(out.float(), y.float(), reduction="sum").double()  # one read, at the end
-        n += out.numel()
+    with weights_fixed(block):  # quantized once for the pass, not per batch
+        for x, y in Feed([inputs, targets], batches_of(len(inputs), batch_size), device):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = forward(block, x, call)
+            total += nn.functional.mse_loss(out.float(), y.float(), reduction="sum").double()  # one read, at the end
+            n += out.numel()
     block.train(training)
     if group is not None:
         both = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])
@@ -209,11 +214,16 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
         optimizer, lambda s: lr_factor(s, total, settings.min_lr_factor, restart_at))
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
+    forward = block_forward(settings.compile)
     summed = GroupGradSum(trainable, group, device) if group is not None else None
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step
     has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)
     check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
-    report.loss_before = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
+
+    def loss_on(inputs, targets) -> float:
+        return eval_loss(block, inputs, targets, call, eval_batch, amp, group, settings.compile)
+
+    report.loss_before = loss_on(check_in, check_out)
     reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
@@ -228,14 +238,14 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 inputs, val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
-                report.loss_at_switch = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
+                report.loss_at_switch = loss_on(check_in, check_out)
                 feed.close()
                 feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device))
             optimizer.zero_grad(set_to_none=True)
             if this_step.rows:
                 x, y = next(feed)
                 with torch.autocast(device.type, dtype=amp, enabled=amp_on):
-                    out = run_block(block, x, call)
+                    out = forward(block, x, call)
                 loss = reconstruction_loss(settings.loss, out, y)
                 if summed is not None:  # this rank's share of the step's mean
                     loss = loss * (len(this_step.rows) / this_step.windows)
@@ -260,7 +270,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             step += 1
         values.read()
         if has_val:
-            val = eval_loss(block, val_inputs, val_targets, call, eval_batch, amp, group)
+            val = loss_on(val_inputs, val_targets)
             report.val_losses.append(val)
             if log:
                 log("val_loss", val, epoch)
@@ -273,7 +283,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     if has_val and report.val_losses:  # the last epoch's validation saw these weights already: not again
         report.loss_after = report.val_losses[-1]
     else:
-        report.loss_after = eval_loss(block, check_in, check_out, call, eval_batch, amp, group)
+        report.loss_after = loss_on(check_in, check_out)
     peaks = peak_memory_mib(device)
     report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else peak RSS (this block's)
     for p in block.parameters():

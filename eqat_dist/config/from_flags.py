@@ -67,6 +67,9 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
               "e2e_micro_batch", "e2e_save_every")
     if flags.epochs > 0 and flags.train_size < 1:
         raise ConfigError("`train_size` must be >= 1 when `epochs` > 0")
+    if quant.init == "gptq" and flags.epochs == 0 and flags.phase in ("all", "block-ap"):
+        raise ConfigError("`init` gptq starts Block-AP from GPTQ on its calibration windows, and `epochs` 0 runs no "
+                          "Block-AP: use `epochs` 1 or more, or `init` minmax or clip for round-to-nearest")
     if flags.peer_timeout < 5:
         raise ConfigError("`peer_timeout` must be >= 5 seconds")
     if flags.correction_fraction is not None and not 0 <= flags.correction_fraction <= 1:
@@ -112,7 +115,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         global_batch=flags.e2e_global_batch, micro_batch=flags.e2e_micro_batch, lr=e2e_lr, warmup=flags.e2e_warmup,
         max_grad_norm=flags.e2e_max_grad_norm, save_every=flags.e2e_save_every,
         keep_checkpoints=flags.e2e_keep_checkpoints, grad_checkpointing=not flags.no_grad_checkpointing,
-        ds_config=flags.ds_config)
+        ds_config=flags.ds_config, data=flags.e2e_data or flags.calib_dataset)
     evaluation = EvalConfig(
         datasets=tuple(d for d in flags.eval_datasets.split(",") if d), seqlen=flags.eval_seqlen,
         max_windows=flags.eval_max_windows, batch_size=flags.eval_batch_size, zeroshot_tasks=tuple(tasks),
@@ -122,7 +125,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
                             folder=Path(flags.activations_dir) if flags.activations_dir else None,
                             host_memory_budget_gib=flags.host_memory_budget)
     machine = MachineConfig(dtype=flags.dtype, single_gpu=flags.single_gpu, peer_timeout=flags.peer_timeout,
-                            kernels=not flags.no_kernels)
+                            kernels=not flags.no_kernels, compile=flags.compile)
     return RunConfig(
         model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
         streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,

@@ -74,6 +74,7 @@ class E2EConfig:
     keep_checkpoints: int = 1
     grad_checkpointing: bool = True
     ds_config: str = "zero3-offload"
+    data: str = "boolq"  # a text source (windows) or chat data (data/chat.py); from the flags: the calibration set's
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class MachineConfig:
     single_gpu: bool = False
     peer_timeout: float = 600.0
     kernels: bool = True
+    compile: bool = False  # Block-AP's block step through torch.compile (blockap/compiled.py)
 
     @property
     def world(self) -> int:

@@ -73,3 +73,24 @@ def calibration_windows(tokenizer, source: str, seqlen: int, train_size: int, va
             win = torch.cat([torch.full((count, 1), bos, dtype=win.dtype), win], dim=1)
         out.append(win)
     return out[0], out[1]
+
+
+class TextWindows:
+    """Calibration windows as E2E-QP's training rows: every token is a label (the causal-LM loss)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.input_ids = windows
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, rows: torch.Tensor, device) -> dict:
+        ids = self.input_ids[rows].to(device)
+        return {"input_ids": ids, "labels": ids}
+
+    def tokens(self, rows: torch.Tensor) -> int:
+        return len(rows) * self.input_ids.shape[1]
+
+    def fingerprint(self) -> dict:
+        """What a resumed E2E-QP checks it trains on (e2e/checkpoints.resume_plan)."""
+        return {"windows": list(self.input_ids.shape), "data_checksum": int(self.input_ids.sum().item())}

@@ -89,11 +89,12 @@ def load_resume_point(engine, ckpt_dir: Path, point: ResumePoint, plan: dict) ->
     return step, history
 
 
-def resume_plan(settings, windows: torch.Tensor) -> dict:
-    """What fixes the sequence of optimizer steps: a checkpoint resumes only into the same plan."""
+def resume_plan(settings, data) -> dict:
+    """What fixes the sequence of optimizer steps: a checkpoint resumes only into the same plan. `data`:
+    the training rows (data/windows.TextWindows or data/chat.ChatExamples)."""
     return {"epochs": settings.epochs, "global_batch": settings.global_batch, "lr": settings.lr,
             "warmup": settings.warmup, "max_grad_norm": settings.max_grad_norm, "seed": settings.seed,
-            "windows": list(windows.shape), "data_checksum": int(windows.sum().item())}
+            **data.fingerprint()}
 
 
 def check_same_plan(before: dict | None, now: dict, ckpt_dir: Path) -> None:

@@ -83,6 +83,12 @@ def build_packed_model(folder: Path, ds_config: dict, dtype: torch.dtype):
     # CPU bf16 matmuls are ~50x slower than float32 ones.
     context = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else torch.device("cpu")
     from transformers.initialization import no_init_weights
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    # The model's classes are defined (its module imported) before zero.Init: a class created inside it
+    # gets back, at its exit, the __init__ it had before its decorators ran (transformers' `kernels`
+    # hooks set per-instance state there), and every later instance of it fails in its forward.
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
 
     with context, no_init_weights():  # every weight is loaded below; init would touch empty partitions
         with linears_built_packed(cfg, dtype, config):

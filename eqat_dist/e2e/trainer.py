@@ -62,8 +62,10 @@ def optimizer_state_elements(optimizer) -> int:
     return sum(state["exp_avg"].numel() for state in inner.state.values() if "exp_avg" in state)
 
 
-def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: dict, accum: int, ckpt_dir: Path,
+def train_e2e(model, data, settings: E2ESettings, ds_config: dict, accum: int, ckpt_dir: Path,
               device, log=print, monitor=None) -> dict:
+    """`data`: the training rows, text windows (data/windows.TextWindows) or conversations with their
+    assistant labels (data/chat.ChatExamples); the loss is the model's causal-LM loss on the labels."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,14 +74,14 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
-    steps_per_epoch = len(windows) // settings.global_batch
+    steps_per_epoch = len(data) // settings.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"`e2e_train_size` {len(windows)} is smaller than one global batch ({settings.global_batch})")
+        raise ValueError(f"`e2e_train_size` {len(data)} is smaller than one global batch ({settings.global_batch})")
     total = settings.epochs * steps_per_epoch
     warm = max(1, round(settings.warmup * total)) if settings.warmup > 0 else 0
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warm))
     ckpt_dir = Path(ckpt_dir)
-    plan = resume_plan(settings, windows)
+    plan = resume_plan(settings, data)
     point = find_resume_point(ckpt_dir, world, zero=zero_stage(ds_config) > 0)
     if point is not None and point.reshard:
         if rank == 0:
@@ -104,17 +106,17 @@ def train_e2e(model, windows: torch.Tensor, settings: E2ESettings, ds_config: di
     for step in range(start, total):
         step_start = time.perf_counter()
         epoch, s = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
         batch = order[s * settings.global_batch:(s + 1) * settings.global_batch]
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: NCCL reduces GPU tensors only
         for a in range(accum):
-            ids = windows[mine[a * settings.micro_batch:(a + 1) * settings.micro_batch]].to(device)
-            loss = engine(input_ids=ids, labels=ids).loss
+            rows = mine[a * settings.micro_batch:(a + 1) * settings.micro_batch]
+            loss = engine(**data.batch(rows, device)).loss
             engine.backward(loss)
             engine.step()  # the optimizer steps at the accumulation boundary only
             loss_sum += loss.detach().double()
-            tokens += ids.numel() * world
+            tokens += data.tokens(rows) * world
         dist.all_reduce(loss_sum)
         mean_loss = (loss_sum / (world * accum)).item()
         if not math.isfinite(mean_loss):

@@ -1,6 +1,8 @@
 """Swap the linear layers of a decoder block between float, fake-quantized and packed forms."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -53,3 +55,18 @@ def quantize_rtn(model: nn.Module, cfg: QuantConfig, dtype: torch.dtype = torch.
     for block in decoder_layers(model):
         to_packed(to_fake_quant(block, cfg), cfg, dtype)
     return model
+
+
+@contextlib.contextmanager
+def weights_fixed(block: nn.Module):
+    """For a pass over many batches that does not train (validation, advancing a stream): every quantized
+    layer's float weight computed once for the pass, not once per batch. The same values (the weight is
+    an element-wise function of parameters that do not change during the pass)."""
+    layers = [m for m in block.modules() if isinstance(m, (QuantLinear, PackedLinear))]
+    for layer in layers:
+        layer.fix_weight()
+    try:
+        yield block
+    finally:
+        for layer in layers:
+            layer.fixed_weight = None

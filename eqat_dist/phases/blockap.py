@@ -53,7 +53,8 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                                    weight_lr=b.weight_lr, min_lr_factor=b.min_lr_factor,
                                    max_grad_norm=b.max_grad_norm, train_norms=b.train_norms,
                                    amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed,
-                                   restart_at_switch=b.correction_lr != "continue", loss=b.loss)
+                                   restart_at_switch=b.correction_lr != "continue", loss=b.loss,
+                                   compile=cfg.machine.compile)
         streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
                              prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0)
         if transport.rank == 0:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, RunConfig
-from ..data.windows import calibration_windows
+from ..data.chat import chat_examples, is_chat_source
+from ..data.windows import TextWindows, calibration_windows
 from ..export import load_packed_model, writer_for
 from ..export.convert import write_serving_formats
 from ..export.formats import NATIVE
@@ -42,13 +43,13 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     model, qcfg = build_packed_model(from_dir, ds_config, dtype)
     partitions = partition_report(model)
     tokenizer = AutoTokenizer.from_pretrained(from_dir)
-    windows, _ = calibration_windows(tokenizer, cfg.blockap.calib_dataset, e.seqlen, e.train_size, 0, cfg.seed + 1)
+    data = training_rows(cfg, tokenizer, rank)
     settings = E2ESettings(epochs=e.epochs, global_batch=e.global_batch, micro_batch=e.micro_batch, lr=e.lr,
                            warmup=e.warmup, max_grad_norm=e.max_grad_norm, grad_checkpointing=e.grad_checkpointing,
                            save_every=e.save_every, keep_checkpoints=e.keep_checkpoints, seed=cfg.seed)
     monitor = Monitor(folder.e2e_logs(rank, world)) if cfg.tensorboard else None
     progress.phase = "E2E-QP training"
-    report = train_e2e(model, windows, settings, ds_config, accum, folder.e2e_checkpoints, device,
+    report = train_e2e(model, data, settings, ds_config, accum, folder.e2e_checkpoints, device,
                        log=lambda m: print(m, flush=True), monitor=monitor)
     engine = report.pop("engine")
     progress.phase = "E2E-QP export"
@@ -81,3 +82,20 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
         log_eval(folder, "quantized_e2e", results["quantized_e2e"])
     print(f"[done] E2E-QP {report['steps']} steps; {folder.results()}")
     return 0
+
+
+def training_rows(cfg: RunConfig, tokenizer, rank: int):
+    """E2E-QP's data: windows of a text source (the calibration set's by default, other windows than
+    Block-AP's), or conversations trained on the assistant's tokens (data/chat.py)."""
+    e = cfg.e2e
+    if not is_chat_source(e.data):
+        windows, _ = calibration_windows(tokenizer, e.data, e.seqlen, e.train_size, 0, cfg.seed + 1)
+        return TextWindows(windows)
+    data = chat_examples(tokenizer, e.data, e.seqlen, e.train_size, cfg.seed + 1)
+    if rank == 0:
+        trained = int((data.labels != -100).sum())
+        print(f"[e2e] {len(data)} conversations from '{e.data}' (chat template; the loss on the assistant's "
+              f"{trained:,} of {int(data.lengths.sum()):,} tokens)"
+              + (f"; the set has fewer than `e2e_train_size` {e.train_size}" if len(data) < e.train_size else ""),
+              flush=True)
+    return data

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..blockap.checkpoint import finished_blocks, open_run, save_block
 from ..blockap.lanes import Lanes
-from ..blockap.steps import advance, finish_student, make_student, restore_block
+from ..blockap.steps import advance, finish_student, gptq_start, make_student, restore_block
 from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
 from ..cluster.transport import LocalTransport, Transport
@@ -222,6 +222,13 @@ class _Rank:
         inputs = self.q if self.schedule.starts_on_quantized_stream else self.fp_in
         targets = self.fp_out
         student = make_student(self.source.block(i), self.cfg, self.device)
+        if self.cfg.init == "gptq":  # from GPTQ on this block's own training inputs, not round-to-nearest
+            self.progress.phase = "GPTQ start"
+            fp_block = self.source.block(i).to(self.device)
+            gptq_start(student, fp_block, inputs["train"], call, self.batch_size, self.settings.amp_dtype,
+                       self.reducer)
+            fp_block.cpu()
+            self.progress.phase = "training"
         total = self.settings.epochs * self.lanes["train"].steps_per_epoch
         steps_bar.reset(total=total)
         def switch():

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-# how s and z start (quant/fake_quant.py): the paper's min/max, or the shrink of each group's range
-# that minimises its weight error
-INITS = ("minmax", "clip")
+# how s and z start (quant/fake_quant.py): the paper's min/max, the shrink of each group's range that
+# minimises its weight error, or GPTQ on the block's calibration inputs (quant/gptq.py; min/max until
+# Block-AP runs it on the data)
+INITS = ("minmax", "clip", "gptq")
 
 
 class QuantConfigError(ValueError):

@@ -184,6 +184,7 @@ class QuantLinear(nn.Module):
         scale, zero = initial_scale_zero(self.weight, cfg)
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero)
+        self.fixed_weight = None  # set for a pass that does not train (models/quantize.weights_fixed)
 
     def quantized_weight(self) -> torch.Tensor:
         if kernels.enabled_for(self.weight):  # one fused pass over W each way (eqat_dist/kernels)
@@ -191,8 +192,13 @@ class QuantLinear(nn.Module):
             return fused(self.weight, self.scale, self.zero, self.cfg.qmax, self.cfg.effective_group(self.in_features))
         return fused_fake_quantize(self.weight, self.scale, self.zero, self.cfg)
 
+    def fix_weight(self) -> None:
+        """Quantize once for the batches of a pass that does not train; `fixed_weight = None` undoes it."""
+        with torch.no_grad():
+            self.fixed_weight = self.quantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight()
+        w = self.fixed_weight if self.fixed_weight is not None else self.quantized_weight()
         return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def to_int(self):

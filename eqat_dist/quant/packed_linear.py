@@ -31,6 +31,7 @@ class PackedLinear(nn.Module):
         self.scales = nn.Parameter(torch.ones(groups, out_features, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.fixed_weight = None  # set for a pass that does not train (models/quantize.weights_fixed)
 
     @classmethod
     def from_int(cls, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, cfg: QuantConfig,
@@ -60,15 +61,24 @@ class PackedLinear(nn.Module):
         group = self.cfg.effective_group(self.in_features)
         return dequantize(self.int_codes(), self.scales.t(), self.int_zeros(), group)
 
+    def fix_weight(self) -> None:
+        """Dequantize once for the batches of a pass that does not train (advancing a stream); a GPU's
+        kernel dequantizes in registers and keeps no float weight, so there it is left to do that."""
+        if not kernels.enabled_for(self.qweight):
+            with torch.no_grad():
+                self.fixed_weight = self.dequantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fixed_weight is not None:
+            return nn.functional.linear(x, self.fixed_weight.to(x.dtype), bias)
         if kernels.enabled_for(x):  # dequantized tile by tile in registers; no float weight saved (eqat_dist/kernels)
             from ..kernels.packed_linear import packed_linear
             if torch.is_autocast_enabled(x.device.type):  # autocast does not reach a custom Function by itself:
                 x = x.to(torch.get_autocast_dtype(x.device.type))  # 16-bit tiles go to the tensor cores
             return packed_linear(x, self.qweight, self.qzeros, self.scales, self.bias, self.cfg.bits,
                                  self.cfg.effective_group(self.in_features))
-        w = self.dequantized_weight().to(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.cfg.tag()}, packed"
