@@ -9,7 +9,8 @@ run is the real command line on SmolLM2-135M at the issue-12 budget: Block-AP on
 tokens, 2 epochs, batch 2, the learning rates of bench/schedules.py, then E2E-QP on 32 windows x 256 for 2
 epochs (global batch 4, lr 2e-4, DeepSpeed's single-GPU config) in the same run; wiki and news perplexity
 on 8 x 512 held-out tokens after each. `--parallel 2` runs two at a time, one thread each (wall times are
-then only comparable between runs made the same way). A finished run is reused.
+then only comparable between runs made the same way). A finished run is reused; an interrupted one is resumed
+(its Block-AP wall time then covers only the blocks trained after the resume: say so where you quote it).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ LRS = {2: ("2e-2", "2e-3"), 3: ("5e-3", "5e-4"), 4: ("1e-3", "1e-4")}  # as benc
 PHASES = (("quantized", "after Block-AP"), ("quantized_e2e", "after E2E-QP"))
 
 
-def command(bits: int, seed: int, flags: list[str], out: Path, a) -> list[str]:
+def command(bits: int, seed: int, flags: list[str], out: Path, a, resume: bool = False) -> list[str]:
     qlr, wlr = LRS[bits]
     return ["--model", "smollm2-135m", "--wbits", str(bits), "--group-size", "64", "--train-size", str(a.train_size),
             "--val-size", "16", "--seqlen", "256", "--epochs", "2", "--batch-size", "2", "--quant-lr", qlr,
@@ -35,18 +36,19 @@ def command(bits: int, seed: int, flags: list[str], out: Path, a) -> list[str]:
             "256", "--e2e-global-batch", "4", "--e2e-micro-batch", "1", "--e2e-lr", "2e-4", "--ds-config",
             "single-gpu", "--eval-datasets", "wiki,news", "--eval-seqlen", "512", "--eval-max-windows", "8",
             "--zeroshot-tasks", a.zeroshot, "--zeroshot-limit", str(a.zeroshot_limit), "--skip-fp-eval",
-            "--no-tensorboard", "--output", str(out), "--overwrite", *flags]
+            "--no-tensorboard", "--output", str(out), *(() if resume else ("--overwrite",)), *flags]
 
 
 def run_one(bits: int, seed: int, name: str, flags: list[str], a, threads: int) -> dict:
     out = a.work / f"w{bits}-{name}-s{seed}"
     if not (out / "results.json").exists() or "quantized_e2e" not in json.loads((out / "results.json").read_text()):
+        resume = (out / "blockap").is_dir()  # killed part-way: carry on from its finished blocks
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
                    MASTER_ADDR="127.0.0.1")
         env.pop("MASTER_PORT", None)
-        with open(out.with_suffix(".log"), "w") as f:
+        with open(out.with_suffix(".log"), "a" if resume else "w") as f:
             done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"),
-                                   *command(bits, seed, flags, out, a)], env=env, stdout=f, stderr=subprocess.STDOUT)
+                                   *command(bits, seed, flags, out, a, resume)], env=env, stdout=f, stderr=subprocess.STDOUT)
         if done.returncode:
             raise RuntimeError(f"failed: {out.with_suffix('.log')}")
     r = json.loads((out / "results.json").read_text())

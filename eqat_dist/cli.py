@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the method's choices as a bundle (config/recipes.py): paper = the paper's (min/max start, "
                         "MSE); --init and --loss override one choice")
     p.add_argument("--init", default=None, choices=INITS,
-                   help="how step sizes and zero points start: minmax (the paper's) or clip (each group's range "
-                        "shrunk to its least weight error); default: the recipe's")
+                   help="how step sizes and zero points start: minmax (the paper's), clip (each group's range "
+                        "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "
+                        "default: the recipe's")
     p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
     p.add_argument("--overwrite", action="store_true", help="wipe an existing output folder first")
     # Block-AP (official code's names, kebab-case)
@@ -52,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-lr-factor", type=float, default=20.0, help="cosine decays to lr / this factor")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--loss", default=None, choices=LOSSES,
-                   help="Block-AP's reconstruction loss: mse (the paper's) or relative (each token's squared "
-                        "error over its target's mean square: no token, the attention sink's included, dominates); "
-                        "default: the recipe's")
+                   help="Block-AP's reconstruction loss: mse (the paper's), relative (each token's squared "
+                        "error over its target's mean square) or huber (the MSE, but a token whose error is over "
+                        "100x the batch's median counts with its square root: a spurious massive activation no "
+                        "longer takes the steps); default: the recipe's")
     p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
     p.add_argument("--calib-dataset", default="boolq",
                    help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")

@@ -150,17 +150,13 @@ def _env():
 
 
 @pytest.mark.slow
-def test_chat_e2e_run_trains_the_scales_on_the_bundled_chat_set(tmp_path):
+def test_chat_e2e_run_trains_the_scales_on_the_bundled_chat_set(tmp_path, bundled_rtn_w2):
     """E2E-QP of the bundled instruct model's RTN export on `sciq-chat`, end to end (one process,
     ZeRO-3 with offload): the loss falls over repeated conversations, only scales change."""
-    from conftest import export_tensors
+    from conftest import BUNDLED_EVAL, export_tensors
 
-    common = ["--model", "smollm2-135m", "--wbits", "2", "--group-size", "64", "--eval-datasets", "news",
-              "--zeroshot-tasks", "", "--eval-seqlen", "64", "--eval-max-windows", "2", "--skip-fp-eval",
-              "--no-tensorboard"]
-    rtn = tmp_path / "rtn"
-    subprocess.run([sys.executable, RUN, *common, "--output", str(rtn), "--epochs", "0", "--phase", "block-ap"],
-                   check=True, env=_env(), capture_output=True)
+    common = ["--model", "smollm2-135m", "--wbits", "2", "--group-size", "64", *BUNDLED_EVAL]
+    rtn = bundled_rtn_w2
     out = tmp_path / "chat"
     done = subprocess.run([sys.executable, RUN, *common, "--phase", "e2e", "--from", str(rtn), "--output", str(out),
                            "--e2e-data", "sciq-chat", "--e2e-train-size", "4", "--e2e-seqlen", "128",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import export_tensors, tiny_model
+from conftest import BUNDLED_EVAL, export_tensors, tiny_model
 from eqat_dist.e2e.ds_setup import load_ds_config
 from eqat_dist.e2e.trainer import warmup_cosine
 
@@ -143,13 +143,10 @@ def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank
 
 
 @pytest.mark.slow
-def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path):
+def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path, bundled_rtn_w2):
     """The trainer on the real model, on ZeRO-3 with parameters and optimizer offloaded to CPU."""
-    rtn = tmp_path / "rtn"
-    common = ["--wbits", "2", "--group-size", "64", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "64",
-              "--eval-max-windows", "2", "--skip-fp-eval", "--no-tensorboard"]
-    subprocess.run([sys.executable, RUN, "--model", "smollm2-135m", "--output", str(rtn), "--epochs", "0",
-                    "--phase", "block-ap", *common], check=True, env=_env(), capture_output=True)
+    rtn = bundled_rtn_w2
+    common = ["--wbits", "2", "--group-size", "64", *BUNDLED_EVAL]
     out = tmp_path / "e2e"
     subprocess.run([sys.executable, RUN, "--model", "smollm2-135m", "--phase", "e2e", "--from", str(rtn), "--output",
                     str(out), "--e2e-train-size", "4", "--e2e-seqlen", "64", "--e2e-global-batch", "4",

@@ -229,10 +229,15 @@ def test_gptq_matches_a_column_by_column_reference_and_beats_round_to_nearest_on
     mix = torch.randn(cols, cols) / cols ** 0.5
     x = torch.randn(2048, cols) @ (torch.eye(cols) + mix)  # correlated inputs, as a layer's are
     hessian = x.T @ x
-    q, scale, zero = gptq_weight(weight, hessian, cfg)
+    start, scale, zero = gptq_weight(weight, hessian, cfg)
+    q = fake_quantize(start, scale, zero, cfg)  # what Block-AP's first step sees
     ref = _gptq_reference(weight, hessian, cfg)
     assert torch.allclose(q.double(), ref, atol=1e-4), (q.double() - ref).abs().max()
-    assert torch.equal(fake_quantize(q, scale, zero, cfg), q)  # on its own grid
+    # every weight inside the grid's range (a gradient for each), between grid points where GPTQ left it
+    w = start.detach().requires_grad_(True)
+    fake_quantize(w, scale, zero, cfg).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    assert not torch.equal(start, q)
     rtn = fake_quantize(weight, *minmax_init(weight, cfg), cfg)
     error = lambda w: ((w - weight) @ x.T).square().sum()  # noqa: E731
     assert error(q) < 0.8 * error(rtn)

@@ -6,8 +6,12 @@ second moments H = X^T X, so the layer's *output* error is what is kept small. T
 and zero points are the paper's min/max rule, taken from the weights as they stand when GPTQ reaches a
 group's first column (GPTQ's own group handling), so the grid is exactly the one `QuantLinear` trains.
 
-Returned is the float weight that rounds to GPTQ's codes under those step sizes and zero points: Block-AP
-trains from it as from any weight, its first step's fake quantization being GPTQ's result.
+Returned is a float weight that rounds to GPTQ's codes under those step sizes and zero points: each
+column as GPTQ saw it when it rounded it (the original column plus the errors moved onto it), kept just
+inside the grid's range. Block-AP trains from it as from any weight, its first step's fake quantization
+being GPTQ's result; where a weight lies between grid points is kept, as the paper's start keeps it for
+the original weights (a start on the grid points themselves trained worse: each code had to travel half
+a step before it could change).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .fake_quant import SCALE_MAX, SCALE_MIN
 
 DAMP = 0.01  # times the mean of H's diagonal, added to it (GPTQ's default): keeps H invertible
 BLOCK = 128  # columns updated together (GPTQ's lazy batch updates; the result does not depend on it)
+INSIDE = 0.49  # a weight past the grid's ends is put this many steps beyond the end point (rounds onto it)
 
 
 def _group_scale_zero(w: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +61,8 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig
             s, z = scales[:, col // group], zeros[:, col // group]
             column = w1[:, i]
             rounded = ((column / s).round() + z).clamp(0, cfg.qmax).sub(z).mul(s)
-            q[:, col] = rounded
+            # kept inside the range: the same code, and a gradient for Block-AP (a clipped weight has none)
+            q[:, col] = torch.minimum(torch.maximum(column, (-z - INSIDE) * s), (cfg.qmax - z + INSIDE) * s)
             err = (column - rounded) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
