@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--zeroshot", default="", help="zero-shot tasks after each phase ('' for none)")
     p.add_argument("--zeroshot-limit", type=int, default=200)
     p.add_argument("--parallel", type=int, default=1, choices=[1, 2])
+    p.add_argument("--threads", type=int, help="threads per run (default 2 / --parallel; 1 when another "
+                   "benchmark shares the 2 cores)")
     p.add_argument("--work", type=Path, default=Path("runs/recipes"))
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +81,7 @@ def main() -> None:
         recipes[name] = flags.split() if flags else ["--recipe", name]
     jobs = [(b, s, n, f) for b in a.bits for n, f in recipes.items() for s in a.seeds]
     with ThreadPoolExecutor(a.parallel) as pool:
-        rows = list(pool.map(lambda j: run_one(*j, a, 2 // a.parallel), jobs))
+        rows = list(pool.map(lambda j: run_one(*j, a, a.threads or 2 // a.parallel), jobs))
     print("| width | recipe | seeds | after Block-AP (wiki / news) | after E2E-QP (wiki / news) | Block-AP s | E2E-QP s |")
     print("|---|---|---|---|---|---|---|")
     for b in a.bits:

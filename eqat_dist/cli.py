@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
     p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
                    help="the method's choices as a bundle (config/recipes.py): paper = the paper's (min/max start, "
-                        "MSE); --init and --loss override one choice")
+                        "MSE), clip-huber = clip start and Huber loss (better at 2 bits, docs/benchmarks.md); "
+                        "--init and --loss override one choice")
     p.add_argument("--init", default=None, choices=INITS,
                    help="how step sizes and zero points start: minmax (the paper's), clip (each group's range "
                         "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "

@@ -410,3 +410,6 @@ def test_the_paper_recipe_is_the_papers_choices_and_one_flag_overrides_one_choic
     mixed = settings_from_flags(parse_flags([*base, "--init", "clip", "--loss", "relative"]), world=1)
     assert (mixed.quant.init, mixed.blockap.loss) == ("clip", "relative")
     assert mixed.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "relative"}
+    robust = settings_from_flags(parse_flags([*base, "--recipe", "clip-huber"]), world=1)
+    assert (robust.quant.init, robust.blockap.loss) == ("clip", "huber")
+    assert settings_from_flags(parse_flags([*base, "--recipe", "clip-huber", "--loss", "mse"]), world=1).blockap.loss == "mse"

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 RECIPES = {
     "paper": {"init": "minmax", "loss": "mse"},
+    # 2 bits, bundled model, 3 seeds: -10% perplexity after Block-AP + E2E-QP (docs/benchmarks.md, issue 24);
+    # opt-in until w3/w4 are measured not to get worse
+    "clip-huber": {"init": "clip", "loss": "huber"},
 }
 DEFAULT_RECIPE = "paper"
 
