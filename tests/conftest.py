@@ -55,6 +55,15 @@ def llama():
     return tiny_model("llama")
 
 
+def one_process_env() -> dict:
+    """The environment of a run started by a test: one thread, DeepSpeed on CPU, a rendezvous on this
+    machine at a port of its own (tests running side by side do not meet)."""
+    import random
+
+    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(random.randint(20000, 40000)))
+
+
 BUNDLED_EVAL = ["--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "64", "--eval-max-windows", "2",
                 "--skip-fp-eval", "--no-tensorboard"]
 
@@ -63,17 +72,14 @@ BUNDLED_EVAL = ["--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqle
 def bundled_rtn_w2(tmp_path_factory):
     """Round-to-nearest w2g64 of the bundled SmolLM2-135M, exported once for every test that starts
     E2E-QP from the real model (a read-only start: tests write their runs elsewhere)."""
-    import random
     import subprocess
     import sys
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("bundled") / "rtn"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(random.randint(20000, 40000)))
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "launch" / "run.py"), "--model",
                     "smollm2-135m", "--wbits", "2", "--group-size", "64", "--output", str(out), "--epochs", "0",
-                    "--phase", "block-ap", *BUNDLED_EVAL], check=True, env=env, capture_output=True)
+                    "--phase", "block-ap", *BUNDLED_EVAL], check=True, env=one_process_env(), capture_output=True)
     return out
 
 

@@ -520,10 +520,7 @@ def test_gptq_start_is_gptq_on_each_blocks_own_student_inputs(tmp_path, monkeypa
         run_block(fp_block, x, call)
     for h in hooks:
         h.remove()
-    def expected_for(name):
-        xs = torch.cat(inputs[name])
-        return gptq_weight(before[name], xs.T @ xs, cfg)
-
     for name in ("self_attn.q_proj", "mlp.down_proj"):
-        for got, want in zip(started[name], expected_for(name)):
+        xs = torch.cat(inputs[name])
+        for got, want in zip(started[name], gptq_weight(before[name], xs.T @ xs, cfg)):
             assert torch.allclose(got, want, atol=1e-5), name

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import one_process_env, tiny_model
 from eqat_dist.data.chat import IGNORE, ChatExamples, chat_examples, load_conversations, tokenized_conversation
 from eqat_dist.data.text import DataError
 
@@ -144,11 +144,6 @@ def test_the_bundled_chat_set_is_two_question_conversations_from_sciq(tokenizer)
     assert 0.2 < share < 0.9  # replies are a good part of each row, not all of it
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(random.randint(20000, 40000)))
-
-
 @pytest.mark.slow
 def test_chat_e2e_run_trains_the_scales_on_the_bundled_chat_set(tmp_path, bundled_rtn_w2):
     """E2E-QP of the bundled instruct model's RTN export on `sciq-chat`, end to end (one process,
@@ -161,7 +156,7 @@ def test_chat_e2e_run_trains_the_scales_on_the_bundled_chat_set(tmp_path, bundle
     done = subprocess.run([sys.executable, RUN, *common, "--phase", "e2e", "--from", str(rtn), "--output", str(out),
                            "--e2e-data", "sciq-chat", "--e2e-train-size", "4", "--e2e-seqlen", "128",
                            "--e2e-global-batch", "4", "--e2e-micro-batch", "2", "--e2e-epochs", "4", "--e2e-lr", "2e-3",
-                           "--e2e-warmup", "0"], env=_env(), capture_output=True, text=True)
+                           "--e2e-warmup", "0"], env=one_process_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 conversations from 'sciq-chat' (chat template; the loss on the assistant's" in done.stdout
     results = json.loads((out / "results.json").read_text())
@@ -192,7 +187,7 @@ def test_chat_data_problems_are_refused_before_any_work(tmp_path):
                                  ("smollm2-135m", str(tmp_path / "missing.jsonl"), "does not exist")):
         out = tmp_path / f"out-{random.randrange(1 << 20)}"
         done = subprocess.run([sys.executable, RUN, "--model", model, *base, "--output", str(out),
-                               "--e2e-data", data], env=_env(), capture_output=True, text=True, timeout=300)
+                               "--e2e-data", data], env=one_process_env(), capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stderr.splitlines() if line.startswith("eqat-dist")]
         assert done.returncode == 2 and len(lines) == 1 and "error: --e2e-data:" in lines[0] and message in lines[0], \
             done.stderr[-2000:]

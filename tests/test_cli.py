@@ -412,4 +412,5 @@ def test_the_paper_recipe_is_the_papers_choices_and_one_flag_overrides_one_choic
     assert mixed.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "relative"}
     robust = settings_from_flags(parse_flags([*base, "--recipe", "clip-huber"]), world=1)
     assert (robust.quant.init, robust.blockap.loss) == ("clip", "huber")
-    assert settings_from_flags(parse_flags([*base, "--recipe", "clip-huber", "--loss", "mse"]), world=1).blockap.loss == "mse"
+    overridden = settings_from_flags(parse_flags([*base, "--recipe", "clip-huber", "--loss", "mse"]), world=1)
+    assert (overridden.quant.init, overridden.blockap.loss) == ("clip", "mse")

@@ -2,7 +2,6 @@
 and a rank killed mid-run."""
 import os
 import re
-import random
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import export_tensors, sigint_as_default, tiny_model
+from conftest import export_tensors, one_process_env, sigint_as_default, tiny_model
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +30,6 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(random.randint(20000, 40000)))
-
-
 def _args(model_dir, out, mode, train_size=8, epochs=2, extra=(), dp=1):
     """dp: --data-parallel (None: the default layout); 1, the round-robin over ranks, unless a test says."""
     return [*extra, *(["--data-parallel", str(dp)] if dp else []), "--model", str(model_dir), "--wbits", "2", "--group-size", "32", "--output", str(out),
@@ -46,7 +40,7 @@ def _args(model_dir, out, mode, train_size=8, epochs=2, extra=(), dp=1):
 
 
 def _single(model_dir, out, mode, **kw):
-    subprocess.run([sys.executable, RUN, *_args(model_dir, out, mode, **kw)], check=True, env=_env(),
+    subprocess.run([sys.executable, RUN, *_args(model_dir, out, mode, **kw)], check=True, env=one_process_env(),
                    capture_output=True)
 
 
@@ -86,14 +80,16 @@ def references(model_dir, tmp_path_factory):
 
 
 def test_teacher_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references, tmp_path):
-    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "teacher"), env=_env(), capture_output=True, text=True)
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "teacher"), env=one_process_env(),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s) over mpi" in result.stdout
     assert _same_model(references / "teacher", tmp_path / "out")
 
 
 def test_student_mode_two_mpi_ranks_equal_the_single_process_paper_mode(model_dir, references, tmp_path):
-    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student"), env=_env(), capture_output=True, text=True)
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student"), env=one_process_env(),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _same_model(references / "student", tmp_path / "out")
     assert not _same_model(references / "teacher", tmp_path / "out")  # the two modes really differ
@@ -101,8 +97,8 @@ def test_student_mode_two_mpi_ranks_equal_the_single_process_paper_mode(model_di
 
 def test_pipelined_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references, tmp_path):
     """The quantized stream's receive is posted early and lands in the store while the fp phase trains."""
-    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "pipelined"), env=_env(), capture_output=True,
-                            text=True)
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "pipelined"), env=one_process_env(),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _same_model(references / "pipelined", tmp_path / "out")
     assert not _same_model(references / "student", tmp_path / "out")
@@ -110,7 +106,7 @@ def test_pipelined_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references
 
 
 def test_deepspeed_launcher_uses_torch_distributed_and_matches(model_dir, references, tmp_path):
-    env = _env()
+    env = one_process_env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "pipelined")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -122,7 +118,7 @@ def test_deepspeed_launcher_uses_torch_distributed_and_matches(model_dir, refere
 def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps(model_dir, references, tmp_path):
     """The paper's batch 2 on 2 ranks: one group of 2, each rank holds half the windows, the gradients
     are summed every step, and the run is the single-process one up to float summation order."""
-    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student", dp=None), env=_env(),
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student", dp=None), env=one_process_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s) over mpi in 1 group(s) of 2 (data parallel)" in result.stdout
@@ -133,7 +129,7 @@ def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps
 
 
 def test_data_parallel_under_deepspeed_sums_over_a_torch_distributed_group(model_dir, references, tmp_path):
-    env = _env()
+    env = one_process_env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "student", dp=2)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -145,7 +141,7 @@ def test_data_parallel_under_deepspeed_sums_over_a_torch_distributed_group(model
 def test_two_groups_of_two_ranks_pipelined_match_two_ranks(model_dir, references, tmp_path):
     """4 ranks, --data-parallel 2: blocks alternate over 2 groups, rank d of a group hands its share to
     rank d of the next; the pipelined schedule across the groups gives the 2-rank result."""
-    result = subprocess.run(_mpi(4, model_dir, tmp_path / "out", "pipelined", dp=2), env=_env(),
+    result = subprocess.run(_mpi(4, model_dir, tmp_path / "out", "pipelined", dp=2), env=one_process_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "4 rank(s) over mpi in 2 group(s) of 2 (data parallel)" in result.stdout
@@ -158,7 +154,7 @@ def _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp):
     block 1 is saved; the run must stop within 30 s. Returns (run folder, killed pid, stdout, all output)."""
     _single(model_dir, tmp_path / "ref", "student", **kw)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=dp, **kw), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=dp, **kw), env=one_process_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _when_block_exists(proc, out, "block_0001.safetensors")
     pid = _rank_pid(str(out), 1)
@@ -175,7 +171,7 @@ def test_a_killed_rank_stops_its_data_parallel_group_and_a_restart_with_another_
     assert re.search(rf"PID {pid} RUNNING AT", said) or re.search(
         r"rank 0 stopping at block \d+ \(.*\): lost a rank of data-parallel group 0 \(ranks 0-1\)", said), said[-3000:]
     assert not (out / "results.json").exists()
-    again = subprocess.run([sys.executable, RUN, *_args(model_dir, out, "student", **kw)], env=_env(),
+    again = subprocess.run([sys.executable, RUN, *_args(model_dir, out, "student", **kw)], env=one_process_env(),
                            capture_output=True, text=True)  # one rank now
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[resume]" in again.stdout
@@ -223,7 +219,7 @@ def test_killed_mpi_rank_stops_the_run_and_a_restart_on_one_rank_completes_ident
     assert not (out / "results.json").exists()
     assert (out / "blockap" / "block_0000.safetensors").exists()
     # same command, other number of ranks: reuses the finished blocks, says where each rank was, completes
-    again = subprocess.run([sys.executable, RUN, *_args(model_dir, out, "student", **kw)], env=_env(),
+    again = subprocess.run([sys.executable, RUN, *_args(model_dir, out, "student", **kw)], env=one_process_env(),
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert re.search(rf"^\[resume\] rank 1 \(pid {pid} on \S+\) was at block \d+ \(.*\) when the earlier run "
@@ -232,7 +228,7 @@ def test_killed_mpi_rank_stops_the_run_and_a_restart_on_one_rank_completes_ident
 
 
 def test_killed_rank_under_deepspeed_is_named_by_its_peer(model_dir, tmp_path):
-    env = _env()
+    env = one_process_env()
     out = tmp_path / "run"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            env["MASTER_PORT"], RUN, *_args(model_dir, out, "student", train_size=16, epochs=3)]
@@ -268,7 +264,7 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
 def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, tmp_path):
     """SIGINT to rank 1 while it waits for rank 0's stream: the run ends (MPI Abort), it does not hang."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=_env(),
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=one_process_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_as_default)
     _when_block_exists(proc, out, "block_0000.safetensors")
@@ -287,7 +283,7 @@ def test_a_stopped_mpi_rank_ends_the_run_within_the_peer_timeout_naming_it(model
     --peer-timeout, names it and where it was, and MPI ends both (the stopped one included)."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3,
-                                 extra=("--peer-timeout", "10")), env=_env(), stdout=subprocess.PIPE,
+                                 extra=("--peer-timeout", "10")), env=one_process_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _when_block_exists(proc, out, "block_0000.safetensors")
     pid = _rank_pid(str(out), 1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BUNDLED_EVAL, export_tensors, tiny_model
+from conftest import BUNDLED_EVAL, export_tensors, one_process_env, tiny_model
 from eqat_dist.e2e.ds_setup import load_ds_config
 from eqat_dist.e2e.trainer import warmup_cosine
 
@@ -51,11 +51,6 @@ def assert_same_but_scales_within_tolerance(run_a: Path, run_b: Path) -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(random.randint(20000, 40000)))
-
-
 @pytest.fixture(scope="module")
 def rtn_export(tmp_path_factory):
     """A tiny random Llama, round-to-nearest 2-bit, exported: what E2E-QP starts from."""
@@ -68,7 +63,7 @@ def rtn_export(tmp_path_factory):
     subprocess.run([sys.executable, RUN, "--model", str(base / "fp"), "--wbits", "2", "--group-size", "32",
                     "--output", str(base / "rtn"), "--epochs", "0", "--phase", "block-ap", "--eval-datasets", "news", "--zeroshot-tasks", "",
                     "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval", "--no-tensorboard"],
-                   check=True, env=_env(), capture_output=True)
+                   check=True, env=one_process_env(), capture_output=True)
     return base
 
 
@@ -82,13 +77,13 @@ def _e2e_args(rtn_export, out, extra=()):
 @pytest.fixture(scope="module")
 def one_rank(rtn_export):
     out = rtn_export / "one"
-    subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], check=True, env=_env(), capture_output=True)
+    subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], check=True, env=one_process_env(), capture_output=True)
     return out
 
 
 @pytest.mark.slow
 def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one_rank, tmp_path):
-    env = _env()
+    env = one_process_env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
            env["MASTER_PORT"], RUN, *_e2e_args(rtn_export, tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -118,7 +113,7 @@ def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one
 @pytest.mark.slow
 def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=_env(),
+    proc = subprocess.Popen([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=one_process_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not (out / "e2e_ckpt" / "step2").exists():
@@ -128,7 +123,7 @@ def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model.safetensors").exists()
-    result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=_env(), capture_output=True,
+    result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=one_process_env(), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-2000:]
     assert "resumed from" in result.stdout
@@ -152,7 +147,7 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path, bun
                     str(out), "--e2e-train-size", "4", "--e2e-seqlen", "64", "--e2e-global-batch", "4",
                     "--e2e-micro-batch", "2", "--e2e-epochs", "4", "--e2e-lr", "2e-3", "--e2e-warmup", "0",
                     "--ds-config", "zero3-offload",
-                    *common], check=True, env=_env(), capture_output=True)
+                    *common], check=True, env=one_process_env(), capture_output=True)
     results = json.loads((out / "results.json").read_text())
     losses = results["e2e"]["losses"]  # the same 4 windows every epoch
     assert losses[-1] < 0.9 * losses[0], losses
@@ -200,7 +195,7 @@ def test_whole_pipeline_on_two_deepspeed_ranks_matches_the_single_gpu_mode(rtn_e
             "--e2e-train-size", "8", "--e2e-seqlen", "32", "--e2e-global-batch", "4", "--e2e-lr", "1e-3",
             "--ds-config", "zero3", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "32",
             "--eval-max-windows", "1", "--skip-fp-eval", "--export-dtype", "float32"]
-    env = _env()
+    env = one_process_env()
     single = subprocess.run([sys.executable, RUN, "--single-gpu", "--output", str(tmp_path / "one"), *args], env=env,
                             capture_output=True, text=True)
     assert single.returncode == 0, single.stdout[-3000:]
@@ -257,11 +252,11 @@ def test_e2e_checkpoint_of_one_rank_resumes_on_two(rtn_export, one_rank, tmp_pat
     uninterrupted 1-rank run."""
     full = tmp_path / "full"
     subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, full, ["--e2e-keep-checkpoints", "0"])],
-                   check=True, env=_env(), capture_output=True)
+                   check=True, env=one_process_env(), capture_output=True)
     out = tmp_path / "moved"
     shutil.copytree(full / "e2e_ckpt" / "step2", out / "e2e_ckpt" / "step2")  # as if killed after step 2
     (out / "e2e_ckpt" / "latest").write_text("step2")
-    env = _env()
+    env = one_process_env()
     two = subprocess.run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
                           env["MASTER_PORT"], RUN, *_e2e_args(rtn_export, out)], env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stdout[-3000:]
@@ -279,7 +274,7 @@ def test_corrupt_e2e_checkpoint_is_reported_and_left_in_place(rtn_export, one_ra
     shutil.copytree(one_rank / "e2e_ckpt", out / "e2e_ckpt")
     shard = next((out / "e2e_ckpt" / "step4").glob("*optim_states.pt"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
-    result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=_env(), capture_output=True,
+    result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=one_process_env(), capture_output=True,
                             text=True)
     assert result.returncode != 0
     assert "cannot be loaded" in result.stderr and "delete" in result.stderr, result.stderr[-2000:]
@@ -294,7 +289,7 @@ def test_run_killed_in_e2e_before_its_first_checkpoint_goes_on_without_redoing_b
            "--e2e-seqlen", "32", "--e2e-global-batch", "4", "--e2e-save-every", "100", "--eval-datasets", "news",
            "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval",
            "--no-tensorboard", "--output", str(out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=one_process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # Block-AP finished, exported and evaluated; E2E-QP is starting
         if line.startswith("[e2e] global batch"):
             proc.kill()
@@ -302,7 +297,7 @@ def test_run_killed_in_e2e_before_its_first_checkpoint_goes_on_without_redoing_b
     proc.wait()
     first = json.loads((out / "results.json").read_text())
     assert "quantized" in first and "quantized_e2e" not in first and not (out / "e2e_ckpt" / "latest").exists()
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    again = subprocess.run(cmd, env=one_process_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[block-ap] finished earlier" in again.stdout and "[block-ap] 4 train" not in again.stdout
     final = json.loads((out / "results.json").read_text())
@@ -315,7 +310,7 @@ def test_e2e_checkpoint_resumes_only_into_the_same_settings(rtn_export, one_rank
     shutil.copytree(one_rank / "e2e_ckpt", out / "e2e_ckpt")
     args = _e2e_args(rtn_export, out)
     args[args.index("--e2e-lr") + 1] = "2e-3"
-    result = subprocess.run([sys.executable, RUN, *args], env=_env(), capture_output=True, text=True)
+    result = subprocess.run([sys.executable, RUN, *args], env=one_process_env(), capture_output=True, text=True)
     assert result.returncode != 0
     assert "other settings (lr: was 0.001, now 0.002)" in result.stderr, result.stderr[-2000:]
     assert not (out / "model.safetensors").exists()
@@ -326,7 +321,7 @@ def test_e2e_under_mpiexec_matches_one_rank(rtn_export, one_rank, tmp_path):
     """The MPI launcher: ranks come from the communicator, even over a stale RANK/WORLD_SIZE in the
     environment (which made both processes rank 0 of a world of 1)."""
     out = tmp_path / "mpi"
-    stale = dict(_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    stale = dict(one_process_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     result = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, RUN, *_e2e_args(rtn_export, out)],
                             env=stale, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -337,7 +332,7 @@ def test_e2e_under_mpiexec_matches_one_rank(rtn_export, one_rank, tmp_path):
 @pytest.mark.slow
 def test_a_rank_that_dies_in_e2e_stops_the_run_and_keeps_its_checkpoints(rtn_export, tmp_path):
     out = tmp_path / "dies"
-    env = _env()
+    env = one_process_env()
     args = _e2e_args(rtn_export, out, ["--e2e-train-size", "64"])  # 16 steps: time to kill one rank
     proc = subprocess.Popen([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
                              "--master_port", env["MASTER_PORT"], RUN, *args], env=env, stdout=subprocess.PIPE,
@@ -366,7 +361,7 @@ def test_a_bfloat16_run_keeps_16_bit_stores_and_float32_master_weights(rtn_expor
                            "32", "--dtype", "bfloat16", "--e2e-train-size", "8", "--e2e-seqlen", "32",
                            "--e2e-global-batch", "4", "--e2e-lr", "1e-3", "--eval-datasets", "news", "--zeroshot-tasks",
                            "", "--eval-seqlen", "32", "--eval-max-windows", "1", "--skip-fp-eval", "--no-tensorboard"],
-                          env=_env(), capture_output=True, text=True, timeout=900)
+                          env=one_process_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     train_bytes = 4 * 32 * 64 * 2  # windows x tokens x hidden x bf16
     assert re.search(rf"fp_train {train_bytes / 2**20:.1f} MiB", done.stdout), done.stdout[-2000:]
