@@ -9,6 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from .config.recipes import RECORD_ABSENT
 from .config.run_config import RunConfig, describe_differences
 from .run_folder import RunFolder
 
@@ -164,7 +165,7 @@ def finished_phases(cfg: RunConfig) -> set[str]:
     if results is None:
         return set()
     now = cfg.blockap_record()
-    detail = describe_differences(results.get("settings", {}), now, keys=list(now))
+    detail = describe_differences(results.get("settings", {}), now, keys=list(now), absent=RECORD_ABSENT)
     if detail:
         raise PreflightError(f"`output` {cfg.output} holds a run with other settings ({detail}); run with the "
                              "original settings to continue it, or pass `overwrite`, or choose another folder")

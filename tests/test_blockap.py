@@ -268,6 +268,10 @@ def test_other_settings_are_refused_on_resume(tmp_path):
     open_run(tmp_path, {"wbits": 2, "epochs": 2})
     with pytest.raises(ResumeError, match="epochs: was 2, now 3"):
         open_run(tmp_path, {"wbits": 2, "epochs": 3})
+    # a manifest from before a choice existed holds the paper's value of it
+    with pytest.raises(ResumeError, match="init: was 'minmax', now 'clip'"):
+        open_run(tmp_path, {"wbits": 2, "epochs": 2, "init": "clip"})
+    open_run(tmp_path, {"wbits": 2, "epochs": 2, "init": "minmax"})
 
 
 def test_tensorboard_gets_losses_lrs_and_block_figures(tmp_path):

@@ -71,6 +71,16 @@ def test_other_settings_in_the_output_folder_are_named(tmp_path):
         parse_args(_args(tmp_path))
 
 
+def test_a_recipe_choice_left_out_of_a_record_reads_as_the_papers(tmp_path):
+    """Records leave out init/loss at the paper's values: a run made with another choice is refused by a
+    command with the paper's (the key is only in the old record), and the message names the paper's value,
+    not None."""
+    _results_of_a_run(tmp_path, "quantized", init="clip", loss="huber")
+    with pytest.raises(UsageError, match="other settings \\(init: was 'clip', now 'minmax'; loss: was 'huber', now 'mse'\\)"):
+        parse_args(_args(tmp_path, "--recipe", "paper"))
+    assert blockap_already_done(parse_args(_args(tmp_path, "--recipe", "clip-huber")))
+
+
 def test_config_file_with_flag_override(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("wbits: 3\ngroup-size: 32\nepochs: 1\n")

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..config.recipes import RECORD_ABSENT
 from ..utils.compare import describe_differences
 
 from ..run_folder import MANIFEST  # noqa: F401  (named by the run folder's layout)
@@ -31,7 +32,7 @@ def open_run(folder: Path, settings: dict) -> None:
     manifest = folder / MANIFEST
     if manifest.exists():
         before = json.loads(manifest.read_text())
-        detail = describe_differences(before, settings)
+        detail = describe_differences(before, settings, absent=RECORD_ABSENT)
         if detail:
             raise ResumeError(f"{folder} holds blocks trained with other settings ({detail}). Run with the "
                               "original settings to resume, or pass `overwrite` to start again.")

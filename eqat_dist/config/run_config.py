@@ -16,6 +16,7 @@ from ..cluster.launch import Launch
 from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
 from ..utils.compare import describe_differences  # noqa: F401  (re-exported)
+from .recipes import RECORD_ABSENT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("all", "block-ap", "e2e", "eval")
@@ -175,10 +176,9 @@ class RunConfig:
                   "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
-        if self.quant.init != "minmax":  # absent for the paper's recipe: earlier records stay comparable
-            record["init"] = self.quant.init
-        if b.loss != "mse":
-            record["loss"] = b.loss
+        for key, value in (("init", self.quant.init), ("loss", b.loss)):
+            if value != RECORD_ABSENT[key]:  # absent at the paper's choice: earlier records stay comparable
+                record[key] = value
         if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}
         return record

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 
-def describe_differences(before: dict, now: dict, keys=None) -> str:
-    """'lr: was 0.001, now 0.002; ...' over `keys` (default: every key of either), '' when they agree."""
-    keys = set(before) | set(now) if keys is None else keys
-    return "; ".join(f"{k}: was {before.get(k)!r}, now {now.get(k)!r}"
-                     for k in sorted(keys) if before.get(k) != now.get(k))
+def describe_differences(before: dict, now: dict, keys=None, absent: dict | None = None) -> str:
+    """'lr: was 0.001, now 0.002; ...' over `keys` (default: every key of either), '' when they agree.
+    `absent`: what a key missing from a record stands for (records leave out choices at their old value)."""
+    absent = absent or {}
+    keys = set(before) | set(now) if keys is None else set(keys) | (set(before) & set(absent))
+    return "; ".join(f"{k}: was {before.get(k, absent.get(k))!r}, now {now.get(k, absent.get(k))!r}"
+                     for k in sorted(keys) if before.get(k, absent.get(k)) != now.get(k, absent.get(k)))
