@@ -25,7 +25,7 @@ def run(ranks: int, mode: str, bits: int, a, out: Path) -> dict:
            "--group-size", "64", "--output", str(out), "--overwrite", "--phase", "block-ap", "--epochs", str(a.epochs), "--train-size",
            str(a.train_size), "--val-size", str(a.val_size), "--seqlen", str(a.seqlen), "--quant-lr", str(a.quant_lr),
            "--weight-lr", str(a.weight_lr), "--student-input", mode, "--eval-datasets", "wiki", "--zeroshot-tasks", "", "--eval-seqlen",
-           "512", "--eval-max-windows", str(a.eval_windows), "--skip-fp-eval", "--no-tensorboard"]
+           "512", "--eval-max-windows", str(a.eval_windows), "--skip-fp-eval", "--no-tensorboard", "--recipe", "paper"]
     if ranks > 1:
         cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")

@@ -31,7 +31,8 @@ def _run(args: list[str], out: Path, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(random.randint(20000, 40000)))
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--output", str(out),
-           "--eval-datasets", "wiki", "--eval-seqlen", "512", "--zeroshot-tasks", "", "--no-tensorboard", *args]
+           "--eval-datasets", "wiki", "--eval-seqlen", "512", "--zeroshot-tasks", "", "--no-tensorboard", "--recipe", "paper",
+           *args]
     log = out.with_suffix(".log")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = {"synth-0.4b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8),
              "synth-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20)}
 BLOCKAP = ["--wbits", "2", "--group-size", "64", "--epochs", "1", "--train-size", "32", "--val-size", "4",
-           "--seqlen", "128", "--batch-size", "4"]
+           "--seqlen", "128", "--batch-size", "4", "--recipe", "paper"]
 E2E = ["--wbits", "2", "--group-size", "64", "--e2e-train-size", "4", "--e2e-seqlen", "128", "--e2e-global-batch",
        "2", "--e2e-micro-batch", "1", "--e2e-lr", "1e-4", "--e2e-save-every", "1000", "--ds-config", "zero3"]
 QUIET = ["--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard"]

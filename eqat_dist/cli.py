@@ -15,7 +15,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
 
 from .export.formats import ALL_FORMATS
 from .quant.config import INITS
-from .config.recipes import DEFAULT_RECIPE, RECIPES
+from .config.recipes import DEFAULT_RECIPES, RECIPES
 from .blockap.losses import LOSSES
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
 from .config.run_config import PHASES, STUDENT_INPUTS
@@ -33,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
     p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
     p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=list(RECIPES),
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="the method's choices as a bundle (config/recipes.py): paper = the paper's (min/max start, "
-                        "MSE), clip-huber = clip start and Huber loss (better at 2 bits, docs/benchmarks.md); "
-                        "--init and --loss override one choice")
+                        "MSE), clip-huber = clip start and Huber loss; default: the best measured at --wbits "
+                        f"({', '.join(f'{r} at {b} bits' for b, r in DEFAULT_RECIPES.items())}, else paper; "
+                        "docs/benchmarks.md); --init and --loss override one choice")
     p.add_argument("--init", default=None, choices=INITS,
                    help="how step sizes and zero points start: minmax (the paper's), clip (each group's range "
                         "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "

@@ -9,9 +9,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from .config.recipes import RECORD_ABSENT
 from .config.run_config import RunConfig, describe_differences
 from .run_folder import RunFolder
+from .utils.compare import recipe_hint
 
 
 class PreflightError(ValueError):
@@ -165,10 +165,11 @@ def finished_phases(cfg: RunConfig) -> set[str]:
     if results is None:
         return set()
     now = cfg.blockap_record()
-    detail = describe_differences(results.get("settings", {}), now, keys=list(now), absent=RECORD_ABSENT)
+    detail = describe_differences(results.get("settings", {}), now, keys=list(now))
     if detail:
         raise PreflightError(f"`output` {cfg.output} holds a run with other settings ({detail}); run with the "
-                             "original settings to continue it, or pass `overwrite`, or choose another folder")
+                             "original settings to continue it, or pass `overwrite`, or choose another folder"
+                             + recipe_hint(results.get("settings", {}), now))
     return {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}
 
 

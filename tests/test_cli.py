@@ -76,7 +76,8 @@ def test_a_recipe_choice_left_out_of_a_record_reads_as_the_papers(tmp_path):
     command with the paper's (the key is only in the old record), and the message names the paper's value,
     not None."""
     _results_of_a_run(tmp_path, "quantized", init="clip", loss="huber")
-    with pytest.raises(UsageError, match="other settings \\(init: was 'clip', now 'minmax'; loss: was 'huber', now 'mse'\\)"):
+    with pytest.raises(UsageError, match="other settings \\(init: was 'clip', now 'minmax'; loss: was 'huber', now 'mse'\\)"
+                                          ".*earlier default recipe continues with --recipe paper"):
         parse_args(_args(tmp_path, "--recipe", "paper"))
     assert blockap_already_done(parse_args(_args(tmp_path, "--recipe", "clip-huber")))
 
@@ -407,20 +408,28 @@ def test_each_line_of_output_is_one_write_even_when_python_is_unbuffered():
     os.close(read_end)
 
 
-def test_the_paper_recipe_is_the_papers_choices_and_one_flag_overrides_one_choice():
+def test_the_default_recipe_is_the_measured_best_at_its_bits_and_one_flag_overrides_one_choice():
     from eqat_dist.cli import parse_flags
     from eqat_dist.config.from_flags import settings_from_flags
 
     base = ["--model", "smollm2-135m", "--output", "/tmp/never-written"]
-    paper = settings_from_flags(parse_flags(base), world=1)
+
+    def settings(*extra):
+        return settings_from_flags(parse_flags([*base, *extra]), world=1)
+
+    paper = settings("--recipe", "paper")
     assert (paper.quant.init, paper.blockap.loss) == ("minmax", "mse")
-    assert settings_from_flags(parse_flags([*base, "--recipe", "paper"]), world=1) == paper
     # the paper's record has no key for these choices: runs and resumes from before them compare equal
     assert "init" not in paper.blockap_record() and "loss" not in paper.blockap_record()
-    mixed = settings_from_flags(parse_flags([*base, "--init", "clip", "--loss", "relative"]), world=1)
+    # at 2 bits (the default width) the default is clip-huber, measured better there (docs/benchmarks.md)
+    two_bits = settings()
+    assert (two_bits.quant.init, two_bits.blockap.loss) == ("clip", "huber")
+    assert two_bits == settings("--recipe", "clip-huber")
+    assert two_bits.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "huber"}
+    for bits in (3, 4):  # measured no better there: the paper's
+        assert settings("--wbits", str(bits)) == settings("--wbits", str(bits), "--recipe", "paper")
+    mixed = settings("--recipe", "paper", "--init", "clip", "--loss", "relative")
     assert (mixed.quant.init, mixed.blockap.loss) == ("clip", "relative")
-    assert mixed.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "relative"}
-    robust = settings_from_flags(parse_flags([*base, "--recipe", "clip-huber"]), world=1)
-    assert (robust.quant.init, robust.blockap.loss) == ("clip", "huber")
-    overridden = settings_from_flags(parse_flags([*base, "--recipe", "clip-huber", "--loss", "mse"]), world=1)
+    overridden = settings("--loss", "mse")  # one choice of the 2-bit default changed, the other kept
     assert (overridden.quant.init, overridden.blockap.loss) == ("clip", "mse")
+    assert settings("--wbits", "3", "--init", "clip").blockap.loss == "mse"

@@ -10,8 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..config.recipes import RECORD_ABSENT
-from ..utils.compare import describe_differences
+from ..utils.compare import describe_differences, recipe_hint
 
 from ..run_folder import MANIFEST  # noqa: F401  (named by the run folder's layout)
 
@@ -32,10 +31,11 @@ def open_run(folder: Path, settings: dict) -> None:
     manifest = folder / MANIFEST
     if manifest.exists():
         before = json.loads(manifest.read_text())
-        detail = describe_differences(before, settings, absent=RECORD_ABSENT)
+        detail = describe_differences(before, settings)
         if detail:
             raise ResumeError(f"{folder} holds blocks trained with other settings ({detail}). Run with the "
-                              "original settings to resume, or pass `overwrite` to start again.")
+                              "original settings to resume, or pass `overwrite` to start again"
+                              + recipe_hint(before, settings) + ".")
     else:
         _atomic_write_text(manifest, json.dumps(settings, indent=2, sort_keys=True))
 

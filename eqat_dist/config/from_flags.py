@@ -59,7 +59,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
     if not flags.model:
         raise ConfigError("`model` is required (a hub id, a folder, a .gguf file or smollm2-135m)")
     try:
-        quant = QuantConfig(flags.wbits, flags.group_size, recipe_choice(flags.recipe, "init", flags.init))
+        quant = QuantConfig(flags.wbits, flags.group_size, recipe_choice(flags.recipe, flags.wbits, "init", flags.init))
     except QuantConfigError as err:
         raise ConfigError(str(err)) from err
     _at_least(flags, 0, "epochs", "train_size", "val_size", "e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints")
@@ -109,7 +109,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
         max_grad_norm=flags.max_grad_norm, train_norms=not flags.no_train_norms, calib_dataset=flags.calib_dataset,
         student_input=student_input, correction_fraction=correction, correction_lr=correction_lr,
-        data_parallel=data_parallel, loss=recipe_choice(flags.recipe, "loss", flags.loss))
+        data_parallel=data_parallel, loss=recipe_choice(flags.recipe, flags.wbits, "loss", flags.loss))
     e2e = E2EConfig(
         epochs=flags.e2e_epochs, train_size=flags.e2e_train_size, seqlen=flags.e2e_seqlen,
         global_batch=flags.e2e_global_batch, micro_batch=flags.e2e_micro_batch, lr=e2e_lr, warmup=flags.e2e_warmup,

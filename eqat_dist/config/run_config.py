@@ -15,8 +15,7 @@ import torch
 from ..cluster.launch import Launch
 from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
-from ..utils.compare import describe_differences  # noqa: F401  (re-exported)
-from .recipes import RECORD_ABSENT
+from ..utils.compare import PAPER_CHOICES, describe_differences  # noqa: F401  (re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("all", "block-ap", "e2e", "eval")
@@ -177,7 +176,7 @@ class RunConfig:
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
         for key, value in (("init", self.quant.init), ("loss", b.loss)):
-            if value != RECORD_ABSENT[key]:  # absent at the paper's choice: earlier records stay comparable
+            if value != PAPER_CHOICES[key]:  # absent at the paper's choice: earlier records stay comparable
                 record[key] = value
         if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}

@@ -59,7 +59,8 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                              prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0)
         if transport.rank == 0:
             print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {b.seqlen} tokens from "
-                  f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, "
+                  f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, {qcfg.init} start, "
+                  f"{b.loss} loss, "
                   f"student input: {b.student_input}, {transport.world} rank(s) over {transport.kind}"
                   + (f" in {b.groups(transport.world)} group(s) of {b.data_parallel} (data parallel)"
                      if b.data_parallel > 1 else ""), flush=True)
