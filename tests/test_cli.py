@@ -430,6 +430,7 @@ def test_the_default_recipe_is_the_measured_best_at_its_bits_and_one_flag_overri
         assert settings("--wbits", str(bits)) == settings("--wbits", str(bits), "--recipe", "paper")
     mixed = settings("--recipe", "paper", "--init", "clip", "--loss", "relative")
     assert (mixed.quant.init, mixed.blockap.loss) == ("clip", "relative")
+    assert mixed.blockap_record() == paper.blockap_record() | {"init": "clip", "loss": "relative"}
     overridden = settings("--loss", "mse")  # one choice of the 2-bit default changed, the other kept
     assert (overridden.quant.init, overridden.blockap.loss) == ("clip", "mse")
     assert settings("--wbits", "3", "--init", "clip").blockap.loss == "mse"

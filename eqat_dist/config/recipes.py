@@ -23,4 +23,3 @@ def default_recipe(bits: int) -> str:
 def recipe_choice(recipe: str | None, bits: int, setting: str, asked):
     """The value of `setting`: what the user asked, else the recipe's (None: the default at `bits`)."""
     return asked if asked is not None else RECIPES[recipe or default_recipe(bits)][setting]
-
