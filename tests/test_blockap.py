@@ -351,7 +351,8 @@ def test_each_schedule_holds_the_stores_it_describes_and_the_planner_counts_them
                 StreamSpec("cpu", torch.float32, tmp_path / "acts"), name, log=said.append)
     stores = re.findall(r"(\w+?)_(train|val) \d", next(line for line in said if "activation stores" in line))
     schedule = schedule_named(name)
-    assert len(stores) == 2 * schedule.stores_per_split == 2 * Settings(student_input=name).schedule.stores_per_split
+    assert len(stores) == 2 * schedule.stores_per_split(groups=1) == 2 * Settings(student_input=name).schedule.stores_per_split(1)
+    assert schedule.stores_per_split(groups=2) == len(stores) // 2 - (name == "pipelined")  # q in the fp input's store
     names = {n for n, _ in stores}
     assert ("q" in names) == schedule.keeps_quantized_stream and ("fp_out" in names) != schedule.fp_stream_in_place
 

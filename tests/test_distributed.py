@@ -96,10 +96,14 @@ def test_student_mode_two_mpi_ranks_equal_the_single_process_paper_mode(model_di
 
 
 def test_pipelined_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references, tmp_path):
-    """The quantized stream's receive is posted early and lands in the store while the fp phase trains."""
+    """Across ranks the quantized stream lands, at the switch, in the store of the fp input the block no
+    longer reads: two stores per split, not the three one rank holds, and the same run."""
     result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "pipelined"), env=one_process_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    for rank in (0, 1):
+        line = re.search(rf"^\[rank {rank}/2\] .*activation stores on cpu: (.*); total", result.stdout, re.M)
+        assert line and re.findall(r"(\w+?)_(?:train|val) \d", line[1]) == ["fp", "fp", "fp_out", "fp_out"], line
     assert _same_model(references / "pipelined", tmp_path / "out")
     assert not _same_model(references / "student", tmp_path / "out")
     assert not _same_model(references / "teacher", tmp_path / "out")

@@ -234,12 +234,12 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
         feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device))  # the next batch copies during this one
         for position, this_step in enumerate(epoch_steps):
             if step == switch_at and switch is not None:
+                feed.close()  # no batch of the old inputs is read any more: the new may land in their store
                 waited = time.perf_counter()
                 inputs, val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
                 report.loss_at_switch = loss_on(check_in, check_out)
-                feed.close()
                 feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device))
             optimizer.zero_grad(set_to_none=True)
             if this_step.rows:

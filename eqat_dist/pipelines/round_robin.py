@@ -11,9 +11,9 @@ The full-precision ("teacher") stream flows from group to group in chunks: the o
 the fp block on each chunk of its input as it arrives and sends the result on to the owner of block i+1
 at once (non-blocking), so every group starts early; rank d of a group hands its share to rank d of the
 next. A schedule that keeps the quantized stream advances it with the finished block and hands it on;
-it is received before training (student) or posted when the block starts, so that the rank sending it
-never waits for this one's fp phase to end (pipelined). Streams are updated in place where the schedule
-allows.
+it is received before training (student) or at the switch (pipelined), into the fp input's store, whose
+rows the block no longer reads then (two stores, not three; the sender waits at most until the switch).
+Streams are updated in place where the schedule allows.
 """
 from __future__ import annotations
 
@@ -107,8 +107,10 @@ class _Rank:
         # per split: the fp stream's input and output (one store when in place), the quantized stream
         self.fp_in = stores("fp_in")
         self.fp_out = self.fp_in if schedule.fp_stream_in_place else stores("fp_out")
-        self.q = stores("q") if schedule.keeps_quantized_stream else None
-        self.posted = []  # receives of the quantized stream posted when the block starts
+        self.shared_q = schedule.shares_fp_input(self.groups)
+        self.q = self.fp_in if self.shared_q else stores("q") if schedule.keeps_quantized_stream else None
+        self.q_due = None  # the block whose quantized stream comes into the fp input's store at the switch
+        self.posted = []  # receives of the quantized stream posted early
         self.start = time.time()
         self.wait_s = 0.0
 
@@ -117,7 +119,7 @@ class _Rank:
         named = {f"fp_{k}": s for k, s in self.fp_in.items()}
         if not self.schedule.fp_stream_in_place:
             named |= {f"fp_out_{k}": s for k, s in self.fp_out.items()}
-        if self.q is not None:
+        if self.q is not None and not self.shared_q:
             named |= {f"q_{k}": s for k, s in self.q.items()}
         return named
 
@@ -157,7 +159,7 @@ class _Rank:
                 if i == 0:
                     for c, d in _chunks(b - a, self.batch_size):
                         fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
-                    if self.q is not None:  # the student stream starts from the same embeddings
+                    if self.q is not None and not self.shared_q:  # the student stream starts from the same embeddings
                         self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
                 elif remote_in:
                     self._recv_into(fp_in, a, b, src, _tag(i, 0, s))
@@ -176,9 +178,14 @@ class _Rank:
 
     def post_student_stream(self, i: int) -> None:
         """Receive block i's quantized input while its fp phase trains (pipelined; straight into the
-        store's memory when it is in host memory or on disk)."""
+        store's memory when it is in host memory or on disk); into the fp input's store, only once the fp
+        phase is over (student_stream_ready)."""
         if not self.schedule.receives_quantized_early or i == 0 or self.groups == 1:
             return
+        if self.shared_q and self.q_due is None:
+            self.q_due = i
+            return
+        self.q_due = None
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
                 rows = self.q[k].host_rows(a, b)
@@ -188,6 +195,8 @@ class _Rank:
 
     def student_stream_ready(self) -> dict:
         """The quantized stream is in (waits for receives posted early); returns its stores."""
+        if self.q_due is not None:  # the fp input is spent: the stream may land in its store now
+            self.post_student_stream(self.q_due)
         if self.posted:
             t0 = time.time()
             self.transport.wait_recvs([h for *_, h in self.posted])

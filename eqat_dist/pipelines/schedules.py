@@ -13,6 +13,11 @@ fp block's output on it. They differ in the student's input:
 
 A schedule says which stores a rank holds per split (train, val), which store each role uses, when the
 quantized stream is received, and from which step a block trains on it.
+
+Pipelined over several groups holds two stores per split, not three: its fp input is spent once the block
+switches to the quantized stream, so that stream is received into the fp input's store at the switch
+(the rank sending it waits at most until then; at the default correction share, 1/G, the switch comes
+as the previous block ends). At 70B that is 65 GiB less host memory per rank (planning/estimate.py).
 """
 from __future__ import annotations
 
@@ -29,13 +34,20 @@ class Schedule:
     summary: ClassVar[str] = ""
     keeps_quantized_stream: ClassVar[bool] = True  # the quantized stream is advanced and handed on
     fp_stream_in_place: ClassVar[bool] = False  # the fp block's output overwrites its input: one fp store
-    receives_quantized_early: ClassVar[bool] = False  # posted when the block starts, awaited at the switch
+    receives_quantized_early: ClassVar[bool] = False  # trains on the fp stream first, awaits the quantized one at the switch
+    quantized_into_fp_input: ClassVar[bool] = False  # with several groups: received into the spent fp input's store
     has_correction: ClassVar[bool] = False  # its correction share (and the learning rate through it) is a setting
 
-    @property
-    def stores_per_split(self) -> int:
-        """Activation stores a rank holds per split: fp input, fp output unless in place, quantized stream."""
-        return 1 + (not self.fp_stream_in_place) + self.keeps_quantized_stream
+    def shares_fp_input(self, groups: int) -> bool:
+        """Whether the quantized stream lands in the fp input's store: only across groups (one group keeps
+        the quantized stream in place from block to block, while the fp stream moves through its input)."""
+        return self.quantized_into_fp_input and self.keeps_quantized_stream and groups > 1
+
+    def stores_per_split(self, groups: int = 1) -> int:
+        """Activation stores a rank holds per split over `groups` groups: fp input, fp output unless in
+        place, the quantized stream unless it lands in the fp input's store."""
+        separate_q = self.keeps_quantized_stream and not self.shares_fp_input(groups)
+        return 1 + (not self.fp_stream_in_place) + separate_q
 
     @property
     def starts_on_quantized_stream(self) -> bool:
@@ -75,6 +87,7 @@ class Pipelined(Schedule):
     summary: ClassVar[str] = ("full-precision stream first, the quantized stream for the last --correction-fraction "
                               "of each block's steps (concurrent up to that part)")
     receives_quantized_early: ClassVar[bool] = True
+    quantized_into_fp_input: ClassVar[bool] = True
     has_correction: ClassVar[bool] = True
 
     def switch_at(self, total_steps: int) -> int | None:

@@ -164,7 +164,7 @@ def pinned_staging(a: Arch, s: Settings) -> float:
     two per store a batch reads (training reads input and target; a stream pass one), and two per
     store the GPU writes rows into (written behind), each of one batch's rows."""
     batch = pinned_block(s.batch_size // s.width * s.seqlen * a.hidden * s.act_bytes)
-    written = s.schedule.stores_per_split * 2  # stores per split x splits
+    written = s.schedule.stores_per_split(s.groups) * 2  # stores per split x splits
     return batch * (2 * 2 + 2 * 1 + 2 * written)
 
 
@@ -178,9 +178,9 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     width = s.width
     tokens = s.batch_size // width * s.seqlen  # this rank's share of a step
     # this rank's share of the windows (blockap/lanes.py: the largest share), in each of the schedule's
-    # stores per split (fp in, fp out unless in place, quantized stream), train + val
+    # stores per split (fp in, fp out unless in place, quantized stream unless in the fp input's), train + val
     train, val = lane_share(s.train_size, s.batch_size, width), lane_share(s.val_size, s.batch_size, width)
-    store = s.schedule.stores_per_split * (train + val) * s.seqlen * a.hidden * s.act_bytes
+    store = s.schedule.stores_per_split(s.groups) * (train + val) * s.seqlen * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": block * 4,
         "student weights, grads, Adam (float32)": linear * 16 + 2 * groups * 16 + 2 * a.hidden * 16,

@@ -12,7 +12,9 @@ blocks in order, and for each:
      which it first waits for; pipelined mode the first (1 - c) of the steps on the fp stream, then
      waits for the quantized stream (block i-1 finished and advanced) and trains the last c;
   3. student/pipelined: runs the finished block over the quantized stream and sends it on.
-The quantized stream's receive is posted early (pipelined), so a sender never waits for its receiver.
+Pipelined across ranks receives the quantized stream into its spent fp input's store at the switch
+(schedules.py): the transfer starts when both sides are there, and the sender's next block waits for it
+(its own stream is in that store).
 """
 from __future__ import annotations
 
@@ -48,9 +50,15 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockT
             end = free[r] = fp_done + t.train
             continue
         first = fp_done + (1 - c) * t.train
-        second = max(first, q_out if i else 0.0) + c * t.train
+        if i and schedule.shares_fp_input(ranks):  # sent once this rank is at its switch; the sender then free
+            q_in = max(first, q_out) + hop
+            sender = (i - 1) % ranks
+            free[sender] = max(free[sender], q_in)
+        else:  # received ahead (posted early, or before training)
+            q_in = q_out + (hop if i and (i - 1) % ranks != r else 0.0) if i else 0.0
+        second = max(first, q_in) + c * t.train
         end = free[r] = second + t.forward  # the finished block advances the quantized stream
-        q_out = end + (hop if (i + 1) % ranks != r else 0.0)
+        q_out = end
     return end
 
 
