@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
                    help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
     p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
+    p.add_argument("--activations-on-gpu", type=float, default=None, metavar="GIB",
+                   help="GiB per rank of the host (or disk) activation stores to keep on the GPU, in the memory a "
+                        "block's training leaves free (default: 0, or what keeps the stores in host memory when "
+                        "they would not fit it otherwise)")
     p.add_argument("--host-memory-budget", type=float, default=None,
                    help="GiB of host memory per node the run may use; without --activations the stores go to "
                         "disk when in memory they would exceed it (default: 90%% of this machine's memory)")

@@ -141,14 +141,15 @@ def _folder(tmp, layers):
     return folder
 
 
-def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None, correction=0.5):
+def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, monitor=None, correction=0.5,
+         device_bytes=0.0, log=lambda *a: None):
     """Block-AP on a saved copy of `model` (a tiny Llama of seed 0); returns the assembled quantized model."""
     layers = len(decoder_layers(model))
     folder = _folder(tmp, layers)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     run_blockap(LazyModel(str(folder)), CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
-                StreamSpec(placement, torch.float32, tmp / "acts"), student_input, monitor=monitor, log=lambda *a: None,
-                correction=correction)
+                StreamSpec(placement, torch.float32, tmp / "acts", device_bytes=device_bytes), student_input,
+                monitor=monitor, log=log, correction=correction)
     quantized, _ = assemble(LazyModel(str(folder)), CFG, tmp / "ckpt")
     return quantized
 
@@ -239,6 +240,33 @@ def test_disk_and_cpu_stores_give_identical_models(tmp_path):
     sa, sb = _packed_state(a), _packed_state(b)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not list((tmp_path / "disk" / "acts").glob("*.bin"))  # temporary files removed
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+@pytest.mark.parametrize("student_input", ["student", "pipelined"])
+def test_stores_with_rows_kept_on_the_device_give_identical_models(tmp_path, placement, student_input, monkeypatch):
+    """`activations_on_gpu`: half of every store's rows on the compute device (a CPU tensor here), the
+    rest where the placement says: every read, write and stream pass goes across both, the same model."""
+    from eqat_dist.pipelines import round_robin
+
+    said, made = [], []
+
+    class Recorded(round_robin.ActivationStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self.count, self.device_rows))
+
+    row = 32 * 64 * 4  # seqlen x hidden x float32 of the tiny model
+    stores = 2 if student_input == "student" else 3  # per split: fp (in place) or fp in and out, and q
+    with monkeypatch.context() as patched:
+        patched.setattr(round_robin, "ActivationStore", Recorded)
+        a = _run(tiny_model("llama", layers=2), tmp_path / "split", placement, student_input,
+                 device_bytes=0.5 * stores * 6 * row, log=said.append)  # 4 train + 2 val rows per store
+    assert sorted(made) == sorted([(4, 2), (2, 1)] * stores)
+    b = _run(tiny_model("llama", layers=2), tmp_path / "ref", placement, student_input)
+    sa, sb = _packed_state(a), _packed_state(b)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert next(line for line in said if "activation stores" in line).endswith("MiB of it on the GPU)")
 
 
 def test_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):

@@ -188,6 +188,9 @@ def test_overwrite_never_deletes_a_folder_that_is_not_an_eqat_dist_run_nor_the_m
     (["--e2e-lr=-1e-4"], "--e2e-lr -0.0001 must be a finite number >= 0"),
     (["--correction-fraction", "1.5"], "--correction-fraction must be between 0 and 1"),
     (["--peer-timeout", "1"], "--peer-timeout must be >= 5 seconds"),
+    (["--activations-on-gpu=-1"], "--activations-on-gpu must be >= 0"),
+    (["--activations-on-gpu", "4", "--activations", "gpu"], "--activations gpu keeps every store on the GPU already"),
+    (["--activations-on-gpu", "4"], "--activations-on-gpu keeps part of the stores on a GPU and needs a CUDA device"),
     (["--init", "gptq", "--epochs", "0"], "--init gptq starts Block-AP from GPTQ on its calibration windows, and --epochs 0"),
     (["--e2e-data", "missing.jsonl"], "--e2e-data: data file missing.jsonl does not exist"),
 ])

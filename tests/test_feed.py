@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from eqat_dist.blockap.feed import Feed, Uploader
-from eqat_dist.blockap.stores import ActivationStore, remove_stale_stores, store_prefix
+from eqat_dist.blockap.stores import ActivationStore, describe_memory, remove_stale_stores, store_prefix
 
 
-def _filled(placement, tmp_path, count=12, dtype=torch.float32, name="s"):
-    store = ActivationStore(count, 4, 8, dtype, placement, torch.device("cpu"), tmp_path, name)
+def _filled(placement, tmp_path, count=12, dtype=torch.float32, name="s", device_rows=0):
+    store = ActivationStore(count, 4, 8, dtype, placement, torch.device("cpu"), tmp_path, name, device_rows)
     data = torch.randn(count, 4, 8).to(dtype)
     store.put(list(range(count)), data)
     return store, data
@@ -30,6 +30,38 @@ def test_host_stores_read_any_rows_in_the_order_asked(placement, dtype, tmp_path
         assert torch.equal(store.get(index), data[index])
     store.put([2, 8], data[[2, 8]] * 2)  # scattered writes
     assert torch.equal(store.get([2, 8]), data[[2, 8]] * 2)
+    store.close()
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+def test_a_store_with_rows_on_the_device_reads_and_writes_as_one(placement, tmp_path):
+    """Its first rows live on the compute device (a CPU tensor here), the others in host memory or on
+    disk, which hold only those (host memory / the file shrink by the device rows); every read and write
+    across the boundary is bit-exact, in the order asked, and a transfer's host view is refused (None)
+    where it would span device rows."""
+    store, data = _filled(placement, tmp_path, device_rows=5)
+    assert store.device_nbytes == 5 * 4 * 8 * 4 and store.on_host
+    if placement == "cpu":
+        assert store._data.shape[0] == 7
+    else:
+        assert store._file.stat().st_size == 7 * 4 * 8 * 4
+    for index in ([3, 4, 5, 9], [11, 0, 1, 2, 7], [6], [5, 4, 3], [1, 0]):
+        assert torch.equal(store.get(index), data[index])
+        host = store.rows_on_host(index)
+        assert host == [r for r in index if r >= 5]
+        staged = store.read_into(host, torch.empty(len(host), 4, 8)) if host else None
+        assert torch.equal(store.with_device_rows(index, staged), data[index])
+    with pytest.raises(ValueError, match="host rows only"):
+        store.read_into([4, 5], torch.empty(2, 4, 8))
+    assert store.host_rows(3, 8) is None and torch.equal(store.host_rows(5, 9), data[5:9])
+    store.host_rows(6, 8).copy_(data[6:8] + 1)  # a receive lands in the host view
+    store.put([0, 9, 4, 5], data[[0, 9, 4, 5]] * 3)  # scattered writes on both sides
+    data[6:8] += 1
+    data[[0, 9, 4, 5]] *= 3
+    assert torch.equal(store.get(list(range(12))), data)
+    feed = Feed([store], [[4, 5, 6], [0, 1], [11, 2, 7]], "cpu", uploader=SpyUploader())
+    assert all(torch.equal(xb, data[b]) for (xb,), b in zip(feed, [[4, 5, 6], [0, 1], [11, 2, 7]]))
+    assert describe_memory({"x": store}).endswith("(0.0 MiB of it on the GPU)")
     store.close()
 
 

@@ -4,7 +4,8 @@ while the current one computes.
 For host and disk stores on a GPU: a helper thread gathers (or reads from disk) the next batch's rows
 into one of two pinned staging buffers per store and starts its host-to-device copy on a copy stream;
 the compute stream waits for that copy only when it uses the batch. A staging buffer is refilled only
-once the copy out of it has finished. GPU stores are indexed on the device directly. Without a GPU the
+once the copy out of it has finished. GPU stores are indexed on the device directly, and so are the
+rows a host store keeps on the device (stores.py: only its other rows are staged). Without a GPU the
 rows are read in the calling thread, batch by batch: there the copies and the compute share the same
 cores, and a helper thread only slows the compute's OpenMP threads down.
 """
@@ -75,13 +76,14 @@ class Feed:
             self.uploader.copied(self._slot_events[slot])
         moved, event = [], None
         for i, (store, host) in enumerate(zip(self.stores, self.host)):
-            if not host:
+            staged = store.rows_on_host(index) if host else []
+            if not staged:
                 moved.append(None)
                 continue
             buffer = self._slots[slot][i]
             if buffer is None or buffer.shape[0] < len(index):
                 buffer = self._slots[slot][i] = self.uploader.staging((len(index), *store.shape), store.dtype)
-            rows = store.read_into(index, buffer[:len(index)])
+            rows = store.read_into(staged, buffer[:len(staged)])
             tensor, event = self.uploader.upload(rows)
             moved.append(tensor)
         self._slot_events[slot] = event
@@ -112,8 +114,9 @@ class Feed:
         moved, event = ready
         if event is not None:
             self.uploader.use([t for t in moved if t is not None], event)
-        # a GPU store's rows (None here) are indexed on the device
-        return tuple(store.get(index) if tensor is None else tensor for store, tensor in zip(self.stores, moved))
+        # a GPU store's rows (None here) are indexed on the device, a host store's device rows added
+        return tuple(store.get(index) if tensor is None else store.with_device_rows(index, tensor)
+                     for store, tensor in zip(self.stores, moved))
 
 
 def batches_of(count: int, batch_size: int) -> list[list[int]]:

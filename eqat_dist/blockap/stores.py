@@ -10,6 +10,11 @@ the writes before it (`flush`).
 
 Disk stores have fixed file names per run and rank, so a resumed run reuses the files of the run it
 resumes instead of adding new ones (at 70B a node's stores are terabytes).
+
+A host or disk store may keep its first `device_rows` rows on the compute device (`activations_on_gpu`):
+the GPU memory a block's training leaves free holds part of the stores, and host memory the rest (at 70B
+on 8 x 80 GB with 1 TiB that is what keeps the stores out of disk). Those rows are read and written on
+the device; a batch is put together from both parts.
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ class ActivationStore:
     """`count` activations of shape [seqlen, hidden], read and written by rows."""
 
     def __init__(self, count: int, seqlen: int, hidden: int, dtype: torch.dtype, placement: str,
-                 device: torch.device, disk_dir: str | os.PathLike | None = None, name: str = "store"):
+                 device: torch.device, disk_dir: str | os.PathLike | None = None, name: str = "store",
+                 device_rows: int = 0):
         if placement not in PLACEMENTS:
             raise ValueError(f"activation placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
         if placement == "gpu" and torch.device(device).type == "cpu":
@@ -71,17 +77,22 @@ class ActivationStore:
         self._slots: list[torch.Tensor | None] = [None, None]  # pinned buffers the rows are copied into
         self._slot_writes: list[Future | None] = [None, None]  # each buffer's last store
         self._next_slot = 0
+        # rows 0 .. device_rows - 1 live on the device (host stores only); the host holds the others, from 0
+        self.device_rows = 0 if placement == "gpu" else max(0, min(int(device_rows), count))
+        self._head = (torch.empty(self.device_rows, seqlen, hidden, dtype=dtype, device=device)
+                      if self.device_rows else None)
+        host_count = count - self.device_rows
         if placement == "gpu":
             self._data = torch.empty(count, seqlen, hidden, dtype=dtype, device=device)
         elif placement == "cpu":
-            self._data = torch.empty(count, seqlen, hidden, dtype=dtype)
+            self._data = torch.empty(host_count, seqlen, hidden, dtype=dtype)
         else:
             folder = Path(disk_dir or tempfile.gettempdir())
             folder.mkdir(parents=True, exist_ok=True)
             self._file = folder / f"{name}.bin"
             self._fd = os.open(self._file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(self._fd, max(count, 1) * self._item_bytes)  # sparse until written
-            self._mm = np.memmap(self._file, dtype=np.uint8, mode="r+", shape=(max(count, 1), self._item_bytes))
+            os.ftruncate(self._fd, max(host_count, 1) * self._item_bytes)  # sparse until written
+            self._mm = np.memmap(self._file, dtype=np.uint8, mode="r+", shape=(max(host_count, 1), self._item_bytes))
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +100,29 @@ class ActivationStore:
 
     @property
     def on_host(self) -> bool:
-        return self.placement != "gpu"
+        """Whether any of its rows live in host memory or on disk (read through staging buffers)."""
+        return self.placement != "gpu" and self.device_rows < self.count
+
+    @property
+    def device_nbytes(self) -> int:
+        return (self.count if self.placement == "gpu" else self.device_rows) * self._item_bytes
+
+    def rows_on_host(self, index: list[int]) -> list[int]:
+        """The rows of `index` kept in host memory or on disk, in order."""
+        return [r for r in index if r >= self.device_rows] if self.device_rows else list(index)
+
+    def with_device_rows(self, index: list[int], host_part: torch.Tensor | None) -> torch.Tensor:
+        """Rows `index` on the device, from `host_part` (rows_on_host(index), already on the device) and
+        the rows kept there."""
+        if not self.device_rows:
+            return host_part
+        out = torch.empty(len(index), *self.shape, dtype=self.dtype, device=self._head.device)
+        on_device = [p for p, r in enumerate(index) if r < self.device_rows]
+        if on_device:
+            out[on_device] = self._head[[index[p] for p in on_device]]
+        if len(on_device) < len(index):
+            out[[p for p, r in enumerate(index) if r >= self.device_rows]] = host_part.to(out.device)
+        return out
 
     def __len__(self) -> int:
         return self.count
@@ -97,8 +130,13 @@ class ActivationStore:
     # -- reading ---------------------------------------------------------------------------------
     def read_into(self, index: list[int], out: torch.Tensor) -> torch.Tensor:
         """Host rows `index` into the host tensor `out` ([len(index), seqlen, hidden], contiguous):
-        a gather for memory stores, one positioned read per run of consecutive rows for disk stores."""
+        a gather for memory stores, one positioned read per run of consecutive rows for disk stores.
+        Every row must be one the host holds (rows_on_host)."""
         self.flush()
+        if self.device_rows:
+            if index and min(index) < self.device_rows:
+                raise ValueError("read_into reads host rows only; rows below device_rows live on the device")
+            index = [r - self.device_rows for r in index]
         if self.placement == "cpu":
             torch.index_select(self._data, 0, torch.tensor(index, dtype=torch.long), out=out)
         elif self.placement == "disk":
@@ -122,13 +160,17 @@ class ActivationStore:
         if self.placement == "gpu":
             self.flush()
             return self._data[index]
-        rows = self.read_into(index, torch.empty(len(index), *self.shape, dtype=self.dtype))
-        return rows.to(self.device)
+        host = self.rows_on_host(index)
+        rows = self.read_into(host, torch.empty(len(host), *self.shape, dtype=self.dtype)).to(self.device) if host else None
+        return self.with_device_rows(index, rows)
 
     def host_rows(self, a: int, b: int) -> torch.Tensor | None:
         """Rows a..b as a CPU tensor sharing the store's memory (a receive lands there directly, a send
-        reads from there), or None when the rows live on a GPU. Pending writes are finished first."""
+        reads from there), or None when any of them lives on a GPU. Pending writes are finished first."""
         self.flush()
+        if a < self.device_rows:
+            return None
+        a, b = a - self.device_rows, b - self.device_rows
         if self.placement == "cpu":
             return self._data[a:b]
         if self.placement == "disk":
@@ -141,7 +183,18 @@ class ActivationStore:
         values = values.detach().to(self.dtype)
         if self.placement == "gpu":
             self._data[index] = values.to(self._data.device)
-        elif values.is_cuda:
+            return
+        if self.device_rows:
+            on_device = [p for p, r in enumerate(index) if r < self.device_rows]
+            if on_device:
+                self._head[[index[p] for p in on_device]] = values[on_device].to(self._head.device)
+            if len(on_device) == len(index):
+                return
+            if on_device:
+                keep = [p for p, r in enumerate(index) if r >= self.device_rows]
+                index, values = [index[p] for p in keep], values[keep]
+            index = [r - self.device_rows for r in index]  # host positions from here on
+        if values.is_cuda:
             self._write_behind(index, values)
         else:
             self._write(index, values.contiguous())
@@ -201,6 +254,7 @@ class ActivationStore:
                 self._writer.shutdown(wait=True)
                 self._writer = None
             self._slots = [None, None]
+            self._head = None
             if self._file is not None:
                 del self._mm
                 os.close(self._fd)
@@ -220,4 +274,6 @@ def describe_memory(stores: dict[str, "ActivationStore"]) -> str:
     total = sum(s.nbytes for s in stores.values())
     parts = ", ".join(f"{name} {s.nbytes / 2**20:.1f} MiB" for name, s in stores.items())
     place = next(iter(stores.values())).placement if stores else "-"
-    return f"activation stores on {place}: {parts}; total {total / 2**30:.3f} GiB"
+    on_device = sum(s.device_nbytes for s in stores.values())
+    split = f" ({on_device / 2**20:.1f} MiB of it on the GPU)" if on_device and place != "gpu" else ""
+    return f"activation stores on {place}: {parts}; total {total / 2**30:.3f} GiB{split}"

@@ -74,6 +74,10 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
         raise ConfigError("`peer_timeout` must be >= 5 seconds")
     if flags.correction_fraction is not None and not 0 <= flags.correction_fraction <= 1:
         raise ConfigError("`correction_fraction` must be between 0 and 1 (the share of steps on the quantized stream)")
+    if flags.activations_on_gpu is not None and flags.activations_on_gpu < 0:
+        raise ConfigError("`activations_on_gpu` must be >= 0 (GiB per rank of the stores kept on the GPU)")
+    if flags.activations_on_gpu and flags.activations == "gpu":
+        raise ConfigError("`activations` gpu keeps every store on the GPU already: leave out `activations_on_gpu`")
     if flags.min_lr_factor < 1:
         raise ConfigError("`min_lr_factor` must be >= 1 (the cosine ends at lr / factor)")
     weight_lr = default_weight_lr(flags.wbits) if flags.weight_lr is None else flags.weight_lr
@@ -123,7 +127,7 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
     placement = (flags.activations or "cpu") if world is not None else flags.activations  # None: chosen later
     streams = StreamsConfig(placement=placement,
                             folder=Path(flags.activations_dir) if flags.activations_dir else None,
-                            host_memory_budget_gib=flags.host_memory_budget)
+                            host_memory_budget_gib=flags.host_memory_budget, on_gpu_gib=flags.activations_on_gpu)
     machine = MachineConfig(dtype=flags.dtype, single_gpu=flags.single_gpu, peer_timeout=flags.peer_timeout,
                             kernels=not flags.no_kernels, compile=flags.compile)
     return RunConfig(
@@ -181,6 +185,8 @@ def settled_machine(flags, cfg: RunConfig) -> MachineConfig:
     device = resolve_device(flags.device)
     if cfg.streams.placement == "gpu" and device.type != "cuda":
         raise ConfigError("`activations` gpu needs a CUDA device; use `activations` cpu or disk")
+    if cfg.streams.on_gpu_gib and device.type != "cuda":
+        raise ConfigError("`activations_on_gpu` keeps part of the stores on a GPU and needs a CUDA device; leave it out")
     if not cfg.machine.kernels:
         os.environ["EQAT_KERNELS"] = "0"  # read by every layer, inherited by launched children
     try:
@@ -244,30 +250,42 @@ def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     cfg = replace(cfg, streams=replace(cfg.streams, folder=cfg.streams.folder or folder.activations))
     notes = []
     if cfg.streams.placement is None:
-        placement, note = placement_for(cfg)
-        cfg = replace(cfg, streams=replace(cfg.streams, placement=placement))
+        placement, on_gpu, note = placement_for(cfg)
+        cfg = replace(cfg, streams=replace(cfg.streams, placement=placement,
+                                           on_gpu_gib=cfg.streams.on_gpu_gib if on_gpu is None else on_gpu))
         notes += [note] if note else []
     return cfg, notes
 
 
-def placement_for(cfg: RunConfig) -> tuple[str, str | None]:
+def placement_for(cfg: RunConfig) -> tuple[str, float | None, str | None]:
     """Without `activations`: the stores stay in host memory when the node's ranks fit them within
-    `host_memory_budget`, else they go to disk (memory-mapped). Returns (placement, the line saying so)."""
-    from ..planning import GIB, arch_at_hand, host_memory, settings_for
+    `host_memory_budget`; else, on GPUs (and `activations_on_gpu` not given), part of each stays on the
+    GPU when the memory a block's training leaves free takes enough; else they go to disk (memory-mapped).
+    Returns (placement, GiB per rank on the GPU or None, the line saying so)."""
+    import torch
+
+    from ..planning import GIB, Machine, arch_at_hand, host_memory, settings_for
     from ..planning.estimate import block_ap
-    from ..planning.fit import node_host
+    from ..planning.fit import node_host, stores_on_gpu_to_fit
 
     arch = arch_at_hand(cfg.model_config)
     if arch is None or not cfg.trains_blocks:
-        return "cpu", None
-    launch = cfg.machine.launch
+        return "cpu", None, None
+    launch, device = cfg.machine.launch, cfg.machine.device
     in_memory = replace(cfg, streams=replace(cfg.streams, placement="cpu"))
-    settings = settings_for(in_memory, launch.world, launch.local_world,
-                            "gpu" if cfg.machine.device.type == "cuda" else "cpu")
+    settings = settings_for(in_memory, launch.world, launch.local_world, "gpu" if device.type == "cuda" else "cpu")
     budget = (cfg.streams.host_memory_budget_gib or 0.9 * host_memory() / GIB) * GIB
     need = node_host("block-ap", block_ap(arch, settings), settings)
     if need <= budget:
-        return "cpu", None
-    return "disk", (f"[plan] activation stores in host memory would take {need / GIB:.1f} GiB on this node, over the "
-                    f"{budget / GIB:.1f} GiB budget: they go to disk ({cfg.streams.folder}, memory-mapped); pass `activations` cpu "
-                    "to keep them in memory")
+        return "cpu", None, None
+    over = (f"[plan] activation stores in host memory would take {need / GIB:.1f} GiB on this node, over the "
+            f"{budget / GIB:.1f} GiB budget: ")
+    if device.type == "cuda" and cfg.streams.on_gpu_gib is None:
+        gpu = Machine(gpu_memory=torch.cuda.get_device_properties(device).total_memory, host_memory=budget, disk=None)
+        on_gpu = stores_on_gpu_to_fit(arch, settings, gpu)
+        if on_gpu is not None:
+            return "cpu", on_gpu / GIB, over + (
+                f"{on_gpu / GIB:.0f} GiB of them per rank stay on the GPU, in the memory a block's training leaves free; "
+                "pass `activations` disk to keep the GPU's memory free")
+    return "disk", None, over + (f"they go to disk ({cfg.streams.folder}, memory-mapped); pass `activations` cpu "
+                                 "to keep them in memory")

@@ -57,6 +57,7 @@ class StreamsConfig:
     placement: str = "cpu"  # gpu | cpu | disk
     folder: Path | None = None  # disk stores: None = the run folder's own (RunFolder.activations)
     host_memory_budget_gib: float | None = None  # per node; None = 90% of this machine's memory
+    on_gpu_gib: float | None = None  # per rank, of host/disk stores kept on the GPU; None = as the plan needs
 
 
 @dataclass(frozen=True)

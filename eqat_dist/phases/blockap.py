@@ -56,7 +56,8 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                                    restart_at_switch=b.correction_lr != "continue", loss=b.loss,
                                    compile=cfg.machine.compile)
         streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
-                             prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0)
+                             prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0,
+                             device_bytes=(cfg.streams.on_gpu_gib or 0.0) * 2**30)
         if transport.rank == 0:
             print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {b.seqlen} tokens from "
                   f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, {qcfg.init} start, "

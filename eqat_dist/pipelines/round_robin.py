@@ -48,6 +48,7 @@ class StreamSpec:
     disk_dir: Path | None = None
     prefix: str = "eqat"  # disk stores: file names of this run (stores.store_prefix), the same on resume
     remove_stale: bool = False  # disk stores: this rank removes the run's files a killed run left (one per node)
+    device_bytes: float = 0.0  # host/disk stores: bytes of their rows this rank keeps on the GPU (the first of each)
 
 
 @dataclass
@@ -97,11 +98,16 @@ class _Rank:
         self.chunk_rows = self.batch_size * 4
         seqlen = next(iter(windows.values())).shape[1]
         hidden = source.config.hidden_size
+        # the same share of every store's rows on the GPU, as far as `device_bytes` goes
+        row_bytes = seqlen * hidden * torch.tensor([], dtype=streams.dtype).element_size()
+        all_rows = schedule.stores_per_split(self.groups) * sum(len(v) for v in self.splits.values())
+        on_device = min(1.0, streams.device_bytes / (all_rows * row_bytes)) if all_rows else 0.0
 
         def stores(role):
             label = schedule.store_label(role)
             return {k: ActivationStore(len(v), seqlen, hidden, streams.dtype, streams.placement, self.device,
-                                       streams.disk_dir, f"{streams.prefix}-{label}-{k}-r{transport.rank}")
+                                       streams.disk_dir, f"{streams.prefix}-{label}-{k}-r{transport.rank}",
+                                       device_rows=int(on_device * len(v)))
                     for k, v in self.splits.items()}
 
         # per split: the fp stream's input and output (one store when in place), the quantized stream

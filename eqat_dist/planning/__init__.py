@@ -41,6 +41,7 @@ def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "
         ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
         group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,
         seqlen=b.seqlen, batch_size=b.batch_size, activations=cfg.streams.placement or "cpu", act_bytes=act_bytes,
+        on_gpu=(cfg.streams.on_gpu_gib or 0.0) * GIB,
         student_input=b.student_input, correction=b.correction_fraction or width / ranks, data_parallel=width,
         e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
         e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,

@@ -69,6 +69,7 @@ class Settings:
     seqlen: int = 2048
     batch_size: int = 2
     activations: str = "cpu"
+    on_gpu: float = 0.0  # bytes per rank of the host/disk stores kept on the GPU (`activations_on_gpu`)
     act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
     student_input: str | None = None
     correction: float = 0.5  # pipelined: share of each block's steps on the quantized stream
@@ -193,12 +194,15 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     phase = Phase()
     if s.device == "gpu" and s.activations != "gpu":
         host["pinned staging buffers"] = pinned_staging(a, s)
+    kept = min(store, s.on_gpu) if s.device == "gpu" and s.activations != "gpu" else 0.0  # rows on the GPU
     if s.activations == "gpu":
         device["activation stores"] = store
     elif s.activations == "cpu":
-        host["activation stores"] = store
+        host["activation stores"] = store - kept
     else:
-        phase.disk = store * min(s.ranks, s.ranks_per_node)
+        phase.disk = (store - kept) * min(s.ranks, s.ranks_per_node)
+    if kept:
+        device["activation stores kept on the GPU"] = kept
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
     rate = _flops_per_second(s, "block-ap")
     times = block_times(a, s, train, val, rate)
@@ -209,8 +213,9 @@ def block_ap(a: Arch, s: Settings) -> Phase:
               if s.schedule.receives_quantized_early else "")
     layout = (f" over {s.groups} group(s) of {width} data-parallel ranks (waiting for gradient sums: "
               f"{times.allreduce / max(times.train, 1e-9):.1%} of training)" if width > 1 else "")
+    split = f" ({kept / GIB:.1f} GiB of them on the GPU)" if kept else ""
     phase.note = (f"{s.mode} mode{detail}{layout}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
-                  f"{store / GIB:.1f} GiB per rank on {s.activations}")
+                  f"{store / GIB:.1f} GiB per rank on {s.activations}{split}")
     return _place(phase, device, host, s)
 
 

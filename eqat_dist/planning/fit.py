@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 
 from .arch import Arch
@@ -38,10 +39,33 @@ def problems(phases: dict[str, Phase], s: Settings, m: Machine) -> list[tuple[st
     return out
 
 
-# The settings that relieve each (phase, resource), tried in order: (setting text, change of settings);
-# the command line shows each setting as its flag (cli.flag_message).
+# What a block's training may leave of a GPU to the stores: 90% of its memory less the plan's peak
+# and a fifth more (the peak is an estimate; an out-of-memory error mid-run costs more than host memory).
+GPU_USABLE, PEAK_MARGIN = 0.9, 1.2
+
+
+def stores_on_gpu_to_fit(arch: Arch, s: Settings, m: Machine) -> float | None:
+    """Bytes per rank of the host stores to keep on the GPU so that Block-AP fits the node's host memory
+    (a tenth more than it takes, whole GiB), or None when the GPU has not that much room to spare."""
+    if s.device != "gpu" or m.gpu_memory is None or s.activations == "gpu":
+        return None
+    phase = plan(arch, replace(s, on_gpu=0.0))["block-ap"]
+    over = (node_host("block-ap", phase, s) - m.host_memory) / min(s.ranks, s.ranks_per_node)
+    room = GPU_USABLE * m.gpu_memory - PEAK_MARGIN * phase.gpu_peak
+    want = math.ceil(1.1 * over / GIB) * GIB
+    return want if 0 < want <= room else None
+
+
+def _gpu_rows_fix(arch: Arch, s: Settings, m: Machine):
+    want = stores_on_gpu_to_fit(arch, s, m) if s.activations == "cpu" else None
+    return None if want is None else (f"`activations_on_gpu` {want / GIB:.0f}", dict(on_gpu=want))
+
+
+# The settings that relieve each (phase, resource), tried in order: (setting text, change of settings),
+# or a function of (arch, settings, machine) that gives one or None; the command line shows each
+# setting as its flag (cli.flag_message).
 FIXES = {
-    ("block-ap", "host memory per node"): [("`activations` disk", dict(activations="disk"))],
+    ("block-ap", "host memory per node"): [_gpu_rows_fix, ("`activations` disk", dict(activations="disk"))],
     ("block-ap", "GPU memory per rank"): [("`activations` cpu", dict(activations="cpu")), ("`batch_size` 1", dict(batch_size=1))],
     ("e2e", "GPU memory per rank"): [("`ds_config` zero3-offload", dict(zero_stage=3, offload=True)),
                                      ("`e2e_micro_batch` 1", dict(e2e_micro_batch=1))],
@@ -66,7 +90,11 @@ def advise(arch: Arch, s: Settings, m: Machine, phases=None) -> tuple[list[str],
         if not todo:
             break
         name, resource, needed, _ = todo[0]
-        for flag, change in FIXES.get((name, resource), []):
+        for fix in FIXES.get((name, resource), []):
+            fix = fix(arch, s, m) if callable(fix) else fix
+            if fix is None:
+                continue
+            flag, change = fix
             if changed & set(change):
                 continue  # never undo an earlier fix (disk <-> host memory)
             trial = replace(s, **change)
