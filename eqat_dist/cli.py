@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "block's training leaves free (default: 0, or what keeps the stores in host memory when "
                         "they would not fit it otherwise)")
     p.add_argument("--host-memory-budget", type=float, default=None,
-                   help="GiB of host memory per node the run may use; without --activations the stores go to "
-                        "disk when in memory they would exceed it (default: 90%% of this machine's memory)")
+                   help="GiB of host memory per node the run may use; without --activations, stores that in memory "
+                        "would exceed it keep part of their rows on the GPU where it has the room, else go to disk "
+                        "(default: 90%% of this machine's memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="training precision: auto = bf16 autocast on GPU, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
