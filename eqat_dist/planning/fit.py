@@ -53,7 +53,8 @@ def stores_on_gpu_to_fit(arch: Arch, s: Settings, m: Machine) -> float | None:
     over = (node_host("block-ap", phase, s) - m.host_memory) / min(s.ranks, s.ranks_per_node)
     room = GPU_USABLE * m.gpu_memory - PEAK_MARGIN * phase.gpu_peak
     want = math.ceil(1.1 * over / GIB) * GIB
-    return want if 0 < want <= room else None
+    stores = phase.terms.get("host: activation stores", 0.0)
+    return want if 0 < want <= min(room, stores) else None
 
 
 def _gpu_rows_fix(arch: Arch, s: Settings, m: Machine):
