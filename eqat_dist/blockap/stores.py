@@ -107,6 +107,11 @@ class ActivationStore:
     def device_nbytes(self) -> int:
         return (self.count if self.placement == "gpu" else self.device_rows) * self._item_bytes
 
+    def _positions(self, index: list[int]) -> tuple[list[int], list[int]]:
+        """(positions in `index` of rows kept on the device, positions of rows kept on the host)."""
+        on_device = [p for p, r in enumerate(index) if r < self.device_rows]
+        return on_device, [p for p, r in enumerate(index) if r >= self.device_rows]
+
     def rows_on_host(self, index: list[int]) -> list[int]:
         """The rows of `index` kept in host memory or on disk, in order."""
         return [r for r in index if r >= self.device_rows] if self.device_rows else list(index)
@@ -114,14 +119,13 @@ class ActivationStore:
     def with_device_rows(self, index: list[int], host_part: torch.Tensor | None) -> torch.Tensor:
         """Rows `index` on the device, from `host_part` (rows_on_host(index), already on the device) and
         the rows kept there."""
-        if not self.device_rows:
-            return host_part
+        on_device, on_host = self._positions(index) if self.device_rows else ([], index)
+        if not on_device:
+            return host_part  # every row came from the host: nothing to put together
         out = torch.empty(len(index), *self.shape, dtype=self.dtype, device=self._head.device)
-        on_device = [p for p, r in enumerate(index) if r < self.device_rows]
-        if on_device:
-            out[on_device] = self._head[[index[p] for p in on_device]]
-        if len(on_device) < len(index):
-            out[[p for p, r in enumerate(index) if r >= self.device_rows]] = host_part.to(out.device)
+        out[on_device] = self._head[[index[p] for p in on_device]]
+        if on_host:
+            out[on_host] = host_part.to(out.device)
         return out
 
     def __len__(self) -> int:
@@ -161,7 +165,7 @@ class ActivationStore:
             self.flush()
             return self._data[index]
         host = self.rows_on_host(index)
-        rows = self.read_into(host, torch.empty(len(host), *self.shape, dtype=self.dtype)).to(self.device) if host else None
+        rows = self.read_into(host, torch.empty(len(host), *self.shape, dtype=self.dtype)).to(self.device)
         return self.with_device_rows(index, rows)
 
     def host_rows(self, a: int, b: int) -> torch.Tensor | None:
@@ -185,14 +189,12 @@ class ActivationStore:
             self._data[index] = values.to(self._data.device)
             return
         if self.device_rows:
-            on_device = [p for p, r in enumerate(index) if r < self.device_rows]
+            on_device, on_host = self._positions(index)
             if on_device:
                 self._head[[index[p] for p in on_device]] = values[on_device].to(self._head.device)
-            if len(on_device) == len(index):
-                return
-            if on_device:
-                keep = [p for p, r in enumerate(index) if r >= self.device_rows]
-                index, values = [index[p] for p in keep], values[keep]
+                if not on_host:
+                    return
+                index, values = [index[p] for p in on_host], values[on_host]
             index = [r - self.device_rows for r in index]  # host positions from here on
         if values.is_cuda:
             self._write_behind(index, values)

@@ -185,13 +185,15 @@ class _Rank:
     def post_student_stream(self, i: int) -> None:
         """Receive block i's quantized input while its fp phase trains (pipelined; straight into the
         store's memory when it is in host memory or on disk); into the fp input's store, only once the fp
-        phase is over (student_stream_ready)."""
+        phase is over (student_stream_ready posts it then)."""
         if not self.schedule.receives_quantized_early or i == 0 or self.groups == 1:
             return
-        if self.shared_q and self.q_due is None:
+        if self.shared_q:
             self.q_due = i
-            return
-        self.q_due = None
+        else:
+            self._post_recvs(i)
+
+    def _post_recvs(self, i: int) -> None:
         for s, (k, ids) in enumerate(self.splits.items()):
             for a, b in _chunks(len(ids), self.chunk_rows):
                 rows = self.q[k].host_rows(a, b)
@@ -202,7 +204,8 @@ class _Rank:
     def student_stream_ready(self) -> dict:
         """The quantized stream is in (waits for receives posted early); returns its stores."""
         if self.q_due is not None:  # the fp input is spent: the stream may land in its store now
-            self.post_student_stream(self.q_due)
+            self._post_recvs(self.q_due)
+            self.q_due = None
         if self.posted:
             t0 = time.time()
             self.transport.wait_recvs([h for *_, h in self.posted])

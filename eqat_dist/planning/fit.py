@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 
 from .arch import Arch
-from .estimate import GIB, HOST_BASE, PHASES, PEAK_TFLOPS, EFFICIENCY, Phase, Settings, plan
+from .estimate import GIB, HOST_BASE, PHASES, PEAK_TFLOPS, EFFICIENCY, Phase, Settings, block_ap, plan
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def stores_on_gpu_to_fit(arch: Arch, s: Settings, m: Machine) -> float | None:
     (a tenth more than it takes, whole GiB), or None when the GPU has not that much room to spare."""
     if s.device != "gpu" or m.gpu_memory is None or s.activations == "gpu":
         return None
-    phase = plan(arch, replace(s, on_gpu=0.0))["block-ap"]
+    phase = block_ap(arch, replace(s, on_gpu=0.0))
     over = (node_host("block-ap", phase, s) - m.host_memory) / min(s.ranks, s.ranks_per_node)
     room = GPU_USABLE * m.gpu_memory - PEAK_MARGIN * phase.gpu_peak
     want = math.ceil(1.1 * over / GIB) * GIB

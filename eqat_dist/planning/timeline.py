@@ -54,8 +54,8 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockT
             q_in = max(first, q_out) + hop
             sender = (i - 1) % ranks
             free[sender] = max(free[sender], q_in)
-        else:  # received ahead (posted early, or before training)
-            q_in = q_out + (hop if i and (i - 1) % ranks != r else 0.0) if i else 0.0
+        else:  # received ahead (posted early, or before training); `hop` is 0 on one rank
+            q_in = q_out + hop if i else 0.0
         second = max(first, q_in) + c * t.train
         end = free[r] = second + t.forward  # the finished block advances the quantized stream
         q_out = end
