@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Block-AP: run the block's forward and backward through torch.compile (fused element-wise "
                         "work: fewer passes over the activations; the first block pays the compile once). Not "
                         "bit-identical to the plain run: float sums in another order")
+    p.add_argument("--weight-work", default="auto", choices=["auto", "split", "replicated"],
+                   help="data-parallel Block-AP: split the work on the block's weights (fake quantization, clipping, "
+                        "optimizer) among a group's ranks, each linear's by one rank that sends the others its "
+                        "quantized weight, or repeat it on every rank. auto: split on the CPU, replicated on GPUs. "
+                        "The same steps either way (float sums in another order)")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")

@@ -52,7 +52,7 @@ class _ThreadGroup:
         self.allreduce_sum_(tensor)
         self.shared["started"][self.rank].append((tensor.numel(), in_backward))
 
-    def allreduce_sum_(self, tensor):
+    def allreduce_sum_(self, tensor, to=None):
         s = self.shared
         s["barrier"].wait()
         s["slots"][self.rank] = tensor.clone()
@@ -61,14 +61,31 @@ class _ThreadGroup:
         for other in s["slots"][1:]:
             total += other
         s["barrier"].wait()
-        tensor.copy_(total)
+        if to is None or to == self.rank:
+            tensor.copy_(total)
+        else:
+            tensor.fill_(float("nan"))  # a reduce leaves the other ranks' tensors undefined
+
+    def start_reduce_(self, tensor, root):
+        self.allreduce_sum_(tensor, to=root)
+        self.shared["started"][self.rank].append(("reduce", tensor.numel()))
+
+    def start_broadcast_(self, tensor, root):
+        s = self.shared
+        s["barrier"].wait()
+        if self.rank == root:
+            s["slots"][0] = tensor.clone()
+        s["barrier"].wait()
+        tensor.copy_(s["slots"][0])
+        s["barrier"].wait()
+        self.shared["started"][self.rank].append(("broadcast", tensor.numel()))
 
 
 def _train(fp_block, call, x, y, settings, parts, overlaps=True, shared=None):
     """(per-rank train losses by step, per-rank reports, per-rank students) for `parts` ranks."""
     shared = shared if shared is not None else {}
     shared |= {"barrier": threading.Barrier(parts), "slots": [None] * parts, "started": [[] for _ in range(parts)],
-               "finished": [0] * parts}
+               "finished": [0] * parts, "norms": [[] for _ in range(parts)]}
     losses, reports, students = [[] for _ in range(parts)], [None] * parts, [None] * parts
     errors = []
 
@@ -79,7 +96,8 @@ def _train(fp_block, call, x, y, settings, parts, overlaps=True, shared=None):
             xs, ys = _stores([x[:6][train_lanes.windows()], y[:6][train_lanes.windows()]])
             vx, vy = _stores([x[6:][val_lanes.windows()], y[6:][val_lanes.windows()]])
             student = make_student(fp_block, CFG, "cpu")
-            log = lambda tag, value, step: losses[d].append(value) if tag == "train_loss" else None
+            log = lambda tag, value, step: (losses[d] if tag == "train_loss" else shared["norms"][d]).append(value) \
+                if tag in ("train_loss", "grad_norm") else None
             group = _ThreadGroup(shared, d, parts, overlaps) if parts > 1 else None
             reports[d] = train_block(student, 0, xs, ys, vx, vy, call, settings, "cpu", log=log,
                                      lanes=train_lanes, group=group)
@@ -118,6 +136,47 @@ def test_d_ranks_take_the_steps_of_one_rank_at_the_same_global_batch(batch, part
     for d in range(1, parts):  # the ranks of a group hold one and the same block, bit for bit
         for name, q in quant_linears(students[d]).items():
             assert torch.equal(q.weight, quant_linears(students[0])[name].weight)
+
+
+@pytest.mark.parametrize("batch,parts,clip", [(2, 2, 1.0), (2, 2, 1e-3), (4, 4, 1e-3), (8, 8, 1e-3)])
+def test_weight_work_split_over_the_group_takes_the_same_steps(batch, parts, clip):
+    """`shard_weights`: each linear fake-quantized, clipped and stepped by its owner alone, the others
+    receiving its quantized weight: every step's loss, the validation losses and the trained block are
+    those of one rank at the same global batch (the replicated path's test above); with 8 ranks, one
+    more than the block's linears, a rank owns none. A norm of 1e-3 clips every step (the group's norm
+    must be the whole block's)."""
+    torch.set_num_threads(1)
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=3, batch_size=batch, quant_lr=1e-3, weight_lr=1e-4, seed=0, shard_weights=True,
+                               max_grad_norm=clip)
+    alone = {}
+    (one,), (one_report,), (one_student,) = _train(fp_block, call, x, y, settings, 1, shared=alone)
+    shared = {}
+    losses, reports, students = _train(fp_block, call, x, y, settings, parts, shared=shared)
+    assert any(kind == "broadcast" for kind, _ in shared["started"][0])  # the split path, not the sums
+    for d in range(parts):
+        assert torch.allclose(torch.tensor(losses[d]), torch.tensor(one), rtol=1e-5, atol=0), d
+        assert torch.allclose(torch.tensor(shared["norms"][d]), torch.tensor(alone["norms"][0]), rtol=1e-5), d
+        assert reports[d].val_losses == pytest.approx(one_report.val_losses, rel=1e-5)
+        for name, q in quant_linears(students[d]).items():
+            ref = quant_linears(one_student)[name]
+            torch.testing.assert_close(q.weight, ref.weight, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(q.scale, ref.scale, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(q.zero, ref.zero, rtol=1e-5, atol=1e-5)
+            assert q.fixed_weight is None
+            assert torch.equal(q.weight, quant_linears(students[0])[name].weight)
+            assert torch.equal(q.scale, quant_linears(students[0])[name].scale)
+
+
+def test_linears_are_dealt_out_by_size_largest_first():
+    from eqat_dist.blockap.weight_shards import deal_out
+    # SmolLM2's block: q, k, v, o, gate, up, down (576 x 576, 192 x 576 twice, 576 x 576, 1536 x 576 thrice)
+    sizes = [331776, 110592, 110592, 331776, 884736, 884736, 884736]
+    owner = deal_out(sizes, 2)
+    loads = [sum(n for n, o in zip(sizes, owner) if o == r) for r in range(2)]
+    assert sorted(loads) == [1769472, 1769472]  # an even split exists here, and is found
+    assert deal_out(sizes, 1) == [0] * 7
+    assert sorted(set(deal_out(sizes, 8))) == list(range(7))  # one rank left without a linear
 
 
 def test_a_rank_without_a_window_in_the_last_step_still_takes_it():

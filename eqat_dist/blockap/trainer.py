@@ -19,6 +19,7 @@ from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .compiled import block_forward
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
+from .weight_shards import WeightShards
 from .lanes import Lanes
 from .losses import reconstruction_loss
 
@@ -45,6 +46,7 @@ class BlockAPSettings:
     loss: str = "mse"  # blockap/losses.py; validation losses stay MSE, the paper's figure
     restart_at_switch: bool = False  # pipelined: a cosine of their own for the quantized-stream steps (measured worse)
     compile: bool = False  # the block's forward (and so its backward) through torch.compile (compiled.py)
+    shard_weights: bool = False  # data parallel: split the weight work over the group (weight_shards.py)
 
 
 def default_weight_lr(bits: int) -> float:
@@ -215,12 +217,17 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     forward = block_forward(settings.compile)
-    summed = GroupGradSum(trainable, group, device) if group is not None else None
+    # float16's loss scaling decides per rank whether to skip a step: only the replicated path then
+    shards = WeightShards(block, trainable, group, device) \
+        if group is not None and settings.shard_weights and not scaler.is_enabled() else None
+    summed = GroupGradSum(trainable, group, device) if group is not None and shards is None else None
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step
     has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)
     check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
 
     def loss_on(inputs, targets) -> float:
+        if shards is not None:
+            shards.sync()  # a pass reads every linear: their owners' weights first
         return eval_loss(block, inputs, targets, call, eval_batch, amp, group, settings.compile)
 
     report.loss_before = loss_on(check_in, check_out)
@@ -242,23 +249,28 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 report.loss_at_switch = loss_on(check_in, check_out)
                 feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device))
             optimizer.zero_grad(set_to_none=True)
+            if shards is not None:
+                shards.begin_step()
             if this_step.rows:
                 x, y = next(feed)
                 with torch.autocast(device.type, dtype=amp, enabled=amp_on):
                     out = forward(block, x, call)
                 loss = reconstruction_loss(settings.loss, out, y)
-                if summed is not None:  # this rank's share of the step's mean
+                if group is not None:  # this rank's share of the step's mean
                     loss = loss * (len(this_step.rows) / this_step.windows)
                 scaler.scale(loss).backward()
                 tokens += x.shape[0] * x.shape[1]
             else:  # the last, smaller step has no window of this rank's lanes: it adds nothing to the sum
                 loss = torch.zeros((), device=device)
-            if summed is not None:
+            if shards is not None:
+                loss = shards.finish_step(loss)
+            elif summed is not None:
                 loss = summed(loss)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf"))
+            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+            grad_norm = shards.clip_grad_norm_(max_norm) if shards is not None else \
+                torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
@@ -277,6 +289,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     block.eval()
     if summed is not None:
         summed.close()
+    if shards is not None:
+        shards.close()  # every rank holds the whole trained block again
     report.steps = step
     report.seconds = time.perf_counter() - start
     report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0

@@ -180,7 +180,9 @@ class MPITransport(Transport):
 class SumGroup:
     """The ranks of a data-parallel group: sums tensors over them, in place. `start_sum_` begins a sum
     and returns at once where the backend allows (the backward goes on meanwhile), `finish` waits for
-    sums begun; every rank must begin the same sums in the same order."""
+    sums begun; every rank must begin the same sums in the same order. `start_broadcast_` (the tensor of
+    the group's rank `root` to every rank) and `start_reduce_` (the sum to `root` alone; the others'
+    tensors are left undefined) serve the weight work split over the group (blockap/weight_shards.py)."""
     index: int = 0  # which group
     size: int = 1
     rank: int = 0  # place in the group
@@ -190,6 +192,12 @@ class SumGroup:
         raise NotImplementedError
 
     def finish(self, handles: list) -> None:
+        raise NotImplementedError
+
+    def start_broadcast_(self, tensor: torch.Tensor, root: int):
+        raise NotImplementedError
+
+    def start_reduce_(self, tensor: torch.Tensor, root: int):
         raise NotImplementedError
 
     def allreduce_sum_(self, tensor: torch.Tensor) -> None:
@@ -212,6 +220,19 @@ class MPIGroup(SumGroup):
     def start_sum_(self, tensor):
         host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
         request = self.comm.Iallreduce(self.transport.MPI.IN_PLACE, host.numpy(), op=self.transport.MPI.SUM)
+        return request, host, tensor
+
+    def start_broadcast_(self, tensor, root):
+        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        return self.comm.Ibcast(host.numpy(), root=root), host, tensor
+
+    def start_reduce_(self, tensor, root):
+        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        MPI = self.transport.MPI
+        if self.rank == root:
+            request = self.comm.Ireduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM, root=root)
+        else:
+            request = self.comm.Ireduce(host.numpy(), None, op=MPI.SUM, root=root)
         return request, host, tensor
 
     def finish(self, handles):
@@ -328,11 +349,20 @@ class TorchGroup(SumGroup):
         self.transport, self.group, self.index, self.size, self.cuda = transport, group, index, size, cuda
         self.rank = transport.rank % size
 
-    def start_sum_(self, tensor):
+    def _start(self, collective, tensor, **kw):
         try:
-            return self.transport.dist.all_reduce(tensor, group=self.group, async_op=True)
+            return collective(tensor, group=self.group, async_op=True, **kw)
         except RuntimeError as err:
             raise PeerFailure(f"{self._lost()} ({str(err).splitlines()[0][:200]})") from err
+
+    def start_sum_(self, tensor):
+        return self._start(self.transport.dist.all_reduce, tensor)
+
+    def start_broadcast_(self, tensor, root):
+        return self._start(self.transport.dist.broadcast, tensor, src=self.index * self.size + root)
+
+    def start_reduce_(self, tensor, root):
+        return self._start(self.transport.dist.reduce, tensor, dst=self.index * self.size + root)
 
     def finish(self, handles):
         for work in handles:

@@ -129,7 +129,8 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
                             folder=Path(flags.activations_dir) if flags.activations_dir else None,
                             host_memory_budget_gib=flags.host_memory_budget, on_gpu_gib=flags.activations_on_gpu)
     machine = MachineConfig(dtype=flags.dtype, single_gpu=flags.single_gpu, peer_timeout=flags.peer_timeout,
-                            kernels=not flags.no_kernels, compile=flags.compile)
+                            kernels=not flags.no_kernels, compile=flags.compile,
+                            weight_work=flags.weight_work)
     return RunConfig(
         model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
         streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,

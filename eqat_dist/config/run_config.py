@@ -106,6 +106,16 @@ class MachineConfig:
     peer_timeout: float = 600.0
     kernels: bool = True
     compile: bool = False  # Block-AP's block step through torch.compile (blockap/compiled.py)
+    weight_work: str = "auto"  # data-parallel Block-AP: split | replicated | auto (blockap/weight_shards.py)
+
+    @property
+    def splits_weight_work(self) -> bool:
+        """Whether a data-parallel group splits the work on the block's weights (fake quantization, clipping,
+        optimizer) among its ranks. auto: on the CPU, where that work costs a third of a batch-1 step and the
+        gather is a copy through shared memory (docs/benchmarks.md); not on GPUs, where the Triton kernel
+        makes it small and the gather of the quantized weights would cross NVLink every step (not measured:
+        no GPU lent yet)."""
+        return self.weight_work == "split" or (self.weight_work == "auto" and self.device.type == "cpu")
 
     @property
     def world(self) -> int:

@@ -54,7 +54,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                                    max_grad_norm=b.max_grad_norm, train_norms=b.train_norms,
                                    amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed,
                                    restart_at_switch=b.correction_lr != "continue", loss=b.loss,
-                                   compile=cfg.machine.compile)
+                                   compile=cfg.machine.compile, shard_weights=cfg.machine.splits_weight_work)
         streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
                              prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0,
                              device_bytes=(cfg.streams.on_gpu_gib or 0.0) * 2**30)
