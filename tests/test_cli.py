@@ -437,3 +437,16 @@ def test_the_default_recipe_is_the_measured_best_at_its_bits_and_one_flag_overri
     overridden = settings("--loss", "mse")  # one choice of the 2-bit default changed, the other kept
     assert (overridden.quant.init, overridden.blockap.loss) == ("clip", "mse")
     assert settings("--wbits", "3", "--init", "clip").blockap.loss == "mse"
+
+
+@pytest.mark.parametrize("flag,device,split", [
+    ([], "cpu", True), ([], "cuda", False),  # auto: split on the CPU, replicated on GPUs
+    (["--weight-work", "split"], "cuda", True), (["--weight-work", "replicated"], "cpu", False),
+])
+def test_the_weight_work_of_a_data_parallel_group_is_split_as_asked_or_by_device(tmp_path, flag, device, split):
+    import dataclasses
+
+    import torch
+
+    machine = parse_args(_args(tmp_path, *flag)).machine
+    assert dataclasses.replace(machine, device=torch.device(device)).splits_weight_work is split

@@ -125,7 +125,7 @@ def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps
     result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "student", dp=None), env=one_process_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "2 rank(s) over mpi in 1 group(s) of 2 (data parallel)" in result.stdout
+    assert "2 rank(s) over mpi in 1 group(s) of 2 (data parallel, weight work split)" in result.stdout
     assert re.search(r"^\[rank 1/2\] .* blocks \[0, 1, 2, 3\] \(group 0, 4 of 8 train windows\); activation stores",
                      result.stdout, re.M), result.stdout[-2000:]
     assert len(re.findall(r"^\[block-ap\] block \d of 4", result.stdout, re.M)) == 4  # one line per block, not per rank
@@ -138,17 +138,18 @@ def test_data_parallel_under_deepspeed_sums_over_a_torch_distributed_group(model
            env["MASTER_PORT"], RUN, *_args(model_dir, tmp_path / "out", "student", dp=2)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "over torch.distributed in 1 group(s) of 2 (data parallel)" in result.stdout
+    assert "over torch.distributed in 1 group(s) of 2 (data parallel, weight work split)" in result.stdout
     _same_steps(references / "student", tmp_path / "out")
 
 
 def test_two_groups_of_two_ranks_pipelined_match_two_ranks(model_dir, references, tmp_path):
     """4 ranks, --data-parallel 2: blocks alternate over 2 groups, rank d of a group hands its share to
-    rank d of the next; the pipelined schedule across the groups gives the 2-rank result."""
-    result = subprocess.run(_mpi(4, model_dir, tmp_path / "out", "pipelined", dp=2), env=one_process_env(),
-                            capture_output=True, text=True)
+    rank d of the next; the pipelined schedule across the groups gives the 2-rank result. With the weight
+    work replicated on each rank (the GPU default; split on the CPU, as in the tests above)."""
+    result = subprocess.run(_mpi(4, model_dir, tmp_path / "out", "pipelined", dp=2, extra=["--weight-work", "replicated"]),
+                            env=one_process_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "4 rank(s) over mpi in 2 group(s) of 2 (data parallel)" in result.stdout
+    assert "4 rank(s) over mpi in 2 group(s) of 2 (data parallel, weight work replicated)" in result.stdout
     assert re.search(r"^\[rank 3/4\] .* blocks \[1, 3\] \(group 1, 4 of 8 train windows\)", result.stdout, re.M)
     _same_steps(references / "pipelined", tmp_path / "out")
 

@@ -19,9 +19,9 @@ from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .compiled import block_forward
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
-from .weight_shards import WeightShards
 from .lanes import Lanes
 from .losses import reconstruction_loss
+from .weight_shards import WeightShards
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
 # collected on the device and read (checked, logged) together.

@@ -59,6 +59,10 @@ class _Flat:
 
 
 class WeightShards:
+    """One block's training steps with the weight work split over `group` (see the module's docstring).
+    Holds per rank the gathered quantized weights and a buffer for their gradients (two float32 copies of
+    the block's linear weights); AdamW holds state for the owned parameters only."""
+
     def __init__(self, block: torch.nn.Module, trainable: list[torch.nn.Parameter], group, device):
         self.group, self.trainable = group, trainable
         self.linears = list(quant_linears(block).values())
@@ -72,8 +76,6 @@ class WeightShards:
         self.shared_ids = {id(p) for p in self.shared}
         self.quantized = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
         self.grads = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
-        self.params = [_Flat([p for lin in linears for p in (lin.weight, lin.scale, lin.zero)], device)
-                       for linears in owned_by]
         self.rest = _Flat(self.shared + [torch.zeros(1)], device)  # the shared gradients, then the loss
         self._own_graph: list[torch.Tensor] = []  # this step's fake-quantized weights of `mine`, with their graph
         self.stale = False  # the owners' weights moved since the last sync
@@ -134,10 +136,14 @@ class WeightShards:
         """Every linear's weight, step sizes and zero points from its owner, on every rank."""
         if not self.stale:
             return
-        self.params[self.group.rank].fill([p for lin in self.mine for p in (lin.weight, lin.scale, lin.zero)])
-        self._broadcast(self.params)
+        device = self.rest.buffer.device
+        # built for the sync alone (a few per block): not another copy of the block held through training
+        flats = [_Flat([p for lin in linears for p in (lin.weight, lin.scale, lin.zero)], device)
+                 for linears in self.owned_by]
+        flats[self.group.rank].fill([p for lin in self.mine for p in (lin.weight, lin.scale, lin.zero)])
+        self._broadcast(flats)
         with torch.no_grad():
-            for linears, flat in zip(self.owned_by, self.params):
+            for linears, flat in zip(self.owned_by, flats):
                 params = [p for lin in linears for p in (lin.weight, lin.scale, lin.zero)]
                 for p, view in zip(params, flat.views()):
                     p.copy_(view)
