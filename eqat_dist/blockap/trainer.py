@@ -48,6 +48,12 @@ class BlockAPSettings:
     compile: bool = False  # the block's forward (and so its backward) through torch.compile (compiled.py)
     shard_weights: bool = False  # data parallel: split the weight work over the group (weight_shards.py)
 
+    @property
+    def splits_weight_work(self) -> bool:
+        """shard_weights where it applies: float16's loss scaling decides per rank whether to skip a step,
+        so it keeps the replicated path."""
+        return self.shard_weights and self.amp_dtype != torch.float16
+
 
 def default_weight_lr(bits: int) -> float:
     return 2e-5 if bits <= 2 else 1e-5
@@ -217,9 +223,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     forward = block_forward(settings.compile)
-    # float16's loss scaling decides per rank whether to skip a step: only the replicated path then
     shards = WeightShards(block, trainable, group, device) \
-        if group is not None and settings.shard_weights and not scaler.is_enabled() else None
+        if group is not None and settings.splits_weight_work else None
     summed = GroupGradSum(trainable, group, device) if group is not None and shards is None else None
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step
     has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)

@@ -35,6 +35,11 @@ def deal_out(sizes: list[int], parts: int) -> list[int]:
     return owner
 
 
+def _params(linears) -> list[torch.Tensor]:
+    """What a linear's owner trains: its weight, step sizes and zero points."""
+    return [p for lin in linears for p in (lin.weight, lin.scale, lin.zero)]
+
+
 class _Flat:
     """One owner's tensors laid end to end in a float32 buffer (one collective per owner)."""
 
@@ -70,9 +75,9 @@ class WeightShards:
         self.owned_by = owned_by = [[lin for lin, o in zip(self.linears, self.owner) if o == r]
                                     for r in range(group.size)]
         self.mine = owned_by[group.rank]
-        in_linears = {id(p) for lin in self.linears for p in (lin.weight, lin.scale, lin.zero)}
+        in_linears = {id(p) for p in _params(self.linears)}
         self.shared = [p for p in trainable if id(p) not in in_linears]  # the norms: every rank steps them
-        self.own_params = {id(p) for lin in self.mine for p in (lin.weight, lin.scale, lin.zero)}
+        self.own_params = {id(p) for p in _params(self.mine)}
         self.shared_ids = {id(p) for p in self.shared}
         self.quantized = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
         self.grads = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
@@ -138,14 +143,12 @@ class WeightShards:
             return
         device = self.rest.buffer.device
         # built for the sync alone (a few per block): not another copy of the block held through training
-        flats = [_Flat([p for lin in linears for p in (lin.weight, lin.scale, lin.zero)], device)
-                 for linears in self.owned_by]
-        flats[self.group.rank].fill([p for lin in self.mine for p in (lin.weight, lin.scale, lin.zero)])
+        flats = [_Flat(_params(linears), device) for linears in self.owned_by]
+        flats[self.group.rank].fill(_params(self.mine))
         self._broadcast(flats)
         with torch.no_grad():
             for linears, flat in zip(self.owned_by, flats):
-                params = [p for lin in linears for p in (lin.weight, lin.scale, lin.zero)]
-                for p, view in zip(params, flat.views()):
+                for p, view in zip(_params(linears), flat.views()):
                     p.copy_(view)
         self.stale = False
 

@@ -208,6 +208,11 @@ class SumGroup:
         return f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) while summing gradients"
 
 
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself on the CPU, else a host copy (MPI reads and writes host memory)."""
+    return tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+
+
 class MPIGroup(SumGroup):
     """A data-parallel group over an MPI sub-communicator: sums in host memory (a GPU tensor is copied
     through the host, which waits for it there), waited for by polling like every transfer (signals,
@@ -218,16 +223,16 @@ class MPIGroup(SumGroup):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
     def start_sum_(self, tensor):
-        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        host = _on_host(tensor)
         request = self.comm.Iallreduce(self.transport.MPI.IN_PLACE, host.numpy(), op=self.transport.MPI.SUM)
         return request, host, tensor
 
     def start_broadcast_(self, tensor, root):
-        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        host = _on_host(tensor)
         return self.comm.Ibcast(host.numpy(), root=root), host, tensor
 
     def start_reduce_(self, tensor, root):
-        host = tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+        host = _on_host(tensor)
         MPI = self.transport.MPI
         if self.rank == root:
             request = self.comm.Ireduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM, root=root)

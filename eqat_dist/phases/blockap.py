@@ -64,7 +64,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                   f"{b.loss} loss, "
                   f"student input: {b.student_input}, {transport.world} rank(s) over {transport.kind}"
                   + (f" in {b.groups(transport.world)} group(s) of {b.data_parallel} (data parallel, weight work "
-                     f"{'split' if settings.shard_weights else 'replicated'})" if b.data_parallel > 1 else ""),
+                     f"{'split' if settings.splits_weight_work else 'replicated'})" if b.data_parallel > 1 else ""),
                   flush=True)
         t_blockap = time.time()
         run_blockap(source, qcfg, train_ids, val_ids, settings, folder.blockap, cfg.blockap_record(), device,
