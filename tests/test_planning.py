@@ -9,7 +9,7 @@ import pytest
 
 from eqat_dist.cli import build_plan_parser, main
 from eqat_dist.config.from_flags import settings_from_flags
-from eqat_dist.planning import GIB, Machine, load_arch, plan, report, settings_for
+from eqat_dist.planning import GIB, Machine, estimate, load_arch, plan, report, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["--wbits", "2", "--group-size", "64", "--train-size", "4096", "--seqlen", "2048", "--batch-size", "2",
@@ -165,7 +165,7 @@ def test_timeline_model_of_the_block_ap_schedules():
     assert speedups(32, with_io)["teacher"][8] > speedups(32, with_io)["pipelined"][8] > 1
 
 
-def test_data_parallel_layout_divides_each_ranks_stores_and_its_time():
+def test_data_parallel_layout_divides_each_ranks_stores_and_its_time(monkeypatch):
     """D ranks per group: each holds 1/D of every stream (blockap/lanes.py) and trains 1/D of each step;
     the groups take the blocks round-robin (the timeline over G = N/D)."""
     arch, node = load_arch("llama-2-70b"), Machine(gpu_memory=80 * GIB, host_memory=1024 * GIB, disk=8000 * GIB)
@@ -197,6 +197,13 @@ def test_data_parallel_layout_divides_each_ranks_stores_and_its_time():
     assert fitted["fits"] and phase["disk_gib"] < 100 and phase["gpu_peak_gib"] <= 0.9 * 80
     assert phase["terms_gib"]["device: activation stores kept on the GPU"] == 11
     assert phase["host_peak_gib"] * 8 <= 1024
+    # and at least 6.4x one rank (0.8 N): the quantized stream goes on in the order the next group reads
+    # it (pipelines/stream_order.py); received whole, the chain of blocks held it to 6.1x
+    assert phase["hours"] <= alone / 6.4
+    monkeypatch.setattr(estimate, "stream_lead", lambda s, t, val: t.forward)  # the receiver waits for all of it
+    whole = block_ap("--activations-on-gpu", "11")[1]
+    monkeypatch.undo()
+    assert alone / whole["hours"] < 6.4 < alone / phase["hours"]
     # two nodes: a group that spans them sums its gradients over the slower link
     within = block_ap("--batch-size", "16", "--data-parallel", "8", ranks=16)[1]
     across = block_ap("--batch-size", "16", "--data-parallel", "16", ranks=16)[1]

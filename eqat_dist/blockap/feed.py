@@ -56,10 +56,15 @@ class Uploader:
 
 class Feed:
     """Iterate over `batches` (lists of row indices), yielding one tensor per store on `device` for
-    each batch, in order. `uploader` (on a GPU: an Uploader) does the staging and copies."""
+    each batch, in order. `uploader` (on a GPU: an Uploader) does the staging and copies.
+    `before_read(index)`, called in the caller's thread before a batch's rows are read, may wait for
+    them to arrive (a stream still being received); with a GPU it runs for batch j + 1 before batch j
+    is handed out (batch j + 1 is read while batch j computes)."""
 
-    def __init__(self, stores: list[ActivationStore], batches: list[list[int]], device, uploader=None):
+    def __init__(self, stores: list[ActivationStore], batches: list[list[int]], device, uploader=None,
+                 before_read=None):
         self.stores, self.batches, self.device = stores, [list(b) for b in batches], torch.device(device)
+        self.before_read = before_read or (lambda index: None)
         self.host = [s.on_host for s in stores]
         if uploader is None and self.device.type == "cuda" and any(self.host):
             uploader = Uploader(self.device)
@@ -94,13 +99,16 @@ class Feed:
             return
         if self.uploader is None:  # no GPU: read in this thread. A helper thread's copies would take a core
             for index in self.batches:  # from the compute's OpenMP threads (measured 24% slower on 2 cores)
+                self.before_read(index)
                 yield tuple(store.get(index) for store in self.stores)
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eqat-feed") as pool:
+            self.before_read(self.batches[0])
             ahead = pool.submit(self._in_thread, 0)
             for j, index in enumerate(self.batches):
                 ready = ahead.result()
                 if j + 1 < len(self.batches):
+                    self.before_read(self.batches[j + 1])
                     ahead = pool.submit(self._in_thread, j + 1)  # reads while batch j computes
                 yield self._finish(ready, index)
 

@@ -17,6 +17,13 @@ from dataclasses import dataclass
 import torch
 
 
+def step_generator(seed: int, block: int) -> torch.Generator:
+    """The generator block `block`'s steps are drawn from (the same on every rank and on a resume): the
+    trainer draws them, and the rank that sends a block its quantized input replays them to send the
+    rows in the order they will be read."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + block)
+
+
 def group_width(ranks: int, batch: int, asked: int | None = None) -> int:
     """D, the ranks of a data-parallel group: as asked, else the largest number that divides both the
     ranks and the global batch (each rank then holds whole lanes; docs/benchmarks.md, the batch-size
@@ -70,3 +77,17 @@ class Lanes:
             rows = [position[lane + self.batch * orders[lane][k]] for lane in self.own_lanes if k < len(orders[lane])]
             steps.append(Step(rows, sum(k < len(order) for order in orders)))
         return steps
+
+    def first_reads(self, generator: torch.Generator, epochs: int, from_step: int = 0) -> list[int | None]:
+        """For each of this rank's rows, the first step from `from_step` on that reads it (None: none
+        does), over `epochs` epochs drawn from `generator` as the trainer draws them."""
+        first: list[int | None] = [None] * len(self.windows())
+        step = 0
+        for _ in range(epochs):
+            for this in self.epoch(generator):
+                if step >= from_step:
+                    for row in this.rows:
+                        if first[row] is None:
+                            first[row] = step
+                step += 1
+        return first

@@ -16,16 +16,22 @@ from .feed import Feed, batches_of
 
 @torch.no_grad()
 def advance(block: nn.Module, source, target, call: BlockCall, batch_size: int, amp_dtype=None,
-            rows: tuple[int, int] | None = None) -> None:
-    """target[i] = block(source[i]) for every row (or rows a..b); source and target may be the same
-    store. The next batch is read while this one computes; the outputs are written behind."""
+            rows: tuple[int, int] | None = None, spans: list[tuple[int, int]] | None = None,
+            span_done=None) -> None:
+    """target[i] = block(source[i]) for every row (or rows a..b, or each of `spans` in turn, calling
+    `span_done(a, b)` once a span is written); source and target may be the same store. The next batch
+    is read while this one computes; the outputs are written behind."""
     device = next(block.parameters()).device
-    a, b = rows or (0, len(source))
-    batches = [[a + i for i in batch] for batch in batches_of(b - a, batch_size)]
+    batches, last_of = [], {}  # last_of: the batch that ends each span
+    for a, b in spans or [rows or (0, len(source))]:
+        batches += [[a + i for i in batch] for batch in batches_of(b - a, batch_size)]
+        last_of[len(batches) - 1] = (a, b)
     with weights_fixed(block):  # a quantized block's weights dequantized once for the pass, not per batch
-        for idx, (x,) in zip(batches, Feed([source], batches, device)):
+        for j, (idx, (x,)) in enumerate(zip(batches, Feed([source], batches, device))):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 target.put(idx, run_block(block, x, call))
+            if span_done is not None and j in last_of:
+                span_done(*last_of[j])
 
 
 def make_student(fp_block: nn.Module, cfg: QuantConfig, device) -> nn.Module:

@@ -19,7 +19,7 @@ from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .compiled import block_forward
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
-from .lanes import Lanes
+from .lanes import Lanes, step_generator
 from .losses import reconstruction_loss
 from .weight_shards import WeightShards
 
@@ -193,7 +193,7 @@ def group_has_windows(stores, group) -> bool:
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
                 on_step=None, switch_at: int | None = None, switch=None, lanes: Lanes | None = None,
-                group=None) -> BlockReport:
+                group=None, rows_ready=None) -> BlockReport:
     """Train `block` (its linears already QuantLinear, on `device`) in place.
 
     inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
@@ -206,7 +206,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
     steps (same targets, optimizer state and schedule, or a restarted cosine with
     settings.restart_at_switch): the pipelined schedule trains on the full-precision stream
-    first and on the quantized one last.
+    first and on the quantized one last. The new inputs may still be arriving: `rows_ready(rows)` is
+    called before their rows are read and waits for them (the validation rows are in when switch()
+    returns).
     """
     report = BlockReport(index)
     device = torch.device(device)
@@ -220,7 +222,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     restart_at = switch_at if settings.restart_at_switch and switch is not None else None
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, settings.min_lr_factor, restart_at))
-    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)  # independent of resume point
+    gen = step_generator(settings.seed, index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     forward = block_forward(settings.compile)
     shards = WeightShards(block, trainable, group, device) \
@@ -239,11 +241,13 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
+    arriving = None  # after a switch: rows_ready
     block.train()
     for epoch in range(settings.epochs):
         epoch_steps = lanes.epoch(gen)
         epoch_batches = [s.rows for s in epoch_steps]
-        feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device))  # the next batch copies during this one
+        feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device,  # the next batch copies during this one
+                         before_read=arriving))
         for position, this_step in enumerate(epoch_steps):
             if step == switch_at and switch is not None:
                 feed.close()  # no batch of the old inputs is read any more: the new may land in their store
@@ -251,8 +255,12 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 inputs, val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
                 check_in = val_inputs if has_val else inputs
+                if rows_ready is not None and not has_val:  # the check reads every training row
+                    rows_ready(range(len(inputs)))
                 report.loss_at_switch = loss_on(check_in, check_out)
-                feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device))
+                arriving = rows_ready  # the new inputs' rows may still be coming in
+                feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device,
+                                 before_read=arriving))
             optimizer.zero_grad(set_to_none=True)
             if shards is not None:
                 shards.begin_step()

@@ -13,7 +13,9 @@ at once (non-blocking), so every group starts early; rank d of a group hands its
 next. A schedule that keeps the quantized stream advances it with the finished block and hands it on;
 it is received before training (student) or at the switch (pipelined), into the fp input's store, whose
 rows the block no longer reads then (two stores, not three; the sender waits at most until the switch).
-Streams are updated in place where the schedule allows.
+Pipelined, the sender advances and sends it chunk by chunk in the order the receiver's steps read it,
+and the receiver trains on as its rows come in (stream_order.py). Streams are updated in place where
+the schedule allows.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..blockap.checkpoint import finished_blocks, open_run, save_block
-from ..blockap.lanes import Lanes
+from ..blockap.lanes import Lanes, step_generator
 from ..blockap.steps import advance, finish_student, gptq_start, make_student, restore_block
 from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
@@ -37,6 +39,7 @@ from ..models.lazy import LazyModel
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line
 from .schedules import Schedule, schedule_named
+from .stream_order import CHUNK_BATCHES, by_first_read, chunks
 
 SPLITS = ("train", "val")
 
@@ -74,10 +77,6 @@ def _tag(block: int, stream: int, split: int) -> int:
     return (block * 2 + stream) * 2 + split  # stream 0 = fp, 1 = student; per-pair FIFO keeps chunk order
 
 
-def _chunks(count: int, rows: int):
-    return [(a, min(a + rows, count)) for a in range(0, count, rows)]
-
-
 class _Rank:
     """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
 
@@ -95,7 +94,7 @@ class _Rank:
         self.lanes = {k: Lanes(len(v), settings.batch_size, data_parallel, self.member) for k, v in windows.items()}
         self.splits = {k: v[self.lanes[k].windows()] for k, v in windows.items()}
         self.batch_size = settings.batch_size // data_parallel  # this rank's rows per step
-        self.chunk_rows = self.batch_size * 4
+        self.chunk_rows = self.batch_size * CHUNK_BATCHES
         seqlen = next(iter(windows.values())).shape[1]
         hidden = source.config.hidden_size
         # the same share of every store's rows on the GPU, as far as `device_bytes` goes
@@ -116,7 +115,7 @@ class _Rank:
         self.shared_q = schedule.shares_fp_input(self.groups)
         self.q = self.fp_in if self.shared_q else stores("q") if schedule.keeps_quantized_stream else None
         self.q_due = None  # the block whose quantized stream comes into the fp input's store at the switch
-        self.posted = []  # receives of the quantized stream posted early
+        self.posted = {}  # receives of the quantized stream posted early: (split, first row) -> receive
         self.start = time.time()
         self.wait_s = 0.0
 
@@ -161,9 +160,9 @@ class _Rank:
         src, dst = self.owner(i - 1), self.owner(i + 1)
         for s, (k, ids) in enumerate(self.splits.items()):
             fp_in, fp_out = self.fp_in[k], self.fp_out[k]
-            for a, b in _chunks(len(ids), self.chunk_rows):
+            for a, b in chunks(len(ids), self.chunk_rows):
                 if i == 0:
-                    for c, d in _chunks(b - a, self.batch_size):
+                    for c, d in chunks(b - a, self.batch_size):
                         fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
                     if self.q is not None and not self.shared_q:  # the student stream starts from the same embeddings
                         self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
@@ -179,7 +178,7 @@ class _Rank:
         if not self.schedule.starts_on_quantized_stream or i == 0 or self.groups == 1:
             return  # block 0: the embeddings; one group: the stream is already in place
         for s, (k, ids) in enumerate(self.splits.items()):
-            for a, b in _chunks(len(ids), self.chunk_rows):
+            for a, b in chunks(len(ids), self.chunk_rows):
                 self._recv_into(self.q[k], a, b, self.owner(i - 1), _tag(i, 1, s))
 
     def post_student_stream(self, i: int) -> None:
@@ -193,39 +192,74 @@ class _Rank:
         else:
             self._post_recvs(i)
 
-    def _post_recvs(self, i: int) -> None:
-        for s, (k, ids) in enumerate(self.splits.items()):
-            for a, b in _chunks(len(ids), self.chunk_rows):
-                rows = self.q[k].host_rows(a, b)
-                buf = rows if rows is not None else torch.empty(b - a, *self.q[k].shape, dtype=self.q[k].dtype)
-                self.posted.append((k, a, b, buf, rows is None,
-                                    self.transport.post_recv(buf, self.owner(i - 1), _tag(i, 1, s))))
+    def quantized_chunks(self, i: int) -> list[tuple[int, str, int, int]]:
+        """Block i's quantized input as (split index, split, first row, end row), in the order its
+        sender advances and sends the chunks and this rank posts their receives. Pipelined across groups
+        in the order block i's steps after its switch read them, the validation rows first
+        (stream_order.py); otherwise split by split, in row order."""
+        if not self.shared_q:
+            return [(s, k, a, b) for s, (k, ids) in enumerate(self.splits.items())
+                    for a, b in chunks(len(ids), self.chunk_rows)]
+        lanes = self.lanes["train"]
+        total = self.settings.epochs * lanes.steps_per_epoch
+        first = lanes.first_reads(step_generator(self.settings.seed, i), self.settings.epochs,
+                                  self.schedule.switch_at(total))
+        index = {k: s for s, k in enumerate(self.splits)}  # a split's index in the message tags
+        return ([(index["val"], "val", a, b) for a, b in chunks(len(self.splits["val"]), self.chunk_rows)]
+                + [(index["train"], "train", a, b) for a, b in by_first_read(len(first), self.chunk_rows, first)])
 
-    def student_stream_ready(self) -> dict:
-        """The quantized stream is in (waits for receives posted early); returns its stores."""
+    def _post_recvs(self, i: int) -> None:
+        for s, k, a, b in self.quantized_chunks(i):
+            rows = self.q[k].host_rows(a, b)
+            buf = rows if rows is not None else torch.empty(b - a, *self.q[k].shape, dtype=self.q[k].dtype)
+            self.posted[k, a] = (k, a, b, buf, rows is None,
+                                 self.transport.post_recv(buf, self.owner(i - 1), _tag(i, 1, s)))
+
+    def _wait_posted(self, keys) -> None:
+        """Wait for these posted receives (a GPU store's rows then copied in from host memory)."""
+        entries = [self.posted.pop(key) for key in keys]
+        if not entries:
+            return
+        t0 = time.time()
+        self.transport.wait_recvs([h for *_, h in entries])
+        self.wait_s += time.time() - t0
+        for k, a, b, buf, copy, _ in entries:
+            if copy:
+                self.q[k].put(list(range(a, b)), buf)
+
+    def student_stream_ready(self, switching: bool = False) -> dict:
+        """The quantized stream is in (waits for receives posted early); returns its stores. At a
+        pipelined block's switch (`switching`) only its validation rows are waited for: the training
+        rows are waited for as the steps read them (quantized_rows_ready)."""
         if self.q_due is not None:  # the fp input is spent: the stream may land in its store now
             self._post_recvs(self.q_due)
             self.q_due = None
-        if self.posted:
-            t0 = time.time()
-            self.transport.wait_recvs([h for *_, h in self.posted])
-            self.wait_s += time.time() - t0
-            for k, a, b, buf, copy, _ in self.posted:
-                if copy:  # the store is on a GPU: the rows came through host memory
-                    self.q[k].put(list(range(a, b)), buf)
-            self.posted = []
+        self._wait_posted([key for key in self.posted if not switching or key[0] == "val"])
         return self.q
 
+    def quantized_rows_ready(self, rows) -> None:
+        """Wait for the chunks of the quantized stream's training split that hold `rows`."""
+        if self.posted:
+            self._wait_posted({("train", r - r % self.chunk_rows) for r in rows} & self.posted.keys())
+
     def student_stream_out(self, i: int, packed, call) -> None:
+        """Advance the quantized stream with the finished block i and send it on to block i+1's rank,
+        each chunk as soon as it is advanced, in the order quantized_chunks gives."""
         if self.q is None:
             return
         self.student_stream_ready()
         packed_dev = packed.to(self.device)
-        for s, k in enumerate(self.splits):
-            advance(packed_dev, self.q[k], self.q[k], call, self.batch_size, self.settings.amp_dtype)
-            if self.groups > 1 and i + 1 < self.num_blocks:
-                for a, b in _chunks(len(self.splits[k]), self.chunk_rows):
+        send = self.groups > 1 and i + 1 < self.num_blocks
+        order = self.quantized_chunks(i + 1) if send else [(s, k, 0, len(ids)) for s, (k, ids) in
+                                                            enumerate(self.splits.items())]
+        for s, k in dict.fromkeys((s, k) for s, k, _, _ in order):  # split by split, as their chunks come
+
+            def sent(a, b, s=s, k=k):
+                if send:
                     self._send_from(self.q[k], a, b, self.owner(i + 1), _tag(i + 1, 1, s))
+                    self.transport.poll()
+            advance(packed_dev, self.q[k], self.q[k], call, self.batch_size, self.settings.amp_dtype,
+                    spans=[(a, b) for t, _, a, b in order if t == s], span_done=sent)
         packed.cpu()
 
     def timeline(self, block: int) -> None:
@@ -251,7 +285,7 @@ class _Rank:
         steps_bar.reset(total=total)
         def switch():
             self.progress.phase = "waiting for the quantized stream"
-            q = self.student_stream_ready()
+            q = self.student_stream_ready(switching=True)
             self.progress.phase = "training on the quantized stream"
             return q["train"], q["val"]
         switch_at = self.schedule.switch_at(total)
@@ -260,7 +294,7 @@ class _Rank:
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
                           progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch,
-                          lanes=self.lanes["train"], group=self.reducer)
+                          lanes=self.lanes["train"], group=self.reducer, rows_ready=self.quantized_rows_ready)
         self.timeline(-1)
         packed = finish_student(student, self.cfg)
         report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.transport.rank, "group": self.group,

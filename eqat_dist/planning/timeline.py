@@ -14,7 +14,9 @@ blocks in order, and for each:
   3. student/pipelined: runs the finished block over the quantized stream and sends it on.
 Pipelined across ranks receives the quantized stream into its spent fp input's store at the switch
 (schedules.py): the transfer starts when both sides are there, and the sender's next block waits for it
-(its own stream is in that store).
+(its own stream is in that store). Its sender advances the stream in the order the receiver reads it
+(stream_order.py): the receiver trains `stream_lead` after the advance starts (not once it is done), and
+ends no earlier than the whole stream is in.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ class BlockTimes:
     forward: float  # seconds to run one block over the calibration windows
     transfer: float = 0.0  # seconds to hand one stream to the next rank (0 on one rank)
     allreduce: float = 0.0  # of `train`: summing the gradients over a data-parallel group
+    stream_lead: float | None = None  # pipelined: how long the receiver waits for its rows once the
+    # quantized stream's advance starts (stream_order.receiver_lead); None: the whole advance
 
 
 def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockTimes,
@@ -40,6 +44,8 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockT
     hop = t.transfer if ranks > 1 else 0.0
     free = [0.0] * ranks
     fp_out = q_out = 0.0  # when block i-1's fp output / quantized output reached block i's rank
+    q_start = 0.0  # when block i-1's rank started advancing the quantized stream
+    lead = t.forward if t.stream_lead is None else min(t.stream_lead, t.forward)
     end = 0.0
     for i in range(blocks):
         r = i % ranks
@@ -50,13 +56,15 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockT
             end = free[r] = fp_done + t.train
             continue
         first = fp_done + (1 - c) * t.train
-        if i and schedule.shares_fp_input(ranks):  # sent once this rank is at its switch; the sender then free
-            q_in = max(first, q_out) + hop
+        if i and schedule.shares_fp_input(ranks):  # received once this rank is at its switch, in reading order
+            all_in = max(first, q_out) + hop
             sender = (i - 1) % ranks
-            free[sender] = max(free[sender], q_in)
+            free[sender] = max(free[sender], all_in)  # its own stream is in the store until sent
+            second = max(max(first, q_start + lead) + hop + c * t.train, all_in)
         else:  # received ahead (posted early, or before training); `hop` is 0 on one rank
             q_in = q_out + hop if i else 0.0
-        second = max(first, q_in) + c * t.train
+            second = max(first, q_in) + c * t.train
+        q_start = second
         end = free[r] = second + t.forward  # the finished block advances the quantized stream
         q_out = end
     return end
