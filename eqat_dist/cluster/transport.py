@@ -205,7 +205,8 @@ class SumGroup:
 
     def _lost(self) -> str:
         first = self.index * self.size
-        return f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) while summing gradients"
+        return (f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) during "
+                "a step's exchange (gradients, weights or losses)")
 
 
 def _on_host(tensor: torch.Tensor) -> torch.Tensor:
