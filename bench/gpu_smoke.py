@@ -15,6 +15,9 @@ Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after
               tokens with --activations cpu, gpu, and cpu with half the stores kept on the GPU
               (--activations-on-gpu): the ratio is the cost of the host path (goal <= 1.1x);
               then on the GPU stores with --compile (torch.compile of the block step; on CPUs it was slower);
+- weight_work: bench/weight_work.py on a 70B-shaped block at 2 x 2048 tokens: what a step spends on the
+              block's weights (fake quantization, clipping, AdamW), the work `--weight-work split` shares
+              over a data-parallel group (replicated is the GPU default until this says otherwise);
 - two_ranks:  Block-AP on two ranks sharing one GPU (torchrun, gloo) bit-identical to one rank.
 Without a GPU (and without --cpu-check) it says so in one line and exits 0.
 """
@@ -34,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("kernels", "bench", "pipeline", "block70b", "two_ranks")
+SECTIONS = ("kernels", "bench", "pipeline", "block70b", "weight_work", "two_ranks")
 
 
 class Skip(Exception):
@@ -267,6 +270,19 @@ def section_block70b(ctx) -> list[str]:
                 f"{block['peak_mem_mib'] / 1024:.1f} GiB | plain / compiled = {seconds[base][0] / block['seconds']:.2f}x "
                 "(the compile included) |")
     return rows
+
+
+# -- the weight work of a step -------------------------------------------------------------------------
+def section_weight_work(ctx) -> list[str]:
+    needs("transformers")
+    shape, seqlen, group = ("8192,28672,64,8", "2048", "64") if not ctx.cpu else ("64,96,4,2", "64", "32")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "weight_work.py"), "--device", ctx.device.type,
+                           "--shape", shape, "--seqlen", seqlen, "--group-size", group, "--amp"], capture_output=True,
+                          text=True, timeout=500, env=ctx.env)
+    ctx.appendix.append("## bench/weight_work.py\n\n```\n" + done.stdout + "```\n")
+    assert done.returncode == 0, done.stderr[-1500:]
+    summary = done.stdout.strip().splitlines()[-1]
+    return [f"| weight work of a step | w2g{group} | {shape} | 2 x {seqlen} | {summary} |"]
 
 
 # -- two ranks on one GPU ------------------------------------------------------------------------------

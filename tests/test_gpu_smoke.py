@@ -18,12 +18,13 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
 
 
 @pytest.mark.slow
-def test_its_kernel_and_two_rank_sections_pass_at_toy_sizes_on_the_cpu(tmp_path):
+def test_its_kernel_weight_work_and_two_rank_sections_pass_at_toy_sizes_on_the_cpu(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--only", "kernels,two_ranks", "--work",
+    done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--only", "kernels,weight_work,two_ranks", "--work",
                            str(tmp_path), "--out", str(tmp_path / "smoke.md")], capture_output=True, text=True,
                           timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:]
     table = (tmp_path / "smoke.md").read_text()
     assert "| **kernels** | | | | PASS" in table and "| **two_ranks** | | | | PASS" in table
+    assert "| **weight_work** | | | | PASS" in table and "of a batch-2 step" in table
     assert "bit-identical export" in table
