@@ -109,22 +109,23 @@ def test_pipelined_mode_two_mpi_ranks_bit_identical_to_one(model_dir, references
     assert not _same_model(references / "teacher", tmp_path / "out")
 
 
-def test_pipelined_stream_sent_in_reading_order_is_bit_identical_to_one_process(model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["pipelined", "student"])
+def test_the_quantized_stream_sent_in_reading_order_is_bit_identical_to_one_process(model_dir, tmp_path, mode):
     """32 windows: four chunks of each block's quantized input, advanced and sent in the order the
-    receiving block's steps after its switch read them (pipelines/stream_order.py), and that block
-    training as they come in: the one-process run exactly. A chunk in the wrong rows, or a step
-    reading rows still in flight, would change the model."""
+    receiving block's steps read them (from its switch, or its first step; pipelines/stream_order.py),
+    and that block training as they come in: the one-process run exactly. A chunk in the wrong rows, or
+    a step reading rows still in flight, would change the model."""
     from eqat_dist.blockap.lanes import Lanes, step_generator
     from eqat_dist.pipelines.schedules import schedule_named
     from eqat_dist.pipelines.stream_order import by_first_read, chunks
 
     lanes = Lanes(32, 2)
     total = 2 * lanes.steps_per_epoch
-    switch = schedule_named("pipelined", 0.5).switch_at(total)
+    switch = schedule_named(mode, 0.5).switch_at(total) or 0
     orders = [by_first_read(32, 8, lanes.first_reads(step_generator(0, i), 2, switch)) for i in (1, 2, 3)]
     assert any(order != chunks(32, 8) for order in orders)  # the test sends chunks out of row order
-    _single(model_dir, tmp_path / "ref", "pipelined", train_size=32)
-    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", "pipelined", train_size=32), env=one_process_env(),
+    _single(model_dir, tmp_path / "ref", mode, train_size=32)
+    result = subprocess.run(_mpi(2, model_dir, tmp_path / "out", mode, train_size=32), env=one_process_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert _same_model(tmp_path / "ref", tmp_path / "out")

@@ -26,9 +26,13 @@ def test_first_reads_predict_the_rows_the_trainer_reads_after_its_switch(parts, 
     xs, ys, vx, vy = _stores([x[mine], y[mine], x[:0], y[:0]])
     total = settings.epochs * lanes.steps_per_epoch
     switch_at = schedule_named("pipelined", 0.75).switch_at(total)
-    asked = []
+    asked, switched = [], []
+
+    def switch():
+        switched.append(True)
+        return xs, vx
     train_block(make_student(fp_block, CFG, "cpu"), 5, xs, ys, vx, vy, call, settings, "cpu", switch_at=switch_at,
-                switch=lambda: (xs, vx), lanes=lanes, rows_ready=lambda rows: asked.append(list(rows)))
+                switch=switch, lanes=lanes, rows_ready=lambda rows: asked.append(list(rows)) if switched else None)
     first = lanes.first_reads(step_generator(settings.seed, 5), settings.epochs, switch_at)
     # the trainer first asks for every training row (no validation windows: its check at the switch reads
     # them all), then for each step's rows in turn
@@ -40,6 +44,24 @@ def test_first_reads_predict_the_rows_the_trainer_reads_after_its_switch(parts, 
         for r in rows:
             seen.setdefault(r, switch_at + k)
     assert seen == {r: f for r, f in enumerate(first) if f is not None}
+
+
+def test_a_student_blocks_reads_from_its_first_step_are_predicted_too():
+    """Student mode across groups: the quantized stream is read from the first step (no switch)."""
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, seed=1)
+    lanes = Lanes(len(x), settings.batch_size)
+    xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
+    asked = []
+    train_block(make_student(fp_block, CFG, "cpu"), 2, xs, ys, vx, vy, call, settings, "cpu", lanes=lanes,
+                rows_ready=lambda rows: asked.append(list(rows)))
+    assert asked[0] == list(range(len(x)))  # the loss before training reads them all (no validation rows)
+    seen = {}
+    for k, rows in enumerate(asked[1:]):
+        for r in rows:
+            seen.setdefault(r, k)
+    first = lanes.first_reads(step_generator(settings.seed, 2), settings.epochs, 0)
+    assert seen == dict(enumerate(first)) and set(first) == set(range(4))
 
 
 def test_first_reads_start_at_the_switch():
@@ -82,3 +104,11 @@ def test_a_pipelined_chain_waits_for_the_rows_it_reads_not_the_whole_stream():
     assert blockap_seconds(2, 2, "pipelined", streamed, correction=0.5) == pytest.approx(24.0)
     assert blockap_seconds(2, 1, "pipelined", streamed, correction=0.5) == \
         blockap_seconds(2, 1, "pipelined", whole, correction=0.5)  # one rank: no hand-off
+
+
+def test_a_student_chain_across_ranks_starts_on_the_first_rows():
+    """Student mode, 2 ranks, 2 blocks, train 10 s, forward 4 s. Block 0 trains 4-14 s and advances its
+    stream to 18 s; block 1's fp forward ends at 8 s. Received whole, block 1 trains 18-28 s and
+    advances its own: 32 s. Read as it comes, 1 s after the advance starts: 15-25 s, then 29 s."""
+    assert blockap_seconds(2, 2, "student", BlockTimes(train=10.0, forward=4.0)) == pytest.approx(32.0)
+    assert blockap_seconds(2, 2, "student", BlockTimes(train=10.0, forward=4.0, stream_lead=1.0)) == pytest.approx(29.0)

@@ -206,9 +206,9 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     `switch()`, called before step `switch_at`, returns new (inputs, val_inputs) for the remaining
     steps (same targets, optimizer state and schedule, or a restarted cosine with
     settings.restart_at_switch): the pipelined schedule trains on the full-precision stream
-    first and on the quantized one last. The new inputs may still be arriving: `rows_ready(rows)` is
-    called before their rows are read and waits for them (the validation rows are in when switch()
-    returns).
+    first and on the quantized one last. The training inputs may still be arriving (the quantized
+    stream, in the order the steps read it): `rows_ready(rows)` is called before any of their rows are
+    read and waits for them; the validation inputs are in when training starts and when switch() returns.
     """
     report = BlockReport(index)
     device = torch.device(device)
@@ -237,17 +237,18 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             shards.sync()  # a pass reads every linear: their owners' weights first
         return eval_loss(block, inputs, targets, call, eval_batch, amp, group, settings.compile)
 
+    if rows_ready is not None and not has_val:  # the check reads every training row
+        rows_ready(range(len(inputs)))
     report.loss_before = loss_on(check_in, check_out)
     reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
-    arriving = None  # after a switch: rows_ready
     block.train()
     for epoch in range(settings.epochs):
         epoch_steps = lanes.epoch(gen)
         epoch_batches = [s.rows for s in epoch_steps]
         feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device,  # the next batch copies during this one
-                         before_read=arriving))
+                         before_read=rows_ready))
         for position, this_step in enumerate(epoch_steps):
             if step == switch_at and switch is not None:
                 feed.close()  # no batch of the old inputs is read any more: the new may land in their store
@@ -258,9 +259,8 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
                 if rows_ready is not None and not has_val:  # the check reads every training row
                     rows_ready(range(len(inputs)))
                 report.loss_at_switch = loss_on(check_in, check_out)
-                arriving = rows_ready  # the new inputs' rows may still be coming in
                 feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device,
-                                 before_read=arriving))
+                                 before_read=rows_ready))
             optimizer.zero_grad(set_to_none=True)
             if shards is not None:
                 shards.begin_step()

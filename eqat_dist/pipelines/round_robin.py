@@ -10,12 +10,12 @@ round-robin over ranks; G = 1 is pure data parallelism (no hand-off at all).
 The full-precision ("teacher") stream flows from group to group in chunks: the owner of block i runs
 the fp block on each chunk of its input as it arrives and sends the result on to the owner of block i+1
 at once (non-blocking), so every group starts early; rank d of a group hands its share to rank d of the
-next. A schedule that keeps the quantized stream advances it with the finished block and hands it on;
-it is received before training (student) or at the switch (pipelined), into the fp input's store, whose
-rows the block no longer reads then (two stores, not three; the sender waits at most until the switch).
-Pipelined, the sender advances and sends it chunk by chunk in the order the receiver's steps read it,
-and the receiver trains on as its rows come in (stream_order.py). Streams are updated in place where
-the schedule allows.
+next. A schedule that keeps the quantized stream advances it with the finished block and hands it on,
+chunk by chunk in the order the receiving block's steps will read it, and the receiver trains as its
+rows come in (stream_order.py): from its first step (student), or from its switch (pipelined, the
+stream received into the fp input's store, whose rows the block no longer reads then: two stores, not
+three; the sender waits at most until the switch). Streams are updated in place where the schedule
+allows.
 """
 from __future__ import annotations
 
@@ -174,18 +174,18 @@ class _Rank:
                 self.transport.poll()
 
     def student_stream_in(self, i: int) -> None:
-        """Block i's quantized input, received before it trains (student)."""
+        """Block i's quantized input before it trains (student; its receives were posted at the block's
+        start): the validation rows now, the training rows as the steps read them (quantized_rows_ready),
+        or all of them before GPTQ reads them (train_or_restore)."""
         if not self.schedule.starts_on_quantized_stream or i == 0 or self.groups == 1:
             return  # block 0: the embeddings; one group: the stream is already in place
-        for s, (k, ids) in enumerate(self.splits.items()):
-            for a, b in chunks(len(ids), self.chunk_rows):
-                self._recv_into(self.q[k], a, b, self.owner(i - 1), _tag(i, 1, s))
+        self.student_stream_ready(val_only=True)
 
     def post_student_stream(self, i: int) -> None:
-        """Receive block i's quantized input while its fp phase trains (pipelined; straight into the
-        store's memory when it is in host memory or on disk); into the fp input's store, only once the fp
-        phase is over (student_stream_ready posts it then)."""
-        if not self.schedule.receives_quantized_early or i == 0 or self.groups == 1:
+        """Receive block i's quantized input from the block's start, while its fp stream runs (straight
+        into the store's memory when it is in host memory or on disk); pipelined, into the fp input's
+        store, only once the fp phase is over (student_stream_ready posts it then)."""
+        if not self.schedule.keeps_quantized_stream or i == 0 or self.groups == 1:
             return
         if self.shared_q:
             self.q_due = i
@@ -194,16 +194,13 @@ class _Rank:
 
     def quantized_chunks(self, i: int) -> list[tuple[int, str, int, int]]:
         """Block i's quantized input as (split index, split, first row, end row), in the order its
-        sender advances and sends the chunks and this rank posts their receives. Pipelined across groups
-        in the order block i's steps after its switch read them, the validation rows first
-        (stream_order.py); otherwise split by split, in row order."""
-        if not self.shared_q:
-            return [(s, k, a, b) for s, (k, ids) in enumerate(self.splits.items())
-                    for a, b in chunks(len(ids), self.chunk_rows)]
+        sender advances and sends the chunks and this rank posts their receives: the validation rows
+        first, then the training rows in the order block i's steps read them (from its switch, in
+        pipelined mode; stream_order.py)."""
         lanes = self.lanes["train"]
         total = self.settings.epochs * lanes.steps_per_epoch
         first = lanes.first_reads(step_generator(self.settings.seed, i), self.settings.epochs,
-                                  self.schedule.switch_at(total))
+                                  self.schedule.switch_at(total) or 0)
         index = {k: s for s, k in enumerate(self.splits)}  # a split's index in the message tags
         return ([(index["val"], "val", a, b) for a, b in chunks(len(self.splits["val"]), self.chunk_rows)]
                 + [(index["train"], "train", a, b) for a, b in by_first_read(len(first), self.chunk_rows, first)])
@@ -227,14 +224,14 @@ class _Rank:
             if copy:
                 self.q[k].put(list(range(a, b)), buf)
 
-    def student_stream_ready(self, switching: bool = False) -> dict:
-        """The quantized stream is in (waits for receives posted early); returns its stores. At a
-        pipelined block's switch (`switching`) only its validation rows are waited for: the training
-        rows are waited for as the steps read them (quantized_rows_ready)."""
+    def student_stream_ready(self, val_only: bool = False) -> dict:
+        """The quantized stream is in (waits for receives posted early); returns its stores. Before a
+        block trains on it (`val_only`) only its validation rows are waited for: the training rows are
+        waited for as the steps read them (quantized_rows_ready)."""
         if self.q_due is not None:  # the fp input is spent: the stream may land in its store now
             self._post_recvs(self.q_due)
             self.q_due = None
-        self._wait_posted([key for key in self.posted if not switching or key[0] == "val"])
+        self._wait_posted([key for key in self.posted if not val_only or key[0] == "val"])
         return self.q
 
     def quantized_rows_ready(self, rows) -> None:
@@ -275,6 +272,9 @@ class _Rank:
         targets = self.fp_out
         student = make_student(self.source.block(i), self.cfg, self.device)
         if self.cfg.init == "gptq":  # from GPTQ on this block's own training inputs, not round-to-nearest
+            self.progress.phase = "waiting for the student stream"
+            if self.schedule.starts_on_quantized_stream:
+                self.student_stream_ready()  # GPTQ reads every row of it
             self.progress.phase = "GPTQ start"
             fp_block = self.source.block(i).to(self.device)
             gptq_start(student, fp_block, inputs["train"], call, self.batch_size, self.settings.amp_dtype,
@@ -285,7 +285,7 @@ class _Rank:
         steps_bar.reset(total=total)
         def switch():
             self.progress.phase = "waiting for the quantized stream"
-            q = self.student_stream_ready(switching=True)
+            q = self.student_stream_ready(val_only=True)
             self.progress.phase = "training on the quantized stream"
             return q["train"], q["val"]
         switch_at = self.schedule.switch_at(total)

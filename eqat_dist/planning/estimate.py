@@ -257,20 +257,21 @@ def block_times(a: Arch, s: Settings, train: int, val: int, rate: float) -> Bloc
     times = BlockTimes(train=train_flops / rate + allreduce,
                        forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
                        transfer=store / 2 / LINK_BYTES_PER_S[s.device], allreduce=allreduce)
-    if s.schedule.shares_fp_input(s.groups):
+    if s.schedule.keeps_quantized_stream and s.groups > 1:
         times.stream_lead = stream_lead(s, times, val)
     return times
 
 
 def stream_lead(s: Settings, t: BlockTimes, val: int) -> float:
-    """A pipelined block's wait for the rows of its quantized input (stream_order.receiver_lead), on
-    this plan's lanes and steps (the run's own order, drawn for block 1)."""
+    """A block's wait for the rows of its quantized input (stream_order.receiver_lead), on this plan's
+    lanes and steps from its switch (pipelined) or its first (student); the run's own order, drawn for
+    block 1."""
     from ..blockap.lanes import Lanes, step_generator
     from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
 
     lanes = Lanes(s.train_size, s.batch_size, s.width, 0)
     total = s.epochs * lanes.steps_per_epoch
-    switch = s.schedule.switch_at(total)
+    switch = s.schedule.switch_at(total) or 0
     first = lanes.first_reads(step_generator(0, 1), s.epochs, switch)
     rows = len(first)
     return receiver_lead(first, s.batch_size // s.width * CHUNK_BATCHES, val, t.forward / (rows + val),

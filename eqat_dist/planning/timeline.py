@@ -14,9 +14,10 @@ blocks in order, and for each:
   3. student/pipelined: runs the finished block over the quantized stream and sends it on.
 Pipelined across ranks receives the quantized stream into its spent fp input's store at the switch
 (schedules.py): the transfer starts when both sides are there, and the sender's next block waits for it
-(its own stream is in that store). Its sender advances the stream in the order the receiver reads it
-(stream_order.py): the receiver trains `stream_lead` after the advance starts (not once it is done), and
-ends no earlier than the whole stream is in.
+(its own stream is in that store). The sender advances the quantized stream in the order the receiver
+reads it (stream_order.py): the receiver trains on it `stream_lead` after the advance starts (not once
+it is done), from its first step (student) or its switch (pipelined), and ends no earlier than the
+whole stream is in.
 """
 from __future__ import annotations
 
@@ -56,14 +57,17 @@ def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockT
             end = free[r] = fp_done + t.train
             continue
         first = fp_done + (1 - c) * t.train
-        if i and schedule.shares_fp_input(ranks):  # received once this rank is at its switch, in reading order
-            all_in = max(first, q_out) + hop
-            sender = (i - 1) % ranks
-            free[sender] = max(free[sender], all_in)  # its own stream is in the store until sent
-            second = max(max(first, q_start + lead) + hop + c * t.train, all_in)
-        else:  # received ahead (posted early, or before training); `hop` is 0 on one rank
-            q_in = q_out + hop if i else 0.0
-            second = max(first, q_in) + c * t.train
+        if i and ranks > 1:  # handed on in reading order: trained on as its rows come in (stream_order.py)
+            if schedule.shares_fp_input(ranks):  # received once this rank is at its switch, into the spent
+                all_in = max(first, q_out) + hop  # fp input's store; the sender's is in use until sent
+                rows_in = max(first, q_start + lead) + hop
+                sender = (i - 1) % ranks
+                free[sender] = max(free[sender], all_in)
+            else:  # received as sent (posted at the block's start)
+                all_in, rows_in = q_out + hop, q_start + lead + hop
+            second = max(max(first, rows_in) + c * t.train, all_in)
+        else:  # one rank: the stream is in place
+            second = max(first, q_out if i else 0.0) + c * t.train
         q_start = second
         end = free[r] = second + t.forward  # the finished block advances the quantized stream
         q_out = end
