@@ -27,7 +27,8 @@ import math
 
 from dataclasses import dataclass, field, replace
 
-from ..blockap.lanes import group_width
+from ..blockap.lanes import Lanes, group_width, step_generator
+from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
 from .arch import Arch
 from .timeline import BlockTimes, blockap_seconds
 
@@ -266,9 +267,6 @@ def stream_lead(s: Settings, t: BlockTimes, val: int) -> float:
     """A block's wait for the rows of its quantized input (stream_order.receiver_lead), on this plan's
     lanes and steps from its switch (pipelined) or its first (student); the run's own order, drawn for
     block 1."""
-    from ..blockap.lanes import Lanes, step_generator
-    from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
-
     lanes = Lanes(s.train_size, s.batch_size, s.width, 0)
     total = s.epochs * lanes.steps_per_epoch
     switch = s.schedule.switch_at(total) or 0
