@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--weight-work", choices=("split", "replicated"), default="split")
     p.add_argument("--windows", type=int, default=64)
     a = p.parse_args()
-    launched = "PMI_RANK" in __import__("os").environ
+    launched = "PMI_RANK" in os.environ
     comm = transport.MPITransport() if launched else None
     ranks, rank = (comm.world, comm.rank) if comm else (1, 0)
     timed(transport.MPIGroup, "finish", "waits")

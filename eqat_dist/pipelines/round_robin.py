@@ -252,11 +252,10 @@ class _Rank:
         for s, k in dict.fromkeys((s, k) for s, k, _, _ in order):  # split by split, as their chunks come
 
             def sent(a, b, s=s, k=k):
-                if send:
-                    self._send_from(self.q[k], a, b, self.owner(i + 1), _tag(i + 1, 1, s))
-                    self.transport.poll()
+                self._send_from(self.q[k], a, b, self.owner(i + 1), _tag(i + 1, 1, s))
+                self.transport.poll()
             advance(packed_dev, self.q[k], self.q[k], call, self.batch_size, self.settings.amp_dtype,
-                    spans=[(a, b) for t, _, a, b in order if t == s], span_done=sent)
+                    spans=[(a, b) for t, _, a, b in order if t == s], span_done=sent if send else None)
         packed.cpu()
 
     def timeline(self, block: int) -> None:
@@ -272,8 +271,8 @@ class _Rank:
         targets = self.fp_out
         student = make_student(self.source.block(i), self.cfg, self.device)
         if self.cfg.init == "gptq":  # from GPTQ on this block's own training inputs, not round-to-nearest
-            self.progress.phase = "waiting for the student stream"
             if self.schedule.starts_on_quantized_stream:
+                self.progress.phase = "waiting for the student stream"
                 self.student_stream_ready()  # GPTQ reads every row of it
             self.progress.phase = "GPTQ start"
             fp_block = self.source.block(i).to(self.device)
