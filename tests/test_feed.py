@@ -151,3 +151,27 @@ def test_disk_stores_of_a_stopped_run_are_reused_not_added(tmp_path):
         s.close()
     assert not list(tmp_path.glob("*.bin"))
     del killed, twice
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_the_feed_reads_no_row_before_before_read_has_let_it_in(staged):
+    """A stream still arriving (pipelines/round_robin.py: the quantized stream in reading order): rows
+    land in the store only when before_read asks for them, in the caller's thread. Every batch must then
+    hold the arrived rows, never the stale ones, on the CPU path and on the GPU's staged path (the next
+    batch read ahead), and before_read must be called in order, once per batch."""
+    store, data = _filled("cpu", None)
+    stale = torch.zeros_like(data)
+    store.put(list(range(len(data))), stale)
+    batches = [[5, 1], [0, 7], [3, 2], [11, 4], [9]]
+    asked, caller = [], threading.get_ident()
+
+    def arrive(index):
+        assert threading.get_ident() == caller
+        asked.append(list(index))
+        store.put(list(index), data[list(index)])
+
+    feed = Feed([store], batches, "cpu", uploader=SpyUploader() if staged else None, before_read=arrive)
+    for (xb,), b in zip(feed, batches):  # checked while held (on the CPU a staged batch is its staging buffer)
+        assert torch.equal(xb, data[b])
+    assert asked == batches
+    store.close()
