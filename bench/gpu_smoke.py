@@ -119,10 +119,25 @@ def section_kernels(ctx) -> list[str]:
                         torch.nn.functional.linear(ref_x, w_ref).backward(dy.float())
                         worst["dx"] = max(worst["dx"], ((x.grad.float() - ref_x.grad).norm() / ref_x.grad.norm()).item())
                         worst["ds"] = max(worst["ds"], ((scales.grad - ref_s.grad).norm() / ref_s.grad.norm()).item())
-                    with torch.no_grad():
-                        ms = timed_ms(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits,
-                                                            group), repeat=5)
-                    rows.append(f"| packed linear fwd | w{bits}g{group} | {in_f} -> {out_f} | {tokens} | {ms:.3f} ms |")
+                    ms = {}
+                    for way in ("dequant", "fused"):  # EQAT_PACKED_LINEAR: the default, and the tiled kernels
+                        os.environ["EQAT_PACKED_LINEAR"] = way
+                        with torch.no_grad():
+                            ms[way] = timed_ms(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales,
+                                                                     None, bits, group), repeat=5)
+                            if way == "fused":
+                                y = packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, group)
+                                worst["y"] = max(worst["y"], ((y.float() - ref).norm() / ref.norm()).item())
+                    os.environ.pop("EQAT_PACKED_LINEAR")
+                    rows.append(f"| packed linear fwd | w{bits}g{group} | {in_f} -> {out_f} | {tokens} | "
+                                f"dequant {ms['dequant']:.3f} ms, fused {ms['fused']:.3f} ms |")
+                    if tokens == token_counts[-1] and bits == 2:  # an E2E-QP training step's layer
+                        xs = x.detach().requires_grad_()
+                        ss = layer.scales.detach().clone().requires_grad_()
+                        step = timed_ms(lambda: packed_linear(xs, layer.qweight, layer.qzeros, ss, None, bits,
+                                                              group).backward(dy), repeat=3)
+                        rows.append(f"| packed linear fwd+bwd (dx, ds) | w{bits}g{group} | {in_f} -> {out_f} | "
+                                    f"{tokens} | dequant {step:.3f} ms |")
                 del layer, weight
     assert worst["y"] < 2e-2 and worst["dx"] < 2e-2 and worst["ds"] < 5e-2 and worst["fq"] < 1e-4, worst
     rows.append(f"| worst relative error | | | | fq grads {worst['fq']:.1e}, y {worst['y']:.1e}, dx {worst['dx']:.1e}, "
@@ -164,13 +179,15 @@ def section_bench(ctx) -> list[str]:
 
 
 # -- the whole pipeline on one GPU ---------------------------------------------------------------------
-def _run(ctx, args: list[str], timeout: int, name: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=ctx.env)
-    (ctx.work / f"{name}.log").write_text(done.stdout + done.stderr)
+def _run(ctx, args: list[str], timeout: int, name: str) -> None:
+    """One launch/run.py; its log is written as it goes (a run killed midway still leaves what it printed)."""
+    log = ctx.work / f"{name}.log"
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args], stdout=out,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout, env=ctx.env)
     if done.returncode != 0:
-        raise AssertionError(f"{name} failed: {done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else '?'}")
-    return done
+        last = log.read_text().strip().splitlines()
+        raise AssertionError(f"{name} failed: {last[-1][:300] if last else '?'} (log: {log})")
 
 
 def section_pipeline(ctx) -> list[str]:
@@ -183,7 +200,7 @@ def section_pipeline(ctx) -> list[str]:
         e2e = ["--e2e-epochs", "0"]
     budget = (["--train-size", "32", "--val-size", "4", "--epochs", "2"] if not ctx.cpu else
               ["--train-size", "4", "--val-size", "1", "--epochs", "1"])
-    flags = ["--model", "smollm2-135m", "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
+    flags = ["--model", ctx.model, "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
              "--weight-lr", "2e-3", *budget, *e2e, "--eval-datasets", "wiki", "--eval-seqlen", "512",
              "--eval-max-windows", "8" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--no-tensorboard"]
     rows, results = [], {}
@@ -219,9 +236,10 @@ def _one_block_model(ctx, folder: Path, hidden: int, inter: int, heads: int, kv:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from eqat_dist.models.loading import bundled_model_dir
+    from eqat_dist.models.loading import BUNDLED, bundled_model_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
+    # the synthetic models borrow the --model's tokenizer (a folder of a tokenizer alone will do)
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir(ctx.model) if ctx.model in BUNDLED else ctx.model))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
     torch.manual_seed(0)
@@ -319,10 +337,11 @@ def section_two_ranks(ctx) -> list[str]:
 
 # -- driver --------------------------------------------------------------------------------------------
 class Context:
-    def __init__(self, cpu: bool, work: Path):
+    def __init__(self, cpu: bool, work: Path, model: str = "smollm2-135m"):
         import torch
 
         self.cpu = cpu
+        self.model = model
         self.device = torch.device("cpu" if cpu else "cuda")
         self.work = work
         self.appendix: list[str] = []
@@ -336,6 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-check", action="store_true", help="run every section at toy sizes on the CPU")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections ({', '.join(SECTIONS)})")
     parser.add_argument("--out", help="also write the table (and bench/kernel_timings.py's tables) to this Markdown file")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the pipeline section's model, and the tokenizer of the synthetic ones (a bundled name or "
+                             "a folder; default: the bundled smollm2-135m)")
     parser.add_argument("--work", help="folder for the runs (default: a temporary folder, removed afterwards)")
     args = parser.parse_args(argv)
     if args.cpu_check:
@@ -351,9 +373,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.cpu_check, work)
+    ctx = Context(args.cpu_check, work, args.model)
     device = "CPU (--cpu-check, Triton interpreter)" if args.cpu_check else torch.cuda.get_device_name(0)
-    lines = [f"# gpu_smoke on {device}, torch {torch.__version__}", "",
+    lines = [f"# gpu_smoke on {device}, torch {torch.__version__}, model {args.model}", "",
              "| check | setting | shape | tokens | result |", "|---|---|---|---|---|"]
     failed = False
     for name in wanted:

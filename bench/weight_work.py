@@ -58,7 +58,8 @@ def random_block(shape: str, seqlen: int, device: str):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     _, calls = record_block_calls(model, torch.randint(0, 256, (1, seqlen), device=device))
-    return decoder_layers(model)[0], calls[0], hidden, f"random Llama block {shape}"
+    # the recorded call (rotary tables, masks) is kept on the CPU: it goes where the block runs
+    return decoder_layers(model)[0], calls[0].to(device), hidden, f"random Llama block {shape}"
 
 
 def main() -> None:

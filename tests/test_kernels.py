@@ -71,10 +71,17 @@ def _packed(bits, group, out_f, in_f, seed=0, bias=False):
     return PackedLinear.from_int(codes, zeros, scales, cfg, bias=torch.randn(out_f) if bias else None), g
 
 
+@pytest.fixture(params=["dequant", "fused"])
+def path(request, monkeypatch):
+    """Both ways of the packed layer (EQAT_PACKED_LINEAR): dequantize + matmul, and the fused tiles."""
+    monkeypatch.setenv("EQAT_PACKED_LINEAR", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("bits, group, out_f, in_f, tokens", [
     (2, 32, 96, 128, 5), (3, 64, 64, 128, 17), (4, 128, 160, 256, 1), (8, -1, 64, 96, 3), (3, 32, 96, 96, 2),
     (2, -1, 64, 160, 1)])
-def test_packed_linear_matches_the_reference_forward_and_gradients(bits, group, out_f, in_f, tokens):
+def test_packed_linear_matches_the_reference_forward_and_gradients(bits, group, out_f, in_f, tokens, path):
     """y, dx and the scales' gradient as PackedLinear's dequantize-then-matmul (3-bit layout included,
     batch-1 GEMV and odd row counts)."""
     layer, g = _packed(bits, group, out_f, in_f, seed=bits + tokens, bias=bits == 3)
@@ -92,7 +99,7 @@ def test_packed_linear_matches_the_reference_forward_and_gradients(bits, group, 
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-def test_packed_linear_in_16_bit(dtype, tol):
+def test_packed_linear_in_16_bit(dtype, tol, path):
     """float16 and bfloat16 activations (bfloat16 tiles go through float32 in the interpreter, whose
     bfloat16 tl.dot is broken; on a GPU they are multiplied as they are)."""
     layer, g = _packed(4, 64, 64, 128)
@@ -116,7 +123,7 @@ def test_packed_linear_in_16_bit(dtype, tol):
     assert err(ks.grad) <= max(1e-5, err(layer.scales.grad) * 1.01), (err(ks.grad), err(layer.scales.grad))
 
 
-def test_packed_linear_saves_no_float_weight_for_backward():
+def test_packed_linear_saves_no_float_weight_for_backward(path):
     """What autograd keeps between forward and backward: the PyTorch path saves the dequantized float
     weight (out x in x 4 bytes); the kernel saves the input and the packed tensors only."""
     layer, g = _packed(2, 64, 256, 512)
@@ -141,6 +148,36 @@ def test_packed_linear_saves_no_float_weight_for_backward():
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
     assert sum(n for *_, n in kernel) <= x.numel() * 4 + packed
     assert sum(n for *_, n in reference) > sum(n for *_, n in kernel) + float_weight - packed
+
+
+@pytest.mark.parametrize("bits, out_f", [(3, 96), (4, 160), (2, 64)])
+def test_the_scales_gradient_in_column_slices_equals_one_pass(monkeypatch, bits, out_f):
+    """The dequantize path forms the scales' gradient a slice of 32 output columns at a time when the
+    layer is large (its temporaries bounded): slices at 32-column borders of the zeros' packed words
+    (3 bits: 32 values in 3 words) give the one-pass result, and both the reference's."""
+    from eqat_dist.kernels import packed_linear as pl_mod
+
+    monkeypatch.setenv("EQAT_PACKED_LINEAR", "dequant")
+    layer, g = _packed(bits, 32, out_f, 64, seed=out_f)
+    x, grad = torch.randn(5, 64), torch.randn(5, out_f)
+    grads = []
+    for budget in (1 << 26, 32 * 64):  # one pass; then 32 columns a slice
+        monkeypatch.setattr(pl_mod, "DS_TEMPORARY_ELEMENTS", budget)
+        scales = layer.scales.detach().clone().requires_grad_()
+        packed_linear(x, layer.qweight, layer.qzeros, scales, None, bits, g).backward(grad)
+        grads.append(scales.grad)
+    assert torch.equal(grads[0], grads[1])
+    reference = layer.scales.detach().clone().requires_grad_()
+    layer.scales, kept = torch.nn.Parameter(reference), layer.scales
+    layer(x).backward(grad)
+    torch.testing.assert_close(grads[1], layer.scales.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_packed_linear_path_is_named(monkeypatch):
+    monkeypatch.setenv("EQAT_PACKED_LINEAR", "cublas")
+    layer, g = _packed(4, 32, 32, 64)
+    with pytest.raises(ValueError, match="EQAT_PACKED_LINEAR='cublas': choose 'dequant'"):
+        packed_linear(torch.randn(2, 64), layer.qweight, layer.qzeros, layer.scales, None, 4, g)
 
 
 def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
@@ -173,7 +210,7 @@ def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
     assert not kernels.enabled_for(OnCuda())
 
 
-def test_every_kernel_launches_under_its_tensors_device(monkeypatch):
+def test_every_kernel_launches_under_its_tensors_device(monkeypatch, path):
     """Triton launches on the current device: each launch must sit inside `on_device_of(tensor)`
     (torch.cuda.device of the tensor's GPU), or every rank's kernels run on GPU 0. The spy stands in
     for the guard and every kernel is wrapped to check it is launched inside one for its tensors."""
@@ -203,7 +240,8 @@ def test_every_kernel_launches_under_its_tensors_device(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    for module, names in ((fq_mod, ("_fq_fwd", "_fq_bwd")), (pl_mod, ("_forward", "_grad_input", "_grad_scales"))):
+    for module, names in ((fq_mod, ("_fq_fwd", "_fq_bwd")),
+                          (pl_mod, ("_forward", "_grad_input", "_grad_scales", "_dequantize"))):
         monkeypatch.setattr(module, "on_device_of", guard)
         for name in names:
             monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
@@ -215,7 +253,8 @@ def test_every_kernel_launches_under_its_tensors_device(monkeypatch):
     x = torch.randn(3, 64, requires_grad=True)
     scales = layer.scales.detach().clone().requires_grad_()
     packed_linear(x, layer.qweight, layer.qzeros, scales, None, 4, g).sum().backward()
-    assert sorted(launched) == sorted(["_fq_fwd", "_fq_bwd", "_forward", "_grad_input", "_grad_scales"])
+    packed_kernels = ["_forward", "_grad_input", "_grad_scales"] if path == "fused" else ["_dequantize"] * 3
+    assert sorted(launched) == sorted(["_fq_fwd", "_fq_bwd", *packed_kernels])
 
 
 @triton.jit

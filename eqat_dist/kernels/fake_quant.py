@@ -19,6 +19,8 @@ import triton.language as tl
 from . import on_device_of
 
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
+# what the kernels read: a compiled Triton kernel may only read globals that are constexpr
+_SCALE_MIN, _SCALE_MAX = tl.constexpr(SCALE_MIN), tl.constexpr(SCALE_MAX)
 
 
 @triton.jit
@@ -35,7 +37,7 @@ def _step_and_zero(s_ptr, z_ptr, offs, mask, qmax):
     """The group's step size clamped to [1e-4, 1e4] and zero point clamped to [0, qmax] and rounded."""
     s = tl.load(s_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return tl.minimum(tl.maximum(s, SCALE_MIN), SCALE_MAX), _round(tl.minimum(tl.maximum(z, 0.0), qmax))
+    return tl.minimum(tl.maximum(s, _SCALE_MIN), _SCALE_MAX), _round(tl.minimum(tl.maximum(z, 0.0), qmax))
 
 
 @triton.jit

@@ -62,8 +62,8 @@ class PackedLinear(nn.Module):
         return dequantize(self.int_codes(), self.scales.t(), self.int_zeros(), group)
 
     def fix_weight(self) -> None:
-        """Dequantize once for the batches of a pass that does not train (advancing a stream); a GPU's
-        kernel dequantizes in registers and keeps no float weight, so there it is left to do that."""
+        """Dequantize once for the batches of a pass that does not train (advancing a stream); on a GPU
+        the kernels dequantize one layer at a time as it runs (eqat_dist/kernels) and keep no float weight."""
         if not kernels.enabled_for(self.qweight):
             with torch.no_grad():
                 self.fixed_weight = self.dequantized_weight()
@@ -72,7 +72,7 @@ class PackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.fixed_weight is not None:
             return nn.functional.linear(x, self.fixed_weight.to(x.dtype), bias)
-        if kernels.enabled_for(x):  # dequantized tile by tile in registers; no float weight saved (eqat_dist/kernels)
+        if kernels.enabled_for(x):  # dequantized by a kernel as it runs; no float weight saved (eqat_dist/kernels)
             from ..kernels.packed_linear import packed_linear
             if torch.is_autocast_enabled(x.device.type):  # autocast does not reach a custom Function by itself:
                 x = x.to(torch.get_autocast_dtype(x.device.type))  # 16-bit tiles go to the tensor cores
