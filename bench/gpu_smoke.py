@@ -203,19 +203,16 @@ def section_pipeline(ctx) -> list[str]:
     flags = ["--model", ctx.model, "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
              "--weight-lr", "2e-3", *budget, *e2e, "--eval-datasets", "wiki", "--eval-seqlen", "512",
              "--eval-max-windows", "8" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--no-tensorboard"]
-    rows, results = [], {}
-    for name, extra in (("kernels", []), ("no-kernels", ["--no-kernels"])):
-        t0 = time.time()
-        _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite"], 600, name)
-        results[name] = json.loads((ctx.work / name / "results.json").read_text())
-        results[name]["wall_s"] = time.time() - t0
     plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1",
                            "--gpu-memory", "80" if not ctx.cpu else "0", "--json", "--ds-config", "single-gpu"],
                           capture_output=True, text=True, env=ctx.env)
     planned = json.loads(plan.stdout)["phases"] if plan.stdout.strip() else {}
-    ppl = {n: r.get("quantized_e2e", r["quantized"])["perplexity"]["wiki"]["ppl"] for n, r in results.items()}
-    gap = abs(ppl["kernels"] / ppl["no-kernels"] - 1)
-    for name, r in results.items():
+    rows, ppl = [], {}
+    for name, extra in (("kernels", []), ("no-kernels", ["--no-kernels"])):
+        t0 = time.time()
+        _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite"], 600, name)
+        r = json.loads((ctx.work / name / "results.json").read_text())
+        ppl[name] = r.get("quantized_e2e", r["quantized"])["perplexity"]["wiki"]["ppl"]
         blocks = r.get("blocks", [])
         step_ms = 1e3 * sum(b["seconds"] for b in blocks) / max(1, sum(b["steps"] for b in blocks))
         e2e_report = r.get("e2e", {})
@@ -225,8 +222,10 @@ def section_pipeline(ctx) -> list[str]:
         plan_text = ", ".join(f"{k} {peaks[k] / 1024:.1f} (plan {planned.get(k, {}).get('gpu_peak_gib', 0):.1f})"
                               for k in peaks)
         rows.append(f"| pipeline --single-gpu | {name} | ppl {ppl[name]:.2f} | Block-AP {step_ms:.1f} ms/step, "
-                    f"E2E {e2e_report.get('step_seconds_median') or 0:.2f} s/step, {r['wall_s']:.0f} s | "
+                    f"E2E {e2e_report.get('step_seconds_median') or 0:.2f} s/step, {time.time() - t0:.0f} s | "
                     f"GPU peak GiB: {plan_text} |")
+        print(rows[-1], flush=True)  # a run's row as soon as it is in: a loan can end before the next
+    gap = abs(ppl["kernels"] / ppl["no-kernels"] - 1)
     assert gap < 0.01, f"perplexity with kernels {ppl['kernels']:.3f} vs without {ppl['no-kernels']:.3f}"
     return rows
 
@@ -272,6 +271,8 @@ def section_block70b(ctx) -> list[str]:
         block = json.loads((out / "results.json").read_text())["blocks"][0]
         seconds[placement] = (block["seconds"], block["steps"], block["peak_mem_mib"])
         losses[placement] = block["loss_after"]
+        print(f"| 70B-shaped block | --activations {placement} | {block['steps']} steps | "
+              f"{1e3 * block['seconds'] / block['steps']:.0f} ms/step | (as it comes) |", flush=True)
     base = "gpu" if "gpu" in seconds else "disk"
     ratio = {p: s[0] / seconds[base][0] for p, s in seconds.items()}
     rows = [f"| 70B-shaped block, 2 x {seqlen} tokens | --activations {p} | {s[1]} steps | {1e3 * s[0] / s[1]:.0f} ms/step, "

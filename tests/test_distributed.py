@@ -263,8 +263,14 @@ def test_killed_rank_under_deepspeed_is_named_by_its_peer(model_dir, tmp_path):
     killed_at = _kill_rank_when(proc, out, 1, "block_0000.safetensors")
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and time.time() - killed_at < 30
-    assert re.search(r"rank 0 stopping at block \d+ \(.*\): lost rank 1", output), output[-3000:]
-    assert "run the same command again to resume" in output
+    # whoever notices first stops the job: rank 0 (naming rank 1), or DeepSpeed's launcher, which polls its
+    # children every second and kills the others once one has died, naming the dead one's command (a
+    # loaded machine can let it come first, as MPI's launcher in the test above)
+    ours = re.search(r"rank 0 stopping at block \d+ \(.*\): lost rank 1", output)
+    launcher = re.search(r"'--local_rank=1'.*exits with return code = -9", output)
+    assert ours or launcher, output[-3000:]
+    if ours:
+        assert "run the same command again to resume" in output
 
 
 def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monkeypatch):

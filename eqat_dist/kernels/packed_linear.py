@@ -159,8 +159,8 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b summed in float32: 16-bit inputs stay 16-bit on the tensor cores (their products are exact in
-    float32), where the GPU's mm takes out_dtype; elsewhere both go to float32 first."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    float32), where the GPU's mm takes out_dtype; elsewhere both go to float32 (a no-op for float32)."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # a PyTorch without mm's out_dtype on CUDA
@@ -176,6 +176,8 @@ def _grad_scales_dequantized(x2, dy, qweight, qzeros, bits: int, group: int) -> 
     columns at a time so that the float32 temporaries stay near 256 MiB whatever the layer's size."""
     K, N = x2.shape[1], dy.shape[1]
     ds = torch.empty(K // group, N, dtype=torch.float32, device=dy.device)
+    if not x2.is_cuda:
+        x2 = x2.float()  # converted once, not once a slice
     columns = max(32, DS_TEMPORARY_ELEMENTS // K // 32 * 32)  # a multiple of 32: the zeros' words split there
     for n0 in range(0, N, columns):
         n1 = min(N, n0 + columns)
