@@ -66,22 +66,24 @@ def gpu_table() -> None:
         moved = rows * cols * 4 * 5  # fwd: read W, write W_hat; bwd: read W and g, write dW
         print(f"| | {rows} x {cols} | {ref:.2f} | {fused:.2f} | {moved / fused / 1e6:.0f} |")
     print("\n| packed linear fwd+bwd (E2E-QP), 4 x 2048 tokens, bf16 | bits | shape | PyTorch ms / peak MiB | "
-          "Triton ms / peak MiB |")
-    print("|---|---|---|---|---|")
+          "dequant + cuBLAS ms / peak MiB | fused tiles ms / peak MiB |")
+    print("|---|---|---|---|---|---|")
     for bits in (2, 3, 4):
         for out_f, in_f in ((4096, 4096), (28672, 8192)):
             layer, g = packed_layer(bits, out_f, in_f, device=dev, dtype=torch.bfloat16)
             x = torch.randn(4, 2048, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
             rows = []
-            for fn in (lambda: layer(x).float().sum().backward(),
-                       lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, g)
-                       .float().sum().backward()):
+            for way in ("pytorch", "dequant", "fused"):
+                os.environ["EQAT_PACKED_LINEAR"] = way if way != "pytorch" else "dequant"
+                fn = (lambda: layer(x).float().sum().backward()) if way == "pytorch" else \
+                    (lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, g)
+                     .float().sum().backward())
                 torch.cuda.reset_peak_memory_stats()
                 ms = timed(fn, repeat=5)
                 rows.append(f"{ms:.1f} / {torch.cuda.max_memory_allocated() / 2**20:.0f}")
-            print(f"| | {bits} | {out_f} x {in_f} | {rows[0]} | {rows[1]} |")
-    print("\n| GEMV vs fp16 F.linear | bits | shape | batch | fp16 ms | packed ms | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+            print(f"| | {bits} | {out_f} x {in_f} | {' | '.join(rows)} |")
+    print("\n| GEMV vs fp16 F.linear | bits | shape | batch | fp16 ms | dequant ms | fused ms | best speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for out_f, in_f in ((4096, 4096), (28672, 8192)):
         w16 = torch.randn(out_f, in_f, device=dev, dtype=torch.float16)
         for bits in (2, 3, 4):
@@ -89,9 +91,15 @@ def gpu_table() -> None:
             for batch in (1, 16):
                 x = torch.randn(batch, in_f, device=dev, dtype=torch.float16)
                 fp16 = timed(lambda: torch.nn.functional.linear(x, w16))
-                with torch.no_grad():
-                    ours = timed(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, g))
-                print(f"| | {bits} | {out_f} x {in_f} | {batch} | {fp16:.3f} | {ours:.3f} | {fp16 / ours:.2f}x |")
+                ours = {}
+                for way in ("dequant", "fused"):
+                    os.environ["EQAT_PACKED_LINEAR"] = way
+                    with torch.no_grad():
+                        ours[way] = timed(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None,
+                                                                bits, g))
+                print(f"| | {bits} | {out_f} x {in_f} | {batch} | {fp16:.3f} | {ours['dequant']:.3f} | "
+                      f"{ours['fused']:.3f} | {fp16 / min(ours.values()):.2f}x |")
+    os.environ.pop("EQAT_PACKED_LINEAR", None)
 
 
 def interpreter_checks() -> None:
