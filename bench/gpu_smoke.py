@@ -3,6 +3,7 @@
     python bench/gpu_smoke.py                 # on a GPU (under 10 minutes on one H100)
     python bench/gpu_smoke.py --cpu-check     # every section at toy sizes on the CPU (the script's own test)
     python bench/gpu_smoke.py --only kernels,block70b --out smoke.md
+    python bench/gpu_smoke.py --quick         # a short loan: half the runs (see --help)
 
 Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after a failure):
 - kernels:    the Triton kernels on CUDA tensors at Llama-2-70B shapes (hidden 8192, intermediate 28672;
@@ -208,7 +209,8 @@ def section_pipeline(ctx) -> list[str]:
                           capture_output=True, text=True, env=ctx.env)
     planned = json.loads(plan.stdout)["phases"] if plan.stdout.strip() else {}
     rows, ppl = [], {}
-    for name, extra in (("kernels", []), ("no-kernels", ["--no-kernels"])):
+    runs = (("kernels", []),) if ctx.quick else (("kernels", []), ("no-kernels", ["--no-kernels"]))
+    for name, extra in runs:
         t0 = time.time()
         _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite"], 600, name)
         r = json.loads((ctx.work / name / "results.json").read_text())
@@ -225,6 +227,8 @@ def section_pipeline(ctx) -> list[str]:
                     f"E2E {e2e_report.get('step_seconds_median') or 0:.2f} s/step, {time.time() - t0:.0f} s | "
                     f"GPU peak GiB: {plan_text} |")
         print(rows[-1], flush=True)  # a run's row as soon as it is in: a loan can end before the next
+    if ctx.quick:  # the kernels' numerics are the kernels section's; the same run without them is left out
+        return rows
     gap = abs(ppl["kernels"] / ppl["no-kernels"] - 1)
     assert gap < 0.01, f"perplexity with kernels {ppl['kernels']:.3f} vs without {ppl['no-kernels']:.3f}"
     return rows
@@ -265,6 +269,8 @@ def section_block70b(ctx) -> list[str]:
                   "cpu, 2 GiB on the GPU": ["--activations", "cpu", "--activations-on-gpu", "2"]}
     if ctx.cpu:
         placements = {"cpu": ["--activations", "cpu"], "disk": ["--activations", "disk"]}
+    elif ctx.quick:  # the host path against stores on the GPU: the ratio the section exists for
+        placements = {"cpu": placements["cpu"], "gpu": placements["gpu"]}
     for placement, chosen in placements.items():
         out = ctx.work / f"block70b-{placement.split(',')[0]}{'-split' if ',' in placement else ''}"
         _run(ctx, [*flags, *chosen, "--output", str(out), "--overwrite"], 600, f"block70b-{placement}")
@@ -279,6 +285,8 @@ def section_block70b(ctx) -> list[str]:
             f"peak {s[2] / 1024:.1f} GiB, loss after {losses[p]:.6g} | "
             f"{'' if p == base else f'{p} / {base} = {ratio[p]:.2f}x (goal <= 1.1x)'} |"
             for p, s in seconds.items()]
+    if ctx.quick:
+        return rows
     # --compile: the block step through torch.compile; a one-block model pays the compile inside its only
     # block, so the ratio understates what a many-block run gains
     out = ctx.work / "block70b-compile"
@@ -338,11 +346,12 @@ def section_two_ranks(ctx) -> list[str]:
 
 # -- driver --------------------------------------------------------------------------------------------
 class Context:
-    def __init__(self, cpu: bool, work: Path, model: str = "smollm2-135m"):
+    def __init__(self, cpu: bool, work: Path, model: str = "smollm2-135m", quick: bool = False):
         import torch
 
         self.cpu = cpu
         self.model = model
+        self.quick = quick
         self.device = torch.device("cpu" if cpu else "cuda")
         self.work = work
         self.appendix: list[str] = []
@@ -359,6 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m",
                         help="the pipeline section's model, and the tokenizer of the synthetic ones (a bundled name or "
                              "a folder; default: the bundled smollm2-135m)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fit a short GPU loan: the pipeline with kernels only, block70b on cpu and gpu stores "
+                             "only (no --compile); about half the time")
     parser.add_argument("--work", help="folder for the runs (default: a temporary folder, removed afterwards)")
     args = parser.parse_args(argv)
     if args.cpu_check:
@@ -374,7 +386,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.cpu_check, work, args.model)
+    ctx = Context(args.cpu_check, work, args.model, args.quick)
     device = "CPU (--cpu-check, Triton interpreter)" if args.cpu_check else torch.cuda.get_device_name(0)
     lines = [f"# gpu_smoke on {device}, torch {torch.__version__}, model {args.model}", "",
              "| check | setting | shape | tokens | result |", "|---|---|---|---|---|"]

@@ -28,3 +28,17 @@ def test_its_kernel_weight_work_and_two_rank_sections_pass_at_toy_sizes_on_the_c
     assert "| **kernels** | | | | PASS" in table and "| **two_ranks** | | | | PASS" in table
     assert "| **weight_work** | | | | PASS" in table and "of a batch-2 step" in table
     assert "bit-identical export" in table
+
+
+@pytest.mark.slow
+def test_quick_pipeline_runs_the_bundled_model_once_with_its_row_printed_as_it_comes(tmp_path):
+    """--quick (a short GPU loan): the pipeline section's run with kernels alone, its row printed when the
+    run ends (before the section's table), so a loan that ends early still leaves the figures."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--quick", "--only", "pipeline", "--work",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| pipeline --single-gpu |")]
+    assert len(rows) == 2 and rows[0] == rows[1] and "| kernels | ppl " in rows[0]  # as it came, then the table
+    assert "no-kernels" not in done.stdout
+    assert done.stdout.index(rows[0]) < done.stdout.index("| **pipeline** | | | | PASS")
