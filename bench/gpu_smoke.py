@@ -79,6 +79,9 @@ def section_kernels(ctx) -> list[str]:
     from eqat_dist.quant.fake_quant import dequantize, fake_quantize, minmax_init
     from eqat_dist.quant.packed_linear import PackedLinear
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from kernel_timings import packed_way
+
     dev, rows = ctx.device, []
     hidden, inter = (8192, 28672) if not ctx.cpu else (64, 96)
     token_counts = (1, 16, 4096) if not ctx.cpu else (1, 16, 33)
@@ -122,14 +125,12 @@ def section_kernels(ctx) -> list[str]:
                         worst["ds"] = max(worst["ds"], ((scales.grad - ref_s.grad).norm() / ref_s.grad.norm()).item())
                     ms = {}
                     for way in ("dequant", "fused"):  # EQAT_PACKED_LINEAR: the default, and the tiled kernels
-                        os.environ["EQAT_PACKED_LINEAR"] = way
-                        with torch.no_grad():
+                        with packed_way(way), torch.no_grad():
                             ms[way] = timed_ms(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales,
                                                                      None, bits, group), repeat=5)
                             if way == "fused":
                                 y = packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, group)
                                 worst["y"] = max(worst["y"], ((y.float() - ref).norm() / ref.norm()).item())
-                    os.environ.pop("EQAT_PACKED_LINEAR")
                     rows.append(f"| packed linear fwd | w{bits}g{group} | {in_f} -> {out_f} | {tokens} | "
                                 f"dequant {ms['dequant']:.3f} ms, fused {ms['fused']:.3f} ms |")
                     if tokens == token_counts[-1] and bits == 2:  # an E2E-QP training step's layer

@@ -10,6 +10,7 @@ does) and the script says that timings need a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,22 @@ def packed_layer(bits: int, out_f: int, in_f: int, group: int = 64, device="cpu"
     zeros = torch.randint(0, 2**bits, (out_f, in_f // g), device=device).float()
     scales = (torch.rand(out_f, in_f // g, device=device) * 0.02 + 0.001)
     return PackedLinear.from_int(codes, zeros, scales, cfg, dtype=dtype).to(device), g
+
+
+@contextlib.contextmanager
+def packed_way(way: str):
+    """The packed layer's path inside the block: "dequant" or "fused" (EQAT_PACKED_LINEAR), or "pytorch"
+    (EQAT_KERNELS=0: PackedLinear's own dequantize-then-matmul, the reference)."""
+    name, value = ("EQAT_KERNELS", "0") if way == "pytorch" else ("EQAT_PACKED_LINEAR", way)
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
 
 
 def timed(fn, repeat: int = 20) -> float:
@@ -74,12 +91,9 @@ def gpu_table() -> None:
             x = torch.randn(4, 2048, in_f, device=dev, dtype=torch.bfloat16, requires_grad=True)
             rows = []
             for way in ("pytorch", "dequant", "fused"):
-                os.environ["EQAT_PACKED_LINEAR"] = way if way != "pytorch" else "dequant"
-                fn = (lambda: layer(x).float().sum().backward()) if way == "pytorch" else \
-                    (lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None, bits, g)
-                     .float().sum().backward())
-                torch.cuda.reset_peak_memory_stats()
-                ms = timed(fn, repeat=5)
+                with packed_way(way):  # the layer's forward picks its path by these variables
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = timed(lambda: layer(x).float().sum().backward(), repeat=5)
                 rows.append(f"{ms:.1f} / {torch.cuda.max_memory_allocated() / 2**20:.0f}")
             print(f"| | {bits} | {out_f} x {in_f} | {' | '.join(rows)} |")
     print("\n| GEMV vs fp16 F.linear | bits | shape | batch | fp16 ms | dequant ms | fused ms | best speed-up |")
@@ -93,13 +107,11 @@ def gpu_table() -> None:
                 fp16 = timed(lambda: torch.nn.functional.linear(x, w16))
                 ours = {}
                 for way in ("dequant", "fused"):
-                    os.environ["EQAT_PACKED_LINEAR"] = way
-                    with torch.no_grad():
+                    with packed_way(way), torch.no_grad():
                         ours[way] = timed(lambda: packed_linear(x, layer.qweight, layer.qzeros, layer.scales, None,
                                                                 bits, g))
                 print(f"| | {bits} | {out_f} x {in_f} | {batch} | {fp16:.3f} | {ours['dequant']:.3f} | "
                       f"{ours['fused']:.3f} | {fp16 / min(ours.values()):.2f}x |")
-    os.environ.pop("EQAT_PACKED_LINEAR", None)
 
 
 def interpreter_checks() -> None:

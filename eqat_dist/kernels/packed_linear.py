@@ -51,14 +51,20 @@ def _unpack(ptr, row, col, row_stride, rows_words, bits: tl.constexpr, mask):
 
 
 @triton.jit
-def _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits: tl.constexpr, mask):
-    """W^T tile [BLOCK_K, BLOCK_N] = (q - z) * s in the scales' dtype (as PackedLinear's reference)."""
+def _codes_tile(qw_ptr, qz_ptr, k, n, K, N, group, bits: tl.constexpr, mask):
+    """Codes minus zeros, q - z, as an int32 tile [BLOCK_K, BLOCK_N] of W^T."""
     q = _unpack(qw_ptr, k[:, None], n[None, :], N, K * bits // 32, bits, mask)
     g = k // group
     zrow_words = N * bits // 32
     z = _unpack(qz_ptr + g[:, None] * zrow_words, n[None, :], 0 * g[:, None], 1, zrow_words, bits, mask)
-    s = tl.load(s_ptr + g[:, None] * N + n[None, :], mask=mask, other=0.0)
-    return (q - z).to(s.dtype) * s
+    return q - z
+
+
+@triton.jit
+def _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits: tl.constexpr, mask):
+    """W^T tile [BLOCK_K, BLOCK_N] = (q - z) * s in the scales' dtype (as PackedLinear's reference)."""
+    s = tl.load(s_ptr + (k // group)[:, None] * N + n[None, :], mask=mask, other=0.0)
+    return _codes_tile(qw_ptr, qz_ptr, k, n, K, N, group, bits, mask).to(s.dtype) * s
 
 
 @triton.jit
@@ -136,11 +142,7 @@ def _dequantize(qw_ptr, qz_ptr, s_ptr, out_ptr, K, N, group, bits: tl.constexpr,
     if SCALED:
         w = _weight_tile(qw_ptr, qz_ptr, s_ptr, k, n, K, N, group, bits, mask)
     else:
-        q = _unpack(qw_ptr, k[:, None], n[None, :], N, K * bits // 32, bits, mask)
-        g = k // group
-        zrow_words = N * bits // 32
-        z = _unpack(qz_ptr + g[:, None] * zrow_words, n[None, :], 0 * g[:, None], 1, zrow_words, bits, mask)
-        w = (q - z).to(tl.float32)
+        w = _codes_tile(qw_ptr, qz_ptr, k, n, K, N, group, bits, mask).to(tl.float32)
     tl.store(out_ptr + n[None, :] * K + k[:, None], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
