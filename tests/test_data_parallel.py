@@ -9,6 +9,7 @@ import torch
 from eqat_dist.blockap.lanes import Lanes
 from eqat_dist.blockap.steps import make_student
 from eqat_dist.blockap.trainer import BlockAPSettings, train_block
+from eqat_dist.cluster.transport import SumGroup
 from eqat_dist.models.quantize import quant_linears
 from test_blockap import CFG, _block_setup, _stores
 
@@ -37,9 +38,10 @@ def test_a_batch_that_does_not_split_over_the_group_is_refused():
         Lanes(8, 3, 2, 0)
 
 
-class _ThreadGroup:
+class _ThreadGroup(SumGroup):
     """D threads standing for D ranks: sums in rank order, the same on every 'rank', started inside
-    the backward (as torch.distributed's groups do) or at the end of the step (as MPI's)."""
+    the backward (as torch.distributed's groups do) or at the end of the step (as MPI's); the
+    reduce-scatter is SumGroup's, one reduce per segment."""
 
     def __init__(self, shared, rank, size, overlaps=True):
         self.shared, self.rank, self.size, self.overlaps_backward = shared, rank, size, overlaps

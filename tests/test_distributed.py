@@ -154,6 +154,25 @@ def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps
     _same_steps(references / "student", tmp_path / "out")
 
 
+@pytest.mark.parametrize("backend", ["mpi", "gloo"])
+def test_a_groups_reduce_scatter_sum_and_broadcast_over_three_ranks(backend):
+    """The collectives the data-parallel step is made of, on real processes: a reduce-scatter with
+    segments of uneven sizes and an empty one (MPI: one Ireduce_scatter; torch.distributed: one reduce
+    per segment), a sum started beside it, a broadcast from the last rank."""
+    script, env = str(ROOT / "tests" / "helpers" / "group_collectives.py"), one_process_env()
+    if backend == "mpi":
+        done = [subprocess.run([str(BIN / "mpiexec"), "-n", "3", sys.executable, script], env=env,
+                               capture_output=True, text=True, timeout=180)]
+    else:
+        ranks = [subprocess.Popen([sys.executable, script], env=env | {"RANK": str(r), "WORLD_SIZE": "3"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
+        done = [subprocess.CompletedProcess(p.args, p.wait(timeout=180), *p.communicate()) for p in ranks]
+    out = "".join(d.stdout for d in done)
+    assert all(d.returncode == 0 for d in done), out + "".join(d.stderr for d in done)[-3000:]
+    kind = "mpi" if backend == "mpi" else "torch.distributed"
+    assert sorted(re.findall(rf"group collectives OK on rank (\d) of 3 over {re.escape(kind)}", out)) == ["0", "1", "2"]
+
+
 def test_data_parallel_under_deepspeed_sums_over_a_torch_distributed_group(model_dir, references, tmp_path):
     env = one_process_env()
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",

@@ -7,8 +7,8 @@ dealt out by size), and a step goes:
 
   1. each rank fake-quantizes the linears it owns; the owners broadcast the quantized weights, and every
      rank runs the block with them as plain tensors (`QuantLinear.fixed_weight`, requiring grad);
-  2. after the backward, each linear's gradient is summed to its owner (a reduce, half the traffic of an
-     all-reduce), the rest (the norms, the loss) over the whole group;
+  2. after the backward, each linear's gradient is summed to its owner (one reduce-scatter over the
+     owners' segments: half the traffic of an all-reduce), the rest (the norms, the loss) over the group;
   3. the owner takes the fake quantization's backward from the summed gradient, and the clipping and
      the optimizer then see gradients only on the parameters this rank owns (AdamW skips the others, so
      its state is split too); the clipping's norm is summed over the group.
@@ -80,7 +80,10 @@ class WeightShards:
         self.own_params = {id(p) for p in _params(self.mine)}
         self.shared_ids = {id(p) for p in self.shared}
         self.quantized = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
-        self.grads = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
+        # the weights' gradients, owner after owner in rank order: one reduce-scatter sums them
+        self.grads = _Flat([lin.weight for linears in owned_by for lin in linears], device)
+        self.counts = [sum(lin.weight.numel() for lin in linears) for linears in owned_by]
+        self._first_mine = sum(len(linears) for linears in owned_by[:group.rank])
         self.rest = _Flat(self.shared + [torch.zeros(1)], device)  # the shared gradients, then the loss
         self._own_graph: list[torch.Tensor] = []  # this step's fake-quantized weights of `mine`, with their graph
         self.stale = False  # the owners' weights moved since the last sync
@@ -100,18 +103,16 @@ class WeightShards:
 
     def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
         """After the backward: the summed gradients where they belong, and the group's loss."""
-        handles = []
-        for r, (linears, flat) in enumerate(zip(self.owned_by, self.grads)):
-            flat.fill([lin.fixed_weight.grad for lin in linears])
-            if flat.buffer.numel():  # a rank may own no linear (more ranks than linears)
-                handles.append(self.group.start_reduce_(flat.buffer, r))
+        self.grads.fill([lin.fixed_weight.grad for linears in self.owned_by for lin in linears])
+        handles = self.group.start_reduce_scatter_(self.grads.buffer, self.counts)
         self.rest.fill([p.grad for p in self.shared] + [loss.reshape(1)])
         handles.append(self.group.start_sum_(self.rest.buffer))
         self.group.finish(handles)
         for lin in self.linears:
             lin.fixed_weight = None
         if self._own_graph:
-            torch.autograd.backward(self._own_graph, self.grads[self.group.rank].views())
+            mine = self.grads.views()[self._first_mine:self._first_mine + len(self.mine)]
+            torch.autograd.backward(self._own_graph, mine)
         self._own_graph = []
         *shared, total = self.rest.views()
         for p, grad in zip(self.shared, shared):
