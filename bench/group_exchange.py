@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from eqat_dist.cluster.transport import MPITransport  # noqa: E402
+from eqat_dist.cluster.transport import MPITransport, SumGroup  # noqa: E402
 
 SMOLLM2_BLOCK = [576 * 576, 576 * 192, 576 * 192, 576 * 576, 576 * 1536, 576 * 1536, 1536 * 576]
 
@@ -40,16 +40,12 @@ def main() -> None:
     owner = deal_out(sizes, group.size)
     counts = [sum(n for n, o in zip(sizes, owner) if o == r) for r in range(group.size)]
     buffer = torch.ones(sum(counts))
-
-    def segments():
-        offset = 0
-        for count in counts:
-            yield buffer[offset:offset + count]
-            offset += count
+    segments = buffer.split(counts)
 
     ways = {
-        "broadcast from each owner": lambda: [group.start_broadcast_(s, r) for r, s in enumerate(segments()) if s.numel()],
-        "reduce to each owner (before)": lambda: [group.start_reduce_(s, r) for r, s in enumerate(segments()) if s.numel()],
+        "broadcast from each owner": lambda: [group.start_broadcast_(s, r) for r, s in enumerate(segments) if s.numel()],
+        # SumGroup's own reduce-scatter is one reduce per owner: the way before MPI's
+        "reduce to each owner (before)": lambda: SumGroup.start_reduce_scatter_(group, buffer, counts),
         "one reduce-scatter (now)": lambda: group.start_reduce_scatter_(buffer, counts),
         "all-reduce of everything": lambda: [group.start_sum_(buffer)],
     }

@@ -166,7 +166,8 @@ def test_a_groups_reduce_scatter_sum_and_broadcast_over_three_ranks(backend):
     else:
         ranks = [subprocess.Popen([sys.executable, script], env=env | {"RANK": str(r), "WORLD_SIZE": "3"},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(3)]
-        done = [subprocess.CompletedProcess(p.args, p.wait(timeout=180), *p.communicate()) for p in ranks]
+        outputs = [p.communicate(timeout=180) for p in ranks]  # read as they run: a full pipe would block a rank
+        done = [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(ranks, outputs)]
     out = "".join(d.stdout for d in done)
     assert all(d.returncode == 0 for d in done), out + "".join(d.stderr for d in done)[-3000:]
     kind = "mpi" if backend == "mpi" else "torch.distributed"
