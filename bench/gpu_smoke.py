@@ -19,7 +19,8 @@ Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after
 - weight_work: bench/weight_work.py on a 70B-shaped block at 2 x 2048 tokens: what a step spends on the
               block's weights (fake quantization, clipping, AdamW), the work `--weight-work split` shares
               over a data-parallel group (replicated is the GPU default until this says otherwise);
-- two_ranks:  Block-AP on two ranks sharing one GPU (torchrun, gloo) bit-identical to one rank.
+- two_ranks:  Block-AP on two ranks sharing one GPU (torchrun; the default layout, data parallel, its sums
+              over gloo since NCCL needs a GPU per rank) against one rank, up to float summation order.
 Without a GPU (and without --cpu-check) it says so in one line and exits 0.
 """
 from __future__ import annotations
@@ -339,10 +340,21 @@ def section_two_ranks(ctx) -> list[str]:
                          env=env)
     (ctx.work / "two-ranks.log").write_text(two.stdout + two.stderr)
     assert two.returncode == 0, two.stderr[-1500:]
+    # the default layout on 2 ranks is data parallel (one group of 2, per-rank batch 1): one rank's
+    # steps up to float summation order (tests/test_distributed.py::_same_steps), bit-identical by luck
     a, b = dict(LazyTensors(ctx.work / "one-rank")), dict(LazyTensors(ctx.work / "two-ranks"))
-    same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert same, "two ranks on one GPU differ from one rank"
-    return ["| Block-AP, 2 ranks on 1 GPU vs 1 rank | student | | | bit-identical export |"]
+    assert a.keys() == b.keys(), "two ranks exported other tensors than one rank"
+    if all(torch.equal(a[k], b[k]) for k in a):
+        return ["| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, data parallel | | | bit-identical export |"]
+    block0 = [json.loads((ctx.work / run / "results.json").read_text())["blocks"][0]["val_losses"][-1]
+              for run in ("one-rank", "two-ranks")]
+    gap = abs(block0[1] / block0[0] - 1)
+    packed = [k for k in a if not a[k].is_floating_point()]
+    flipped = sum((a[k] != b[k]).sum().item() for k in packed) / sum(a[k].numel() for k in packed)
+    assert gap < 1e-3 and flipped < 1e-2, f"two ranks on one GPU differ from one rank: block 0 val loss {gap:.1e}, " \
+                                          f"packed integers {100 * flipped:.2f}% different"
+    return [f"| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, data parallel | | | block 0 val loss within {gap:.1e}, "
+            f"{100 * flipped:.3f}% of packed integers differ (float summation order) |"]
 
 
 # -- driver --------------------------------------------------------------------------------------------

@@ -154,6 +154,18 @@ def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps
     _same_steps(references / "student", tmp_path / "out")
 
 
+def test_a_group_whose_ranks_share_a_gpu_is_told_apart_from_one_with_a_gpu_per_rank():
+    """NCCL refuses two ranks on one GPU (the first H200 loan: 2 ranks on 1 GPU stopped at their first
+    sum); such a group sums over gloo. Told by the GPUs' own identities, not local ranks: under a
+    scheduler every rank may see its own GPU as device 0."""
+    from eqat_dist.cluster.transport import groups_with_own_gpus
+
+    assert groups_with_own_gpus(["a", "b", "c", "d"], 2) == [True, True]
+    assert groups_with_own_gpus(["a", "a", "b", "c"], 2) == [False, True]
+    assert groups_with_own_gpus(["a", "b", "a", "b"], 2) == [True, True]  # the same GPUs, other groups
+    assert groups_with_own_gpus(["a", "b", "c", "a"], 4) == [False]
+
+
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
 def test_a_groups_reduce_scatter_sum_and_broadcast_over_three_ranks(backend):
     """The collectives the data-parallel step is made of, on real processes: a reduce-scatter with

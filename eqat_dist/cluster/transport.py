@@ -349,13 +349,22 @@ class TorchTransport(Transport):
     def data_parallel_group(self, size, cuda=False):
         if size == 1:
             return None
-        backend = "nccl" if cuda else "gloo"  # gradients on GPUs: NCCL; on the CPU: gloo
+        # NCCL refuses two ranks on one GPU: such a group sums over gloo, through host memory. Which GPU
+        # a rank drives is asked of the driver (its UUID), not guessed from local ranks: a scheduler
+        # may show each rank its own GPU as device 0.
+        gpus = self.allgather_object(gpu_identity()) if cuda else None
+        own_gpus = groups_with_own_gpus(gpus, size) if cuda else [False] * (self.world // size)
         mine = None
-        for first in range(0, self.world, size):  # every rank makes every group, in the same order
+        for index, first in enumerate(range(0, self.world, size)):  # every rank makes every group, in order
+            nccl = own_gpus[index]
             # the default timeout: members meet every step, so a long wait is a lost rank
-            group = self.dist.new_group(ranks=list(range(first, first + size)), backend=backend)
+            group = self.dist.new_group(ranks=list(range(first, first + size)), backend="nccl" if nccl else "gloo")
             if first <= self.rank < first + size:
-                mine = TorchGroup(self, group, self.rank // size, size, cuda)
+                device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+                mine = TorchGroup(self, group, index, size, device)
+                if cuda and not nccl and self.rank == first:
+                    print(f"[launch] ranks {first}-{first + size - 1} (data-parallel group {index}) share a GPU: "
+                          "their sums go over gloo through host memory (NCCL needs one GPU per rank)", flush=True)
         return mine
 
     def fail(self, message):
@@ -364,16 +373,19 @@ class TorchTransport(Transport):
 
 
 class TorchGroup(SumGroup):
-    """A data-parallel group over a torch.distributed group (NCCL on GPUs, gloo on the CPU)."""
+    """A data-parallel group over a torch.distributed group: NCCL when each rank has its own GPU, gloo on
+    the CPU or when ranks share a GPU. A tensor held elsewhere than where the collectives run (a count on
+    the host under NCCL, a GPU gradient under gloo) is summed through a copy, written back in `finish`."""
     overlaps_backward = True
 
-    def __init__(self, transport: TorchTransport, group, index: int, size: int, cuda: bool):
-        self.transport, self.group, self.index, self.size, self.cuda = transport, group, index, size, cuda
+    def __init__(self, transport: TorchTransport, group, index: int, size: int, device: torch.device):
+        self.transport, self.group, self.index, self.size, self.device = transport, group, index, size, device
         self.rank = transport.rank % size
 
     def _start(self, collective, tensor, **kw):
+        staged = tensor if tensor.device == self.device else tensor.to(self.device)
         try:
-            return collective(tensor, group=self.group, async_op=True, **kw)
+            return collective(staged, group=self.group, async_op=True, **kw), staged, tensor
         except RuntimeError as err:
             raise PeerFailure(f"{self._lost()} ({str(err).splitlines()[0][:200]})") from err
 
@@ -387,11 +399,24 @@ class TorchGroup(SumGroup):
         return self._start(self.transport.dist.reduce, tensor, dst=self.index * self.size + root)
 
     def finish(self, handles):
-        for work in handles:
-            if self.cuda:
+        for work, staged, tensor in handles:
+            if self.device.type == "cuda":
                 work.wait()  # NCCL: orders the compute stream after the sum; the host does not block
             else:
                 self.transport._wait(work, self._lost())
+            if staged is not tensor:
+                tensor.copy_(staged)
+
+
+def gpu_identity() -> str:
+    """The GPU this process drives, the same string on every rank that drives it."""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def groups_with_own_gpus(gpus: list[str], size: int) -> list[bool]:
+    """For each group of `size` consecutive ranks (`gpus[r]`: rank r's GPU), whether no two of its ranks
+    share a GPU (NCCL's condition)."""
+    return [len(set(gpus[first:first + size])) == size for first in range(0, len(gpus), size)]
 
 
 def make_transport(launch) -> Transport:
