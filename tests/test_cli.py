@@ -149,7 +149,7 @@ def test_a_log_file_shows_a_line_per_block_and_per_evaluation_step(tmp_path):
     text = log.read_text()
     assert "\r" not in text
     blocks = re.findall(r"^\[block-ap\] block (\d+) of 30, rank 0: loss \S+ -> \S+ \([+-]\d+\.\d%\), [\d.]+ s, "
-                        r"[\d,]+ tok/s; rank 0 done (\d+)/30, eta \d+m\d\ds$", text, re.M)
+                        r"[\d,]+ tok/s, [\d.]+ s the block in all; rank 0 done (\d+)/30, eta \d+m\d\ds$", text, re.M)
     assert [int(b) for b, _ in blocks] == list(range(30)) and [int(d) for _, d in blocks] == list(range(1, 31))
     assert re.search(r"^\[eval\] w3g64 wiki: 2/2 windows, \S+ elapsed, eta 0m00s$", text, re.M)
     assert re.search(r"^\[eval\] w3g64 zero-shot: 8/8 requests, ", text, re.M)

@@ -269,6 +269,7 @@ class _Rank:
             return packed, report
         inputs = self.q if self.schedule.starts_on_quantized_stream else self.fp_in
         targets = self.fp_out
+        t_start = time.time()
         student = make_student(self.source.block(i), self.cfg, self.device)
         if self.cfg.init == "gptq":  # from GPTQ on this block's own training inputs, not round-to-nearest
             if self.schedule.starts_on_quantized_stream:
@@ -290,16 +291,19 @@ class _Rank:
         switch_at = self.schedule.switch_at(total)
         self.timeline(i)
         t0 = time.time()
+        start_s = t0 - t_start
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
                           progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch,
                           lanes=self.lanes["train"], group=self.reducer, rows_ready=self.quantized_rows_ready)
         self.timeline(-1)
+        t_pack = time.time()
         packed = finish_student(student, self.cfg)
-        report = rep.to_dict() | {"wall_s": time.time() - t0, "rank": self.transport.rank, "group": self.group,
-                                  "wait_s": self.wait_s, "fp_stream_s": self.fp_stream_s}
+        report = rep.to_dict() | {"wall_s": t_pack - t0, "rank": self.transport.rank, "group": self.group,
+                                  "wait_s": self.wait_s, "fp_stream_s": self.fp_stream_s, "start_s": start_s}
         if self.member == 0:  # the group's ranks hold the same block: one writes it
             save_block(self.ckpt_dir, i, packed, report)
+        report["pack_save_s"] = time.time() - t_pack
         if self.monitor:
             for tag in ("loss_before", "loss_after", "seconds", "tokens_per_s", "peak_mem_mib", "wait_s"):
                 self.monitor.scalar(f"blockap_blocks/{tag}", report[tag], i)
@@ -313,6 +317,7 @@ class _Rank:
         steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
         trained_s, trained = 0.0, 0
         for i in mine:
+            t_turn = time.time()  # the block's whole turn: streams, start, training, packing (the ETA's unit)
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
             self.transport.wait_sends()  # the stores are about to be rewritten
             call = calls[i].to(self.device)
@@ -326,17 +331,17 @@ class _Rank:
             self.progress.phase = "waiting for the student stream"
             self.student_stream_in(i)
             self.progress.phase = "training"
-            t_block = time.time()
             restored = i in self.done
             packed, report = self.train_or_restore(i, call, steps_bar)
             reports.append(report)
+            self.progress.phase = "student stream"
+            self.student_stream_out(i, packed, call)
+            report["turn_s"] = time.time() - t_turn
             if not restored:
-                trained_s, trained = trained_s + time.time() - t_block, trained + 1
+                trained_s, trained = trained_s + report["turn_s"], trained + 1
             if self.member == 0:  # one line per block, from its group's first rank
                 tqdm.write(block_line(report | {"restored": restored}, self.num_blocks, self.transport.rank, len(reports),
                                       len(mine), trained_s, trained))
-            self.progress.phase = "student stream"
-            self.student_stream_out(i, packed, call)
             if not self.schedule.fp_stream_in_place and self.groups == 1:
                 self.fp_in, self.fp_out = self.fp_out, self.fp_in  # block i's output is block i+1's input
             self.source.release(i)

@@ -62,8 +62,10 @@ class StepLog:
 
 
 def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, trained_s: float, trained: int) -> str:
-    """One line per finished Block-AP block: block i/L, rank, loss before -> after, time, throughput and
-    the ETA of this rank's share of the phase (from the blocks it trained, not those it restored)."""
+    """One line per finished Block-AP block: block i/L, rank, loss before -> after, training time and
+    throughput, the block's whole turn (streams, the student's start, packing: at 70B on a host these
+    once took longer than the training), and the ETA of this rank's share of the phase (from the turns
+    of the blocks it trained, not of those it restored)."""
     # pipelined mode: before -> after on the quantized stream (from the switch on), not across the switch
     before = report.get("loss_at_switch") or report["loss_before"]
     change = (report["loss_after"] / before - 1) * 100 if before else float("nan")
@@ -72,7 +74,8 @@ def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, train
     stream = " on the quantized stream" if report.get("loss_at_switch") else ""
     return (f"[block-ap] block {report['index']} of {blocks}, rank {rank}: loss{stream} {before:.4g} -> "
             f"{report['loss_after']:.4g} ({change:+.1f}%), {report['seconds']:.1f} s, "
-            f"{report['tokens_per_s']:,.0f} tok/s; rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
+            f"{report['tokens_per_s']:,.0f} tok/s, {report.get('turn_s', report['seconds']):.1f} s the block in all; "
+            f"rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
 
 
 class Monitor:
