@@ -207,7 +207,7 @@ def section_pipeline(ctx) -> list[str]:
              "--weight-lr", "2e-3", *budget, *e2e, "--eval-datasets", "wiki", "--eval-seqlen", "512",
              "--eval-max-windows", "8" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--no-tensorboard"]
     plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1",
-                           "--gpu-memory", "80" if not ctx.cpu else "0", "--json", "--ds-config", "single-gpu"],
+                           "--gpu-memory", "80" if not ctx.cpu else "0", "--json"],
                           capture_output=True, text=True, env=ctx.env)
     planned = json.loads(plan.stdout)["phases"] if plan.stdout.strip() else {}
     rows, ppl = [], {}

@@ -11,26 +11,28 @@ from pathlib import Path
 
 from ..blockap.lanes import group_width
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
-from .estimate import GIB, Settings, plan
+from .estimate import GIB, ZERO_REDUCE_BUCKET, Settings, plan
 from .fit import Machine, render, report, to_json
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
            "arch_at_hand", "host_memory", "settings_for", "this_machine", "to_json"]
 
 
-def _ds_stage_offload(ds_config: str) -> tuple[int, bool]:
+def _ds_zero(ds_config: str) -> tuple[int, bool, int]:
+    """(ZeRO stage, parameters offloaded to the CPU, gradient bucket in elements) of a DeepSpeed config."""
     from ..e2e.ds_config import read_ds_config
     try:
         zero = read_ds_config(ds_config).get("zero_optimization", {})
     except ValueError:
-        return 3, True  # the run itself refuses the file; plan as the default
-    return zero.get("stage", 0), zero.get("offload_param", {}).get("device") == "cpu"
+        return 3, True, ZERO_REDUCE_BUCKET  # the run itself refuses the file; plan as the default
+    return (zero.get("stage", 0), zero.get("offload_param", {}).get("device") == "cpu",
+            int(zero.get("reduce_bucket_size", ZERO_REDUCE_BUCKET)))
 
 
 def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "a100",
                  tflops: float | None = None) -> Settings:
     """The plan's settings for a run's RunConfig (config/run_config.py) on `ranks` ranks."""
-    stage, offload = _ds_stage_offload(cfg.e2e.ds_config)
+    stage, offload, bucket = _ds_zero(cfg.e2e.ds_config)
     if cfg.machine.dtype == "auto":
         act_bytes = 2 if device == "gpu" else 4
     else:
@@ -45,7 +47,7 @@ def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "
         student_input=b.student_input, correction=b.correction_fraction or width / ranks, data_parallel=width,
         e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
         e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,
-        zero_stage=stage, offload=offload, keep_checkpoints=e.keep_checkpoints or 10,
+        zero_stage=stage, offload=offload, zero_bucket=bucket, keep_checkpoints=e.keep_checkpoints or 10,
         eval_datasets=ev.datasets, eval_seqlen=ev.seqlen, eval_batch_size=ev.batch_size,
         eval_max_windows=ev.max_windows, zeroshot_tasks=ev.zeroshot_tasks, zeroshot_limit=ev.zeroshot_limit,
         skip_fp_eval=ev.skip_fp, tflops=tflops)

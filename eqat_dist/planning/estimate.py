@@ -34,6 +34,7 @@ from .timeline import BlockTimes, blockap_seconds
 
 GIB = 2**30
 CUDA_CONTEXT = 0.6 * GIB
+ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); the H200's E2E-QP peak showed it
 HOST_BASE = {"cpu": 0.4 * GIB, "gpu": 1.5 * GIB}
 ACT_H, ACT_I = 18, 5
 FAKE_QUANT_COPIES = 3
@@ -83,6 +84,7 @@ class Settings:
     grad_checkpointing: bool = True
     zero_stage: int = 3
     offload: bool = True
+    zero_bucket: int = ZERO_REDUCE_BUCKET  # elements: ZeRO's gradient bucket (`reduce_bucket_size`)
     keep_checkpoints: int = 1
     eval_datasets: tuple = ("wiki", "news")
     eval_seqlen: int = 2048
@@ -292,6 +294,8 @@ def e2e(a: Arch, s: Settings) -> Phase:
             (1 if s.grad_checkpointing else a.layers) * mb * T * (ACT_H * a.hidden + ACT_I * a.intermediate) * w,
         "logits, float32 loss and its gradient": mb * T * a.vocab * (w + 8),
     }
+    if s.zero_stage > 0:  # allocated whole on the GPU at the engine's start, whatever is trained (stage3.py)
+        working["ZeRO gradient bucket (reduce_bucket_size)"] = s.zero_bucket * w
     if shards > 1:  # the embedding and the output head are gathered whole for their forward (one at a time)
         working["gathered embedding / output head"] = a.vocab * a.hidden * w
     sharded = {"integer weights, embeddings, norms": frozen / shards, "scales": scales * w / shards}
