@@ -23,6 +23,9 @@ from .ds_config import accumulation_steps, read_ds_config
 # every ZeRO-3 step: two FutureWarnings per step would bury the step lines of a run's log.
 for _name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
     warnings.filterwarnings("ignore", message=rf".*torch\.distributed\.{_name}` is deprecated", category=FutureWarning)
+# DeepSpeed's barriers on NCCL: "barrier(): using the device under current context" (twice a run on the
+# H200). The current device is this rank's own (cluster/launch.bind_device), which is what it warns about.
+warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context", category=UserWarning)
 
 
 def init_distributed() -> None:

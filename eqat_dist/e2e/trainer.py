@@ -72,7 +72,10 @@ def train_e2e(model, data, settings: E2ESettings, ds_config: dict, accum: int, c
     trainable = freeze_all_but_scales(model)
     if settings.grad_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25; the old name warns there
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=0.0)
     steps_per_epoch = len(data) // settings.global_batch
     if steps_per_epoch == 0:
