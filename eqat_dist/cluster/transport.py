@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 import threading
 import time
@@ -409,8 +410,11 @@ class TorchGroup(SumGroup):
 
 
 def gpu_identity() -> str:
-    """The GPU this process drives, the same string on every rank that drives it."""
-    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+    """The GPU this process drives, the same string on every rank that drives it: the driver's UUID, or
+    (a build without it) the host and the device index, right unless the ranks see different devices."""
+    index = torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else f"{socket.gethostname()}:{index}"
 
 
 def groups_with_own_gpus(gpus: list[str], size: int) -> list[bool]:
