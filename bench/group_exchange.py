@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from eqat_dist.cluster.transport import MPITransport, SumGroup  # noqa: E402
+from eqat_dist.models.family import block_linear_shapes  # noqa: E402
 
-SMOLLM2_BLOCK = [576 * 576, 576 * 192, 576 * 192, 576 * 576, 576 * 1536, 576 * 1536, 1536 * 576]
+# SmolLM2-135M: hidden 576, intermediate 1536, 9 heads, 3 kv heads of 64
+SMOLLM2_BLOCK = [out * inp for out, inp in block_linear_shapes(576, 1536, 9, 3, 64).values()]
 
 
 def main() -> None:

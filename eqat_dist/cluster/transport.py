@@ -218,9 +218,13 @@ class SumGroup:
                 "a step's exchange (gradients, weights or losses)")
 
 
-def _on_host(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor itself on the CPU, else a host copy (MPI reads and writes host memory)."""
-    return tensor.detach().cpu().contiguous() if tensor.device.type != "cpu" else tensor
+HOST = torch.device("cpu")
+
+
+def _staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor itself where a collective runs (MPI: host memory; a torch group: its backend's device),
+    else a copy there, to be written back once the collective is done."""
+    return tensor if tensor.device == device else tensor.detach().to(device).contiguous()
 
 
 class MPIGroup(SumGroup):
@@ -233,16 +237,16 @@ class MPIGroup(SumGroup):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
 
     def start_sum_(self, tensor):
-        host = _on_host(tensor)
+        host = _staged(tensor, HOST)
         request = self.comm.Iallreduce(self.transport.MPI.IN_PLACE, host.numpy(), op=self.transport.MPI.SUM)
         return request, host, tensor
 
     def start_broadcast_(self, tensor, root):
-        host = _on_host(tensor)
+        host = _staged(tensor, HOST)
         return self.comm.Ibcast(host.numpy(), root=root), host, tensor
 
     def start_reduce_(self, tensor, root):
-        host = _on_host(tensor)
+        host = _staged(tensor, HOST)
         MPI = self.transport.MPI
         if self.rank == root:
             request = self.comm.Ireduce(MPI.IN_PLACE, host.numpy(), op=MPI.SUM, root=root)
@@ -253,7 +257,7 @@ class MPIGroup(SumGroup):
     def start_reduce_scatter_(self, tensor, counts):
         # one MPI_Ireduce_scatter, not one reduce per segment: MPICH's reduces are slow at this size
         # (bench/group_exchange.py, a SmolLM2 block's 13.5 MiB over 2 ranks: 15.5 ms against 4.4 ms)
-        host = _on_host(tensor)
+        host = _staged(tensor, HOST)
         mine = torch.empty(counts[self.rank], dtype=tensor.dtype)
         request = self.comm.Ireduce_scatter(host.numpy(), mine.numpy(), list(counts), op=self.transport.MPI.SUM)
         return [(request, mine, tensor.split(counts)[self.rank], host)]  # host: kept until done
@@ -353,15 +357,15 @@ class TorchTransport(Transport):
         # NCCL refuses two ranks on one GPU: such a group sums over gloo, through host memory. Which GPU
         # a rank drives is asked of the driver (its UUID), not guessed from local ranks: a scheduler
         # may show each rank its own GPU as device 0.
-        gpus = self.allgather_object(gpu_identity()) if cuda else None
-        own_gpus = groups_with_own_gpus(gpus, size) if cuda else [False] * (self.world // size)
+        own_gpus = (groups_with_own_gpus(self.allgather_object(gpu_identity()), size) if cuda
+                    else [False] * (self.world // size))
         mine = None
         for index, first in enumerate(range(0, self.world, size)):  # every rank makes every group, in order
             nccl = own_gpus[index]
             # the default timeout: members meet every step, so a long wait is a lost rank
             group = self.dist.new_group(ranks=list(range(first, first + size)), backend="nccl" if nccl else "gloo")
             if first <= self.rank < first + size:
-                device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+                device = torch.device("cuda", torch.cuda.current_device()) if nccl else HOST
                 mine = TorchGroup(self, group, index, size, device)
                 if cuda and not nccl and self.rank == first:
                     print(f"[launch] ranks {first}-{first + size - 1} (data-parallel group {index}) share a GPU: "
@@ -384,7 +388,7 @@ class TorchGroup(SumGroup):
         self.rank = transport.rank % size
 
     def _start(self, collective, tensor, **kw):
-        staged = tensor if tensor.device == self.device else tensor.to(self.device)
+        staged = _staged(tensor, self.device)
         try:
             return collective(staged, group=self.group, async_op=True, **kw), staged, tensor
         except RuntimeError as err:

@@ -74,7 +74,7 @@ def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, train
     stream = " on the quantized stream" if report.get("loss_at_switch") else ""
     return (f"[block-ap] block {report['index']} of {blocks}, rank {rank}: loss{stream} {before:.4g} -> "
             f"{report['loss_after']:.4g} ({change:+.1f}%), {report['seconds']:.1f} s, "
-            f"{report['tokens_per_s']:,.0f} tok/s, {report.get('turn_s', report['seconds']):.1f} s the block in all; "
+            f"{report['tokens_per_s']:,.0f} tok/s, {report['turn_s']:.1f} s the block in all; "
             f"rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
 
 
