@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import re
 import sys
@@ -18,9 +19,10 @@ from .quant.config import INITS
 from .config.recipes import DEFAULT_RECIPES, RECIPES
 from .blockap.losses import LOSSES
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
-from .config.run_config import PHASES, STUDENT_INPUTS
+from .config.run_config import PHASES, STUDENT_INPUTS, Invocation
 from .pipelines.schedules import SCHEDULES
 from .preflight import PreflightError, check_plan, run_checks
+from .utils.stop import DEFAULT as STOP_DEFAULT, OPTIONAL as STOP_OPTIONAL, exit_code, signal_name, stop_on
 
 
 class UsageError(ValueError):
@@ -28,7 +30,15 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eqat-dist", description="EfficientQAT (Block-AP) quantization to 2-8 bits.")
+    p = argparse.ArgumentParser(
+        prog="eqat-dist", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="EfficientQAT quantization to 2-8 bits: Block-AP, then E2E-QP, then evaluation and the export.",
+        epilog="other commands:\n"
+               "  eqat-dist plan ...    memory, disk and time of each phase for these flags on a machine, before a run\n"
+               "                        (eqat-dist plan --help)\n"
+               "  eqat-dist export ...  convert a finished run's export into a serving format (eqat-dist export --help)\n"
+               "\nA stopped or failed run resumes with the same command (without --overwrite); "
+               "`--phase eval --from RUN` evaluates a run's model at the run's own settings.")
     p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_'); flags override it")
     p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
     p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
@@ -43,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "
                         "default: the recipe's")
     p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
-    p.add_argument("--overwrite", action="store_true", help="wipe an existing output folder first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="wipe an existing output folder first; refused where it holds an unfinished run of the same "
+                        "settings (run without --overwrite to resume it), unless --discard-unfinished")
+    p.add_argument("--discard-unfinished", action="store_true",
+                   help="with --overwrite: start over even where the output holds an unfinished run of the same "
+                        "settings (its finished blocks and checkpoints are deleted)")
     # Block-AP (official code's names, kebab-case)
     p.add_argument("--epochs", type=int, default=2, help="Block-AP epochs per block (0 = round-to-nearest only)")
     p.add_argument("--batch-size", type=int, default=2)
@@ -150,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "optimizer) among a group's ranks, each linear's by one rank that sends the others its "
                         "quantized weight, or repeat it on every rank. auto: split on the CPU, replicated on GPUs. "
                         "The same steps either way (float sums in another order)")
+    p.add_argument("--stop-signals", default=",".join(STOP_DEFAULT), metavar="SIG[,SIG]",
+                   help="signals that stop the run cleanly besides SIGTERM and SIGINT (every rank stops within "
+                        "seconds, says where it was and what is kept, releases the output, exits 128 + the signal), "
+                        f"from {', '.join(STOP_OPTIONAL)}, or none. Default: USR1, which Slurm sends before a time "
+                        "limit with --signal=USR1@SECONDS")
     p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
     p.add_argument("--take-over-lock", action="store_true",
                    help="take over an output folder whose lock names a process that is gone")
@@ -162,15 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
 def build_plan_parser() -> argparse.ArgumentParser:
     """`eqat-dist plan`: every flag of a run, plus the machine to plan for."""
     p = build_parser()
+    p.epilog = None
     p.prog, p.description = "eqat-dist plan", ("Per-rank GPU memory, host memory, disk and time of each phase, "
                                                "from the model's config.json alone (no weights read). Exit 0 "
                                                "when the run fits, 1 when it does not.")
     p.add_argument("--ranks", type=int, default=1, help="ranks (GPUs) in all")
     p.add_argument("--ranks-per-node", type=int, default=None, help="default: min(ranks, 8)")
-    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU; 0 plans a CPU-only run")
+    p.add_argument("--gpu-memory", type=float, default=None,
+                   help="GiB per GPU; 0 plans a CPU-only run (default: this machine's GPU, else 80)")
     p.add_argument("--host-memory", type=float, default=None, help="GiB per node (default: this machine's)")
     p.add_argument("--disk", type=float, default=None, help="free GiB where the run writes (default: unchecked)")
-    p.add_argument("--gpu", default="a100", choices=["a100", "h100", "h200", "cpu"], help="for the time estimate")
+    p.add_argument("--gpu", default=None, choices=["a100", "h100", "h200", "cpu"],
+                   help="for the time estimate (default: this machine's GPU where it is one of these, else a100)")
     p.add_argument("--tflops", type=float, default=None, help="achieved TFLOP/s, replacing the built-in figures")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--terms", action="store_true", help="also list what each peak is made of")
@@ -197,23 +220,77 @@ def _load_config_file(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+# Flags a later phase does not take from the run it starts from (`--phase e2e|eval --from RUN`): where
+# this command runs and writes, and how this process behaves; everything else is the run's unless given.
+NOT_INHERITED = {"config", "phase", "from_dir", "output", "overwrite", "discard_unfinished", "take_over_lock",
+                 "ignore_plan", "debug", "local_rank", "device", "single_gpu", "peer_timeout", "stop_signals",
+                 "activations", "activations_dir", "activations_on_gpu", "host_memory_budget", "data_parallel"}
+
+
+def inherited_flags(run: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings the run in folder `run` was made with (its results.json), as this parser's defaults."""
+    from .run_folder import RunFolder
+    try:
+        recorded = RunFolder(run).recorded_flags()
+    except ValueError as err:
+        raise UsageError(f"--from {run}: its results.json is not valid JSON ({err}); pass the settings as flags") from err
+    known = {a.dest for a in parser._actions}
+    return {k: v for k, v in recorded.items() if k in known and k not in NOT_INHERITED}
+
+
 def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """The flags over the config file's settings (flags win)."""
+    """The flags over the config file's settings over, for `--phase e2e|eval --from RUN`, the settings
+    RUN was made with (the command line wins, then the file, then the run)."""
     parser = parser or build_parser()
     pre, _ = parser.parse_known_args(argv)
+    file_values = {}
     if pre.config:
         known = {a.dest for a in parser._actions}
-        values = _load_config_file(pre.config)
-        unknown = sorted(set(values) - known)
+        file_values = _load_config_file(pre.config)
+        unknown = sorted(set(file_values) - known)
         if unknown:
             raise UsageError(f"--config {pre.config}: unknown settings {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**file_values)
+        pre, _ = parser.parse_known_args(argv)
+    later_phase = pre.phase in ("e2e", "eval") and pre.from_dir
+    if later_phase:
+        parser.set_defaults(**(inherited_flags(pre.from_dir, parser) | file_values))
     flags = parser.parse_args(argv)
+    if later_phase and not flags.output:
+        flags.output = flags.from_dir  # the phase's results go beside the model it starts from
     if not flags.model:
-        raise UsageError("--model is required (a hub id, a folder, a .gguf file or smollm2-135m)")
+        raise UsageError("--model is required (a hub id, a folder, a .gguf file or smollm2-135m)"
+                         + (f"; {flags.from_dir} has no results.json that names it" if later_phase else ""))
     if not flags.output:
         raise UsageError("--output is required")
     return flags
+
+
+def command_line(flags: dict, parser: argparse.ArgumentParser | None = None) -> str:
+    """`eqat-dist` and the flags that give `flags` (a Namespace's values) again: every value that is not
+    the parser's own default. What results.json records as the run's command."""
+    import shlex
+
+    parser = parser or build_parser()
+    words = ["eqat-dist"]
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in flags or action.dest in ("config", "local_rank"):
+            continue
+        value, flag = flags[action.dest], next(o for o in action.option_strings if o.startswith("--"))
+        if value == action.default or value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            words += [flag] if value else []
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)
+
+
+def invocation(argv, flags: argparse.Namespace) -> Invocation:
+    """What made this run, for results.json: the command as typed, every flag's value, and the command
+    line that gives them again (the config file's settings written out as flags)."""
+    values = {k: v for k, v in vars(flags).items() if k not in ("config", "local_rank")}
+    return Invocation(argv=tuple(sys.argv[1:] if argv is None else argv), flags=values, command=command_line(values))
 
 
 def _flags_by_setting(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -231,7 +308,9 @@ def settings(argv=None, plan: bool = False) -> tuple[RunConfig, list[str]]:
     """(the run's settings, lines for the log): parsed, built and checked (and planned with `plan`),
     or UsageError with the flags named."""
     try:
-        cfg, notes = build_run_config(parse_flags(argv))
+        flags = parse_flags(argv)
+        cfg, notes = build_run_config(flags)
+        cfg = replace(cfg, invocation=invocation(argv, flags))
         run_checks(cfg)
         if plan:
             check_plan(cfg)
@@ -264,6 +343,7 @@ def plan_main(argv) -> int:
     except (PlanError, ValueError) as err:
         print(f"eqat-dist plan: error: {flag_message(str(err), parser)}", file=sys.stderr)
         return 2
+    gpu_note = _plan_gpu(args)
     device = "cpu" if args.gpu_memory == 0 or args.gpu == "cpu" else "gpu"
     ranks_per_node = args.ranks_per_node or min(args.ranks, 8)
     plan_settings = settings_for(cfg, args.ranks, ranks_per_node, device, args.gpu if device == "gpu" else "cpu",
@@ -272,6 +352,7 @@ def plan_main(argv) -> int:
                       host_memory=(args.host_memory * GIB) if args.host_memory else host_memory(),
                       disk=None if args.disk is None else args.disk * GIB)
     result = report(arch, plan_settings, machine)
+    result["machine"]["gpu_note"] = gpu_note if device == "gpu" else None
     result["advice"] = [flag_message(a, parser) for a in result["advice"]]
     if args.json:
         print(to_json(result))
@@ -281,6 +362,25 @@ def plan_main(argv) -> int:
             for name, phase in result["phases"].items():
                 print(f"\n{name}:\n" + "\n".join(f"  {v:8.2f} GiB  {k}" for k, v in phase["terms_gib"].items()))
     return 0 if result["fits"] else 1
+
+
+def _plan_gpu(args) -> str | None:
+    """Fill in the GPU a plan is for when the flags leave it out: this machine's, where it has one, else
+    an A100 of 80 GiB, said so (a plan made on a CPU login node is for the cluster's GPUs)."""
+    import torch
+
+    asked = args.gpu is not None and args.gpu_memory is not None
+    if torch.cuda.is_available() and not asked:
+        props = torch.cuda.get_device_properties(0)
+        name = props.name.lower()
+        args.gpu = args.gpu or next((g for g in ("h200", "h100") if g in name), "a100")
+        args.gpu_memory = props.total_memory / 2**30 if args.gpu_memory is None else args.gpu_memory
+        return f"this machine's {props.name}" if args.gpu in name else f"this machine's {props.name}, timed as {args.gpu}"
+    note = None if args.gpu is not None else ("assumed: this machine has no GPU; --gpu and --gpu-memory set yours, "
+                                              "--gpu cpu plans a CPU run")
+    args.gpu = args.gpu or "a100"
+    args.gpu_memory = 80.0 if args.gpu_memory is None else args.gpu_memory
+    return note
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -327,7 +427,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     try:
+        stop_on()  # the defaults until the flags are read: a job stopped while it starts says so too
         cfg, notes = settings(argv, plan=True)
+        stop_on(cfg.machine.stop_signals)
         if cfg.machine.rank == 0:
             for line in notes:
                 print(flag_message(line), flush=True)
@@ -339,9 +441,10 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"eqat-dist: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("eqat-dist: interrupted before any work started; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C or a stop signal
+        how = "interrupted" if signal_name(err) == "SIGINT" else f"stopped by {signal_name(err)}"
+        print(f"eqat-dist: {how} before any work started; nothing was written", file=sys.stderr)
+        return exit_code(err)
     from .runner import run
     from .utils.monitor import quiet_library_bars
     quiet_library_bars()

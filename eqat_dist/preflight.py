@@ -144,6 +144,38 @@ def check_overwrite(cfg: RunConfig) -> None:
     if not RunFolder(out).is_eqat_run():
         raise PreflightError(f"`output` {out} holds files that are not an eqat-dist run; `overwrite` only replaces an "
                              "eqat-dist output folder. Choose another `output` (or empty that folder yourself)")
+    unfinished = unfinished_work(cfg)
+    if unfinished and not cfg.discard_unfinished and cfg.phase in ("all", "block-ap"):
+        raise PreflightError(f"`output` {out} holds an unfinished run of these settings ({unfinished}), which "
+                             "`overwrite` would delete: to resume it, run the same command without `overwrite`; to "
+                             "delete it and start over, add `discard_unfinished`")
+
+
+def unfinished_work(cfg: RunConfig) -> str | None:
+    """What the output holds of an unfinished run with this command's settings (what the same command
+    without `overwrite` would resume), in words; None when there is nothing to resume: no run, a
+    finished one, or one of other settings."""
+    folder = RunFolder(cfg.output)
+    now = cfg.blockap_record()
+    try:
+        results = folder.read_results()
+    except ValueError:
+        results = None
+    checkpoints = [p.name for p in folder.e2e_checkpoints.glob("step*")] if folder.e2e_checkpoints.is_dir() else []
+    if results is not None and not describe_differences(results.get("settings", {}), now, keys=list(now)):
+        done = {phase for phase, key in (("block-ap", "quantized"), ("e2e", "quantized_e2e")) if key in results}
+        if ({"block-ap", "e2e"} if cfg.continues_to_e2e else {"block-ap"}) <= done:
+            return None  # finished: an overwrite redoes it, as asked
+        if "block-ap" in done:
+            return "Block-AP finished" + (f", E2E-QP checkpoint(s) {', '.join(sorted(checkpoints))}" if checkpoints else "")
+    try:
+        manifest = json.loads(folder.manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    blocks = folder.block_files()
+    if not blocks or describe_differences(manifest, now):
+        return None
+    return f"{len(blocks)} finished Block-AP block(s)"
 
 
 def check_start_model(cfg: RunConfig) -> None:

@@ -167,9 +167,27 @@ class RunFolder:
             return data.get("settings", data) if path.name == RESULTS else data
         return {}
 
+    def block_files(self) -> list[Path]:
+        """The finished Block-AP blocks' files (blockap/checkpoint.py writes each whole or not at all)."""
+        return sorted(self.blockap.glob("block_*.safetensors"))
+
+    def recorded_flags(self) -> dict:
+        """The flags the model in this folder was made with, by setting (`wbits`: 2): the record of the
+        phase that wrote the export (E2E-QP's, else Block-AP's); for a results.json written before runs
+        recorded their flags, its `settings`. {} when the folder has no results.json; ValueError when it
+        is not JSON."""
+        results = self.read_results() or {}
+        for record in (results.get("e2e", {}).get("run"), results.get("run")):
+            if record and "flags" in record:
+                return dict(record["flags"])
+        settings = dict(results.get("settings", {}))
+        if "train_norms" in settings:
+            settings["no_train_norms"] = not settings.pop("train_norms")
+        return settings
+
     def kept(self) -> list[str]:
         """What a user can resume from after a failure."""
-        return [what for what, there in (("Block-AP blocks", any(self.blockap.glob("block_*"))),
+        return [what for what, there in (("Block-AP blocks", bool(self.block_files())),
                                          ("E2E-QP checkpoints", (self.e2e_checkpoints / "latest").exists()),
                                          ("an export", (self.root / CONFIG).exists())) if there]
 

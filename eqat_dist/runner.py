@@ -21,6 +21,8 @@ from .pipelines.round_robin import Progress
 from .config import RunConfig
 from .preflight import blockap_already_done
 from .run_folder import RunFolder
+from .utils.lock import held, release_held, share
+from .utils.stop import Stopped, exit_code, signal_name
 from .utils.tensors import CheckpointError
 
 
@@ -45,6 +47,7 @@ def run(cfg: RunConfig, explain=lambda message: message) -> int:
             if transport.rank == 0:
                 print(f"[launch] {transport.world} ranks over {transport.kind} on {launch.nodes} node(s), "
                       f"rendezvous {launch.master_addr}:{launch.master_port}", flush=True)
+            share(transport.allgather_object(held() if transport.rank == 0 else [])[0])  # the job holds the output
         blockap_done = blockap_already_done(cfg)  # before an overwrite clears the folder
         if transport.rank == 0:
             for line in recover(folder):  # an export a kill cut short: finish its move or drop it
@@ -61,7 +64,7 @@ def run(cfg: RunConfig, explain=lambda message: message) -> int:
             return e2e_phase(cfg, transport, progress, folder, cfg.from_dir)
         if cfg.phase == "eval":
             progress.phase = "evaluation"
-            return eval_phase(cfg, folder) if transport.rank == 0 else 0
+            return eval_phase(cfg, folder, transport) if transport.rank == 0 else 0
         if transport.rank == 0:
             if cfg.overwrite and folder.root.exists():
                 folder.clear_for_overwrite()
@@ -78,22 +81,25 @@ def run(cfg: RunConfig, explain=lambda message: message) -> int:
             code = e2e_phase(cfg, transport, progress, folder, folder.root)
         return code
     except (NonFiniteLossError, ResumeError) as err:
-        transport.fail(f"eqat-dist: error (rank {transport.rank}): {explain(str(err))}")
+        _stop(transport, f"eqat-dist: error (rank {transport.rank}): {explain(str(err))}")
     except PeerFailure as err:
-        transport.fail(f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {explain(str(err))}.{_kept(folder)}")
-    except KeyboardInterrupt:  # Ctrl-C or SIGINT to one rank: stop every rank (MPI: Abort), not only this one
-        transport.fail(f"eqat-dist: rank {transport.rank} interrupted{progress.where()}.{_kept(folder)}")
-        return 130
+        _stop(transport, f"eqat-dist: rank {transport.rank} stopping{progress.where()}: {explain(str(err))}."
+                         f"{kept(cfg, folder, explain)}")
+    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal (utils/stop.py): stop every rank, not only this one
+        how = f"stopped by {signal_name(err)}" if isinstance(err, Stopped) else "interrupted"
+        _stop(transport, f"eqat-dist: rank {transport.rank} {how}{progress.where()}.{kept(cfg, folder, explain)}",
+              exit_code(err))
     except (ModelLoadError, CheckpointError, DataError, OSError) as err:  # the input or the machine: its message says it
         if cfg.debug:
             traceback.print_exc()
-        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: {explain(str(err))}{_kept(folder)}")
+        _stop(transport, f"eqat-dist: rank {transport.rank} failed{progress.where()}: {explain(str(err))}"
+                         f"{kept(cfg, folder, explain)}")
     except Exception as err:  # noqa: BLE001 - any failure must stop every rank, not hang them
         if cfg.debug:
             traceback.print_exc()
-        transport.fail(f"eqat-dist: rank {transport.rank} failed{progress.where()}: {type(err).__name__}: "
-                       f"{explain(' '.join(str(err).split())[:500])}{_kept(folder)}"
-                       f"{'' if cfg.debug else ' (--debug prints the traceback)'}")
+        _stop(transport, f"eqat-dist: rank {transport.rank} failed{progress.where()}: {type(err).__name__}: "
+                         f"{explain(' '.join(str(err).split())[:500])}{kept(cfg, folder, explain)}"
+                         f"{'' if cfg.debug else ' (--debug prints the traceback)'}")
     finally:
         if heartbeat is not None:
             progress.on_change = None  # the last beat says done; nothing may overwrite it
@@ -101,11 +107,20 @@ def run(cfg: RunConfig, explain=lambda message: message) -> int:
     return 1
 
 
-def _kept(folder: RunFolder) -> str:
-    """What a user can resume from after a failure, when there is any."""
-    kept = folder.kept()
-    if not kept:
+def _stop(transport, message: str, code: int = 1) -> None:
+    """The failure's line, then every rank down with `code`; the output's lock released first (MPI's
+    Abort and os._exit skip atexit, and the run that resumes may start on another node)."""
+    release_held()
+    transport.fail(message, code)
+
+
+def kept(cfg: RunConfig, folder: RunFolder, explain=lambda message: message) -> str:
+    """What a user can resume from after a failure, when there is any, and the command that resumes:
+    the same one, less `overwrite` when it had it (which would refuse to discard the kept work)."""
+    work = folder.kept()
+    if not work:
         return ""
-    return f" Finished work is kept in {folder.root} ({', '.join(kept)}); run the same command again to resume."
+    again = "the same command without `overwrite`" if cfg.overwrite else "the same command again"
+    return explain(f" Finished work is kept in {folder.root} ({', '.join(work)}); run {again} to resume.")
 
 

@@ -1,5 +1,6 @@
 """Block-AP: the trainer on one block and the single-process schedule."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,9 +321,19 @@ def test_tensorboard_gets_losses_lrs_and_block_figures(tmp_path):
     assert lrs[0] == pytest.approx(FAST.quant_lr) and lrs[-1] < lrs[0]  # cosine decay within the block
 
 
+def stop_with(proc, signum) -> None:
+    """Deliver `signum` to a child frozen where it is: SIGSTOP first, so the state a test waited for
+    lasts however fast the run goes on (a pending signal lands when SIGCONT wakes it)."""
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signum)
+    proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.slow
-def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
-    """A real SIGKILL of `launch/run.py`, then the same command again."""
+def test_cli_killed_or_terminated_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real SIGKILL of `launch/run.py`, then the same command again; then SIGTERM (a cluster's stop):
+    exit 143, one line saying where and what is kept, the lock released, every file 0644 under umask 022,
+    and again the same command resumes to the uninterrupted run's bits."""
     model_dir = tmp_path / "tiny"
     tiny_model("llama", layers=4, vocab=49152).save_pretrained(model_dir)
     from transformers import AutoTokenizer  # a real tokenizer is needed for calibration text
@@ -330,22 +341,41 @@ def test_cli_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     def command(out):
         return [sys.executable, str(ROOT / "launch" / "run.py"), "--model", str(model_dir), "--wbits", "2",
-                "--group-size", "32", "--output", str(out), "--epochs", "2", "--phase", "block-ap", "--train-size", "8", "--val-size", "2",
+                "--group-size", "32", "--output", str(out), "--epochs", "4", "--phase", "block-ap", "--train-size", "8", "--val-size", "2",
                 "--seqlen", "32", "--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqlen", "32", "--eval-max-windows", "2",
                 "--quant-lr", "1e-2", "--weight-lr", "1e-3", "--skip-fp-eval", "--no-tensorboard"]
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(command(tmp_path / "ref"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(command(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not block_path(tmp_path / "run" / "blockap", 1).exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "results.json").exists()
-    subprocess.run(command(tmp_path / "run"), check=True, env=env, capture_output=True)
-    a, b = export_tensors(tmp_path / "ref"), export_tensors(tmp_path / "run")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    umask = lambda: os.umask(0o022)  # noqa: E731  the usual umask, whatever the CI's
+    subprocess.run(command(tmp_path / "ref"), check=True, env=env, capture_output=True, preexec_fn=umask)
+    reference = export_tensors(tmp_path / "ref")
+    for signum in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / signum.name
+        proc = subprocess.Popen(command(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=umask)
+        deadline = time.time() + 120
+        while not block_path(out / "blockap", 1).exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.01)
+        stop_with(proc, signum)
+        _, err = proc.communicate(timeout=120)
+        assert not (out / "results.json").exists()
+        if signum == signal.SIGTERM:
+            lines = [line for line in err.splitlines() if line.startswith("eqat-dist")]
+            assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+            assert len(lines) == 1 and re.match(r"eqat-dist: rank 0 stopped by SIGTERM at block \d \(.*\)\. Finished work "
+                                                rf"is kept in {re.escape(str(out))} \(Block-AP blocks\); run the same "
+                                                r"command again to resume\.$", lines[0]), lines
+            assert not (out / ".eqat-dist.lock").exists()
+            assert {oct(p.stat().st_mode & 0o777) for p in (out / "blockap").iterdir()} == {"0o644"}
+        done = subprocess.run(command(out), env=env, capture_output=True, text=True, preexec_fn=umask)
+        assert done.returncode == 0, done.stderr[-3000:]
+        resumed = export_tensors(out)
+        assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in reference)
+    files = [p for p in out.rglob("*") if p.is_file() and ".eqat-dist-heartbeats" not in p.parts]
+    assert any(p.name.startswith("model") for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}, \
+        sorted(f"{p.relative_to(out)} {oct(p.stat().st_mode & 0o777)}" for p in files)
 
 
 def _bundled_dir():

@@ -4,6 +4,7 @@ import re
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,12 +99,20 @@ def test_cli_exits_with_one_line_message(tmp_path):
 
 @pytest.mark.slow
 def test_rtn_run_on_the_real_model_writes_export_results_and_report(tmp_path):
+    """The export, results.json (with every setting: the command rebuilt from it gives the run's settings
+    again) and report.md, files readable as umask 022 says; then `--phase eval --from` the run with no
+    other flag evaluates its model at the run's own evaluation settings."""
+    import shlex
+
+    from eqat_dist.cli import parse_flags
+    from eqat_dist.config.from_flags import settings_from_flags
+
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
-                    "--group-size", "64", "--output", str(out), "--epochs", "0", "--phase", "block-ap",
-                    "--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows", "3",
-                    "--zeroshot-tasks", "arc_easy,piqa", "--zeroshot-limit", "24", "--no-tensorboard"], check=True,
-                   capture_output=True)
+    argv = ["--model", "smollm2-135m", "--wbits", "4", "--group-size", "64", "--output", str(out), "--epochs", "0",
+            "--phase", "block-ap", "--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows", "3",
+            "--zeroshot-tasks", "arc_easy,piqa", "--zeroshot-limit", "24", "--no-tensorboard"]
+    subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *argv], check=True, capture_output=True,
+                   preexec_fn=lambda: os.umask(0o022))
     results = json.loads((out / "results.json").read_text())
     fp, q = results["fp"]["perplexity"]["wiki"]["ppl"], results["quantized"]["perplexity"]["wiki"]["ppl"]
     assert 5 < fp < 60 and fp < q < 3 * fp  # 4-bit RTN: worse than fp, far from broken
@@ -118,18 +127,27 @@ def test_rtn_run_on_the_real_model_writes_export_results_and_report(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["checkpoint_format"] == "gptq_v2"
     assert (out / "tokenizer.json").exists()
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes  # safetensors writes 0600 by itself
 
-    # --phase eval on that export, into another folder: the same model gives the same figures.
-    again = tmp_path / "again"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", "4",
-                    "--group-size", "64", "--phase", "eval", "--from", str(out), "--output", str(again),
-                    "--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows", "3",
-                    "--zeroshot-tasks", "piqa", "--zeroshot-limit", "24", "--skip-fp-eval", "--no-tensorboard"],
-                   check=True, capture_output=True)
-    ev = json.loads((again / "results.json").read_text())["eval"]
-    assert ev["quantized"]["perplexity"]["wiki"]["ppl"] == q
-    assert ev["quantized"]["zero_shot"]["piqa"]["acc"] == zs["piqa"]["acc"]
-    assert "(--phase eval)" in (again / "report.md").read_text()
+    # results.json alone rebuilds the command: the same flags, the same settings
+    run = results["run"]
+    rebuilt = shlex.split(run["command"])
+    assert rebuilt[0] == "eqat-dist" and run["argv"] == argv and run["command"] in report
+    assert vars(parse_flags(rebuilt[1:])) == vars(parse_flags(argv)) == {**run["flags"], "config": None, "local_rank": None}
+    assert settings_from_flags(parse_flags(rebuilt[1:])) == settings_from_flags(parse_flags(argv))
+    assert run["settings"]["quant"] == {"bits": 4, "group_size": 64, "init": "minmax"}
+    assert {"torch", "transformers", "eqat-dist"} <= set(run["versions"]) and run["launch"]["ranks"] == 1
+
+    # --phase eval --from the run, nothing else: the run's model and evaluation settings, results beside it
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--phase", "eval", "--from", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ev = json.loads((out / "results.json").read_text())["eval"]
+    assert ev["quantized"]["perplexity"]["wiki"] == results["quantized"]["perplexity"]["wiki"]  # 3 x 256 again
+    assert ev["quantized"]["zero_shot"]["piqa"]["acc"] == zs["piqa"]["acc"] and ev["method"] == "rtn"
+    assert ev["run"]["argv"] == ["--phase", "eval", "--from", str(out)] and ev["run"]["flags"]["model"] == "smollm2-135m"
+    assert "| w4g64 RTN from out (--phase eval) |" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -322,7 +340,7 @@ def test_ctrl_c_in_one_process_ends_with_one_line_naming_the_block_and_what_is_k
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     log, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in err, f"exit {proc.returncode}\n{err[-3000:]}\n{log[-1500:]}"
+    assert proc.returncode == 130 and "Traceback" not in err, f"exit {proc.returncode}\n{err[-3000:]}\n{log[-1500:]}"
     assert re.search(rf"^eqat-dist: rank 0 interrupted at block \d+ .*Finished work is kept in {re.escape(str(out))} "
                      r"\(Block-AP blocks\); run the same command again to resume\.$", err, re.M), err[-2000:]
     assert not (out / "blockap" / "block_0029.safetensors").exists()  # stopped mid-run, not after it
@@ -450,3 +468,134 @@ def test_the_weight_work_of_a_data_parallel_group_is_split_as_asked_or_by_device
 
     machine = parse_args(_args(tmp_path, *flag)).machine
     assert dataclasses.replace(machine, device=torch.device(device)).splits_weight_work is split
+
+
+def _unfinished_blockap(tmp_path, **changed):
+    """The output folder of a run of _args(tmp_path) stopped after two blocks (its manifest, two block files)."""
+    record = parse_args(_args(tmp_path)).blockap_record() | changed
+    blocks = tmp_path / "out" / "blockap"
+    blocks.mkdir(parents=True)
+    (blocks / "manifest.json").write_text(json.dumps(record))
+    for i in range(2):
+        (blocks / f"block_{i:04d}.safetensors").write_bytes(b"finished")
+
+
+def test_overwrite_never_silently_discards_an_unfinished_run_of_the_same_settings(tmp_path):
+    """A repeated command with --overwrite (the resume advice, followed) is refused naming both ways on,
+    before anything is deleted; --discard-unfinished starts over; other settings are overwritten as asked."""
+    _unfinished_blockap(tmp_path)
+    with pytest.raises(UsageError, match=re.escape(
+            "holds an unfinished run of these settings (2 finished Block-AP block(s)), which --overwrite would "
+            "delete: to resume it, run the same command without --overwrite; to delete it and start over, add "
+            "--discard-unfinished")):
+        parse_args(_args(tmp_path, "--overwrite"))
+    assert len(list((tmp_path / "out" / "blockap").glob("block_*"))) == 2
+    assert parse_args(_args(tmp_path, "--overwrite", "--discard-unfinished")).discard_unfinished
+    assert parse_args(_args(tmp_path)).overwrite is False  # without --overwrite: resumed
+    assert parse_args(_args(tmp_path, "--overwrite", "--seed", "1")).overwrite  # other settings: nothing to resume
+    with pytest.raises(UsageError, match="--discard-unfinished goes with --overwrite"):
+        parse_args(_args(tmp_path, "--discard-unfinished"))
+
+
+def test_overwrite_of_a_run_whose_e2e_is_still_to_come_is_refused_and_a_finished_one_is_redone(tmp_path):
+    _results_of_a_run(tmp_path, "quantized")
+    (tmp_path / "out" / "e2e_ckpt" / "step50").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"unfinished run of these settings \(Block-AP finished, E2E-QP checkpoint\(s\) "
+                                         r"step50\)"):
+        parse_args(_args(tmp_path, "--overwrite"))
+    assert parse_args(_args(tmp_path, "--overwrite", "--phase", "block-ap")).overwrite  # that phase is finished
+
+
+def test_the_resume_advice_names_the_command_that_resumes(tmp_path):
+    from eqat_dist.cli import flag_message
+    from eqat_dist.run_folder import RunFolder
+    from eqat_dist.runner import kept
+
+    _unfinished_blockap(tmp_path)
+    folder = RunFolder(tmp_path / "out")
+    assert kept(parse_args(_args(tmp_path)), folder).endswith("(Block-AP blocks); run the same command again to resume.")
+    cfg = parse_args(_args(tmp_path, "--overwrite", "--discard-unfinished"))
+    assert kept(cfg, folder, flag_message).endswith("run the same command without --overwrite to resume.")
+    assert kept(cfg, RunFolder(tmp_path / "empty")) == ""
+
+
+def test_a_stop_signal_is_raised_where_the_main_thread_is_and_names_its_exit_code():
+    """SIGTERM always, SIGUSR1 by default, others when asked; each becomes Stopped (a KeyboardInterrupt),
+    exit code 128 + its number; a second signal while the first is handled is ignored."""
+    import signal
+
+    from eqat_dist.utils.stop import Stopped, exit_code, parse_signals, stop_on
+
+    assert parse_signals("USR1") == ("USR1",) and parse_signals("none") == () and parse_signals("sigusr2,TERM") == ("USR2",)
+    with pytest.raises(ValueError, match="`stop_signals` KILL: KILL is not one of"):
+        parse_signals("KILL")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        for signum, asked in ((signal.SIGTERM, ()), (signal.SIGUSR1, ("USR1",)), (signal.SIGUSR2, ("USR2",))):
+            stop_on(asked)
+            with pytest.raises(Stopped) as caught:
+                os.kill(os.getpid(), signum)
+                for _ in range(1000):  # the handler runs at the next instruction of the main thread
+                    time.sleep(0.001)
+            assert isinstance(caught.value, KeyboardInterrupt) and exit_code(caught.value) == 128 + signum
+            assert signal.getsignal(signum) == signal.SIG_IGN  # the stop in hand is not cut short by a second one
+        stop_on(())
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # no longer asked: the default again
+        assert exit_code(KeyboardInterrupt()) == 130
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_the_lock_of_a_run_that_fails_is_released_before_an_exit_that_skips_atexit(tmp_path):
+    from eqat_dist.utils.lock import LOCK, acquire, release_held
+
+    acquire(tmp_path)
+    assert (tmp_path / LOCK).exists()
+    release_held()
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_the_command_rebuilt_from_a_runs_flags_gives_its_settings_config_file_included(tmp_path):
+    """What results.json records (every flag's value) gives a command line with the same settings; a config
+    file's settings are written out as flags."""
+    import shlex
+
+    from eqat_dist.cli import command_line, invocation, parse_flags
+    from eqat_dist.config.from_flags import settings_from_flags
+
+    (tmp_path / "run.yaml").write_text("wbits: 3\ne2e-lr: 3.0e-5\nno_train_norms: true\nzeroshot_tasks: piqa\n")
+    argv = _args(tmp_path, "--config", str(tmp_path / "run.yaml"), "--epochs", "1", "--eval-datasets", "wiki",
+                 "--calib-dataset", "my corpus.txt")
+    flags = parse_flags(argv)
+    made = invocation(argv, flags)
+    words = shlex.split(made.command)
+    assert words[0] == "eqat-dist" and "--config" not in words and "--no-train-norms" in words
+    assert words[words.index("--calib-dataset") + 1] == "my corpus.txt" and "--wbits" in words
+    again = parse_flags(words[1:])
+    assert {k: v for k, v in vars(again).items() if k != "config"} == {k: v for k, v in vars(flags).items() if k != "config"}
+    assert settings_from_flags(again) == settings_from_flags(flags)
+    assert command_line({"model": "m", "output": "o", "wbits": 2}) == "eqat-dist --model m --output o"  # defaults left out
+
+
+def test_help_names_the_other_commands_and_a_plan_on_a_cpu_machine_says_its_gpu_is_assumed(capsys):
+    from eqat_dist.cli import build_parser, main
+
+    text = build_parser().format_help()
+    assert "eqat-dist plan" in text and "eqat-dist export" in text
+    assert main(["plan", "--model", "llama-2-7b", "--ranks", "8", "--host-memory", "1024"]) in (0, 1)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "A100 80 GiB (assumed: this machine has no GPU; --gpu and --gpu-memory set yours" in first
+    main(["plan", "--model", "llama-2-7b", "--gpu", "h100", "--gpu-memory", "80"])
+    assert "H100 80 GiB, host" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_blocks_whose_loss_does_not_move_give_a_warning_early():
+    from eqat_dist.utils.monitor import stalled_warning
+
+    still = [{"index": 0, "loss_before": 8303.0, "loss_after": 8302.9}, {"index": 1, "loss_before": 10.0, "loss_after": 9.99}]
+    line = stalled_warning(still, 32, 1e-4, 2e-5)
+    assert line.startswith("[block-ap] warning: the loss of blocks 0, 1 barely moved (-0.00%, -0.10%) in 32 steps")
+    assert "--quant-lr 0.0001 and --weight-lr 2e-05 are likely too small" in line
+    moved = still[:1] + [{"index": 1, "loss_before": 10.0, "loss_after": 7.0}]
+    assert stalled_warning(moved, 32, 1e-4, 2e-5) is None

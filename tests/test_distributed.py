@@ -326,8 +326,11 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
     assert calls == {"default": "nccl", "transport": "gloo", "timeout_h": 168} and transport.group == "gloo"
 
 
-def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, tmp_path):
-    """SIGINT to rank 1 while it waits for rank 0's stream: the run ends (MPI Abort), it does not hang."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_to_one_mpi_rank_or_sigterm_to_the_job_stops_both_naming_the_rank_and_block(model_dir, tmp_path, signum):
+    """SIGINT to rank 1 while it waits for rank 0's stream, or SIGTERM to mpiexec (a scheduler stopping the
+    job; mpiexec passes it to every rank): the run ends at once (MPI Abort) with 128 + the signal, it does
+    not hang, and the output's lock is released for the run that resumes."""
     out = tmp_path / "run"
     proc = subprocess.Popen(_mpi(2, model_dir, out, "student", train_size=16, epochs=3), env=one_process_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -335,12 +338,14 @@ def test_ctrl_c_to_one_mpi_rank_stops_both_naming_the_rank_and_block(model_dir, 
     _when_block_exists(proc, out, "block_0000.safetensors")
     pid = _rank_pid(str(out), 1)
     assert pid is not None
-    os.kill(pid, signal.SIGINT)
+    os.kill(pid if signum == signal.SIGINT else proc.pid, signum)
     interrupted_at = time.time()
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and time.time() - interrupted_at < 30
-    assert re.search(r"rank 1 interrupted at block \d+ \(.*\)\. Finished work is kept in", stdout + stderr), \
-        (stdout + stderr)[-3000:]
+    assert proc.returncode == 128 + signum and time.time() - interrupted_at < 30, (proc.returncode, stderr[-3000:])
+    said = "interrupted" if signum == signal.SIGINT else "stopped by SIGTERM"
+    assert re.search(rf"rank {1 if signum == signal.SIGINT else '[01]'} {said} at block \d+ \(.*\)\. Finished work is "
+                     "kept in", stdout + stderr), (stdout + stderr)[-3000:]
+    assert not (out / ".eqat-dist.lock").exists()
 
 
 def test_a_stopped_mpi_rank_ends_the_run_within_the_peer_timeout_naming_it(model_dir, tmp_path):

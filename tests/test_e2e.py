@@ -111,18 +111,30 @@ def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one
 
 
 @pytest.mark.slow
-def test_killed_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_or_terminated_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank, tmp_path, signum):
+    """SIGKILL, or SIGTERM (a cluster's stop: exit 143, one line, the lock released), after the step-2
+    checkpoint; the same command then resumes to the uninterrupted run's bits."""
+    from test_blockap import stop_with
+
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=one_process_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not (out / "e2e_ckpt" / "step2").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    stop_with(proc, signum)
+    _, err = proc.communicate(timeout=120)
     assert not (out / "model.safetensors").exists()
+    if signum == signal.SIGTERM:
+        lines = [line for line in err.splitlines() if line.startswith("eqat-dist")]
+        assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+        assert len(lines) == 1 and re.match(r"eqat-dist: rank 0 stopped by SIGTERM \(E2E-QP .*\)\. Finished work is kept in "
+                                            r".* \(E2E-QP checkpoints\); run the same command again to resume\.$",
+                                            lines[0]), lines
+        assert not (out / ".eqat-dist.lock").exists()
     result = subprocess.run([sys.executable, RUN, *_e2e_args(rtn_export, out)], env=one_process_env(), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-2000:]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..utils.compare import describe_differences, recipe_hint
+from ..utils.files import save_safetensors
 
 from ..run_folder import MANIFEST  # noqa: F401  (named by the run folder's layout)
 
@@ -48,7 +48,7 @@ def save_block(folder: Path, index: int, block: torch.nn.Module, report: dict) -
     path = block_path(folder, index)
     tmp = path.with_suffix(".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-    save_file(state, tmp, metadata={"report": json.dumps(report)})
+    save_safetensors(state, tmp, metadata={"report": json.dumps(report)})
     os.replace(tmp, path)  # a block file is either whole or absent
     return path
 

@@ -73,10 +73,10 @@ class Transport:
             return None
         raise NotImplementedError(f"{self.kind} transport: no data-parallel groups")
 
-    def fail(self, message: str) -> None:
-        """Report a fatal error of this rank and bring the whole job down quickly."""
+    def fail(self, message: str, code: int = 1) -> None:
+        """Report a fatal error of this rank and bring the whole job down quickly, exiting with `code`."""
         print(message, file=sys.stderr, flush=True)
-        raise SystemExit(1)
+        raise SystemExit(code)
 
 
 class LocalTransport(Transport):
@@ -173,9 +173,9 @@ class MPITransport(Transport):
             return None
         return MPIGroup(self, self.comm.Split(color=self.rank // size, key=self.rank % size), self.rank // size)
 
-    def fail(self, message):
+    def fail(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
-        self.comm.Abort(1)  # every rank stops now, not at a timeout
+        self.comm.Abort(code)  # every rank stops now, not at a timeout
 
 
 class SumGroup:
@@ -372,9 +372,9 @@ class TorchTransport(Transport):
                           "their sums go over gloo through host memory (NCCL needs one GPU per rank)", flush=True)
         return mine
 
-    def fail(self, message):
+    def fail(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
-        os._exit(1)  # peers blocked on us see the connection drop and stop too
+        os._exit(code)  # peers blocked on us see the connection drop and stop too
 
 
 class TorchGroup(SumGroup):

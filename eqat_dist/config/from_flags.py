@@ -23,6 +23,7 @@ from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolv
 from ..pipelines.schedules import schedule_named
 from ..quant import QuantConfig, QuantConfigError
 from ..run_folder import RunFolder
+from ..utils.stop import parse_signals
 from .recipes import recipe_choice
 from .run_config import (DTYPES, BlockAPConfig, ConfigError, E2EConfig, EvalConfig, MachineConfig, RunConfig,
                          StreamsConfig)
@@ -128,15 +129,23 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
     streams = StreamsConfig(placement=placement,
                             folder=Path(flags.activations_dir) if flags.activations_dir else None,
                             host_memory_budget_gib=flags.host_memory_budget, on_gpu_gib=flags.activations_on_gpu)
+    try:
+        stop_signals = parse_signals(flags.stop_signals)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if flags.discard_unfinished and not flags.overwrite:
+        raise ConfigError("`discard_unfinished` goes with `overwrite` (start over in an output that holds an "
+                          "unfinished run); alone it would resume that run")
     machine = MachineConfig(dtype=flags.dtype, single_gpu=flags.single_gpu, peer_timeout=flags.peer_timeout,
                             kernels=not flags.no_kernels, compile=flags.compile,
-                            weight_work=flags.weight_work)
+                            weight_work=flags.weight_work, stop_signals=stop_signals)
     return RunConfig(
         model=flags.model, output=Path(flags.output) if flags.output else Path(), quant=quant, blockap=blockap,
         streams=streams, e2e=e2e, evaluation=evaluation, machine=machine, phase=flags.phase,
         from_dir=_start_folder(flags), seed=flags.seed,
         export_dtype=flags.export_dtype, export_formats=_export_formats(flags.export_format),
-        tensorboard=not flags.no_tensorboard, overwrite=flags.overwrite, take_over_lock=flags.take_over_lock,
+        tensorboard=not flags.no_tensorboard, overwrite=flags.overwrite,
+        discard_unfinished=flags.discard_unfinished, take_over_lock=flags.take_over_lock,
         ignore_plan=flags.ignore_plan, debug=flags.debug)
 
 

@@ -16,6 +16,7 @@ from ..cluster.launch import Launch
 from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
 from ..utils.compare import PAPER_CHOICES, describe_differences  # noqa: F401  (re-exported)
+from ..utils.stop import DEFAULT as STOP_DEFAULT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PHASES = ("all", "block-ap", "e2e", "eval")
@@ -107,6 +108,7 @@ class MachineConfig:
     kernels: bool = True
     compile: bool = False  # Block-AP's block step through torch.compile (blockap/compiled.py)
     weight_work: str = "auto"  # data-parallel Block-AP: split | replicated | auto (blockap/weight_shards.py)
+    stop_signals: tuple[str, ...] = STOP_DEFAULT  # besides SIGTERM and SIGINT (utils/stop.py)
 
     @property
     def splits_weight_work(self) -> bool:
@@ -141,6 +143,16 @@ class MachineConfig:
 
 
 @dataclass(frozen=True)
+class Invocation:
+    """The command that made the run: as typed, every flag's value (the config file's and the defaults
+    included), and the one command line that gives those values again. results.json records it, so that
+    a run can be repeated or compared from its own results."""
+    argv: tuple[str, ...] = ()
+    flags: dict = field(default_factory=dict)  # setting -> value, as the parser gave them
+    command: str = ""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str
     output: Path
@@ -157,10 +169,12 @@ class RunConfig:
     export_formats: tuple[str, ...] = ("gptq_v2",)  # gptq_v2 first, always written; then serving formats
     tensorboard: bool = True
     overwrite: bool = False
+    discard_unfinished: bool = False  # with overwrite: also an unfinished run of the same settings
     take_over_lock: bool = False
     ignore_plan: bool = False
     debug: bool = False
     model_config: Path | None = None  # the model's config.json, when this run needs the model and has one
+    invocation: Invocation = field(default_factory=Invocation, compare=False)  # what made it (not a setting)
 
     @property
     def trains_blocks(self) -> bool:

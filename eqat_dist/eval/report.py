@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+METHOD_NAMES = {"rtn": "RTN", "block-ap": "Block-AP", "block-ap+e2e-qp": "Block-AP + E2E-QP", "e2e-qp": "E2E-QP"}
 ROWS = (("fp", "full precision"), ("quantized", "{tag} {method}"), ("quantized_e2e", "{tag} {method} + E2E-QP"))
 
 
@@ -14,7 +15,8 @@ def _rows(results: dict) -> list[tuple[str, dict]]:
     rows = [(label.format(tag=tag, method=method).strip(), results[key]) for key, label in ROWS if key in results]
     if "eval" in results:  # a later --phase eval
         ev = results["eval"]
-        rows += [(f"{tag} from {Path(ev['model_dir']).name} (--phase eval)", ev["quantized"])]
+        made_by = METHOD_NAMES.get(ev.get("method"), "")
+        rows += [(f"{tag} {made_by} from {Path(ev['model_dir']).name} (--phase eval)".replace("  ", " "), ev["quantized"])]
         if "fp" in ev and "fp" not in results:
             rows.insert(0, ("full precision", ev["fp"]))
     return rows
@@ -80,13 +82,33 @@ def _training(results: dict) -> list[str]:
     return lines
 
 
+def _commands(results: dict) -> list[str]:
+    """The command line of each phase's run (results.json records every flag), once when they agree."""
+    runs = [(phase, record) for phase, record in (("Block-AP", results.get("run")),
+                                                  ("E2E-QP", (results.get("e2e") or {}).get("run")),
+                                                  ("evaluation", (results.get("eval") or {}).get("run"))) if record]
+    if not runs:
+        return []
+    lines = ["## Command", ""]
+    shown = []
+    for phase, record in runs:
+        if record["command"] in shown:
+            continue
+        shown.append(record["command"])
+        lines += [f"{phase}:" if len(runs) > 1 else "", "", "```bash", record["command"], "```", ""]
+    v = runs[-1][1].get("versions", {})
+    lines += [", ".join(f"{k} {v[k]}" for k in ("eqat-dist", "torch", "transformers", "deepspeed") if k in v)
+              + f"; {runs[-1][1]['launch']['ranks']} rank(s) on {runs[-1][1]['launch']['device']}.", ""]
+    return [line for i, line in enumerate(lines) if line or (i and lines[i - 1])]  # no doubled blank lines
+
+
 def render(results: dict) -> str:
     s = results.get("settings", {})
     head = [f"# eqat-dist: {s.get('model', '?')} at w{s.get('wbits', '?')}g{s.get('group_size', '?')}", ""]
     if "bits_per_weight" in s:
         head += [f"{s['bits_per_weight']:.3f} bits per quantized weight (scales and zero points included).", ""]
     rows = _rows(results)
-    return "\n".join(head + _ppl_table(rows) + _zero_shot_table(rows) + _training(results))
+    return "\n".join(head + _ppl_table(rows) + _zero_shot_table(rows) + _training(results) + _commands(results))
 
 
 def write_report(path: Path, results: dict) -> None:

@@ -169,6 +169,17 @@ def method_after_e2e(path: str | os.PathLike) -> str:
     return GPTQv2().method_after_e2e(path)
 
 
+def export_method(path: str | os.PathLike) -> str | None:
+    """What made the export in `path` (a key of METHODS: rtn, block-ap, block-ap+e2e-qp, e2e-qp), None
+    for an export that does not say (another tool's)."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
+    except (OSError, ValueError):
+        return None
+    method = qc.get("meta", {}).get("method")
+    return method if method in METHODS else None
+
+
 def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
     """The bit width and group size of the packed checkpoint in `path` (its quantization_config)."""
     from transformers import AutoConfig

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .staging import INDEX
+from ..utils.files import save_safetensors
 
 SINGLE = "model.safetensors"
 
@@ -41,14 +41,14 @@ def write_model_files(folder: Path, shell: dict[str, torch.Tensor],
         if single_file:
             whole |= tensors
         else:
-            save_file(tensors, str(folder / shard_name(k, total)), metadata={"format": "pt"})
+            save_safetensors(tensors, str(folder / shard_name(k, total)), metadata={"format": "pt"})
             weight_map |= dict.fromkeys(tensors, shard_name(k, total))
         del tensors
     size += sum(t.numel() * t.element_size() for t in shell.values())
     if single_file:
-        save_file(shell | whole, str(folder / SINGLE), metadata={"format": "pt"})
+        save_safetensors(shell | whole, str(folder / SINGLE), metadata={"format": "pt"})
     else:
-        save_file(shell, str(folder / shard_name(1, total)), metadata={"format": "pt"})
+        save_safetensors(shell, str(folder / shard_name(1, total)), metadata={"format": "pt"})
         weight_map |= dict.fromkeys(shell, shard_name(1, total))
         (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": size},
                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))

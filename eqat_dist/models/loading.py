@@ -35,6 +35,7 @@ def _converted(name: str, load) -> Path:
     import tempfile
 
     from ..data.assets import cache_dir, publish
+    from ..utils.files import tree_as_umask_says
 
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
@@ -45,6 +46,7 @@ def _converted(name: str, load) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tree_as_umask_says(tmp)  # a shared cache: not tempfile's 0700 and safetensors' 0600
         return publish(tmp, target)  # a half-converted folder is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

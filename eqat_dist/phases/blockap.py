@@ -19,6 +19,7 @@ from ..pipelines.round_robin import StreamSpec, restored_blocks, run_blockap
 from ..run_folder import RunFolder
 from ..utils.monitor import Monitor, summary_table
 from .evaluation import evaluate_fp, evaluate_packed, log_eval, write_results
+from .record import run_record
 
 
 def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int:
@@ -40,7 +41,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
     results = {"settings": cfg.blockap_record() | {
         "eval_datasets": ev.datasets_text, "eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows,
         "bits_per_weight": qcfg.bits_per_weight(source.config.hidden_size), "ranks": transport.world,
-        "transport": transport.kind}}
+        "transport": transport.kind}, "run": run_record(cfg, transport)}
     if b.epochs == 0:
         if transport.rank != 0:
             return wait_for_rank0(transport) if cfg.continues_to_e2e else 0
@@ -102,7 +103,9 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
         log_eval(folder, "quantized", results["quantized"])
     if cfg.continues_to_e2e:
         transport.barrier()  # the other ranks wait here for the export E2E-QP starts from
-    print(f"[done] {folder.root} ({results['seconds']:.0f} s); results in {folder.results()}")
+        print(f"[block-ap] exported to {folder.root} and evaluated ({results['seconds']:.0f} s); E2E-QP next", flush=True)
+    else:
+        print(f"[done] {folder.root} ({results['seconds']:.0f} s); results in {folder.results()}", flush=True)
     return 0
 
 

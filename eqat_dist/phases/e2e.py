@@ -2,6 +2,7 @@
 written one gathered block at a time by rank 0, evaluated, and published with its results."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ..run_folder import RunFolder
 from ..utils.memory import reset_peak_memory
 from ..utils.monitor import Monitor
 from .evaluation import evaluate_packed, log_eval, write_results
+from .record import run_record
 
 
 def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: Path) -> int:
@@ -36,6 +38,8 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     bf16 = cfg.machine.e2e_bf16
     ds_config, accum = load_ds_config(e.ds_config, e.micro_batch, e.global_batch, world, e.max_grad_norm, bf16)
+    record = run_record(cfg, transport)
+    record["ds_config_resolved"] = copy.deepcopy(ds_config)  # as given to DeepSpeed (which may add to it)
     if rank == 0:
         print(f"[e2e] global batch {e.global_batch} = micro batch {e.micro_batch} x "
               f"{accum} accumulation steps x {world} rank(s); DeepSpeed config {e.ds_config}", flush=True)
@@ -62,6 +66,7 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
         return 0  # done: rank 0 evaluates alone, nobody waits on it in a collective that can time out
     report["partition"] = partitions
     report["ds_config"] = e.ds_config
+    report["run"] = record
     results = folder.read_results() or {}
     writer = writer_for(NATIVE)
     with staged(folder) as stage:  # the E2E-QP weights, results and report replace the earlier ones together
@@ -80,7 +85,7 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
         publish(stage, folder.root)
     if cfg.tensorboard:
         log_eval(folder, "quantized_e2e", results["quantized_e2e"])
-    print(f"[done] E2E-QP {report['steps']} steps; {folder.results()}")
+    print(f"[done] {folder.root}: E2E-QP {report['steps']} steps; results in {folder.results()}", flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ from ..eval import perplexity
 from ..eval.harness import zero_shot
 from ..eval.report import write_report
 from ..export import load_packed_model
-from ..export.gptq_v2 import read_quant_config
+from ..export.gptq_v2 import METHODS, export_method, read_quant_config
 from ..models import load_model
 from ..models.loading import resolve_folder
 from ..utils.memory import peak_memory_mib, reset_peak_memory
@@ -109,18 +109,24 @@ def write_results(folder: RunFolder, results: dict, within: Path | None = None) 
     write_report(folder.report(within), results)
 
 
-def eval_phase(cfg: RunConfig, folder: RunFolder) -> int:
+def eval_phase(cfg: RunConfig, folder: RunFolder, transport) -> int:
     """--phase eval: evaluate the packed model in `from_dir` (default the output), results into the output."""
+    from .record import run_record
+
     source, ev = cfg.from_dir, cfg.evaluation
     folder.root.mkdir(parents=True, exist_ok=True)
     packed, tokenizer = load_packed_model(source)
     qcfg = read_quant_config(source)
+    method = export_method(source)
     results = folder.read_results() or {}
     results.setdefault("settings", {"model": cfg.model, "wbits": qcfg.bits, "group_size": qcfg.group_size})
-    entry = {"model_dir": str(source.resolve()), "settings": {
+    entry = {"model_dir": str(source.resolve()), "method": method, "settings": {
         "eval_datasets": ev.datasets_text, "eval_seqlen": ev.seqlen, "eval_max_windows": ev.max_windows,
-        "zeroshot_tasks": list(ev.zeroshot_tasks), "zeroshot_limit": ev.zeroshot_limit}}
-    entry["quantized"] = evaluate_packed(cfg, packed, tokenizer, qcfg.tag())
+        "zeroshot_tasks": list(ev.zeroshot_tasks), "zeroshot_limit": ev.zeroshot_limit},
+        "run": run_record(cfg, transport)}
+    label = qcfg.tag() + ("+e2e" if method and "e2e" in method else "")
+    print(f"[eval] {source}: {qcfg.tag()} {METHODS.get(method, 'packed model')}", flush=True)
+    entry["quantized"] = evaluate_packed(cfg, packed, tokenizer, label)
     del packed
     if not ev.skip_fp:
         entry["fp"] = evaluate_fp(cfg, tokenizer)
@@ -130,5 +136,3 @@ def eval_phase(cfg: RunConfig, folder: RunFolder) -> int:
         log_eval(folder, "eval", entry["quantized"])
     print(f"[done] evaluation of {source}; {folder.results()}, {folder.report()}")
     return 0
-
-

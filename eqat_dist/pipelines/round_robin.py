@@ -37,11 +37,12 @@ from ..blockap.trainer import BlockAPSettings, train_block
 from ..cluster.transport import LocalTransport, Transport
 from ..models.lazy import LazyModel
 from ..quant import QuantConfig
-from ..utils.monitor import Monitor, block_line
+from ..utils.monitor import Monitor, block_line, stalled_warning
 from .schedules import Schedule, schedule_named
 from .stream_order import CHUNK_BATCHES, by_first_read, chunks
 
 SPLITS = ("train", "val")
+STALL_CHECK_BLOCKS = 2  # a rank's first trained blocks: none moved its loss -> a warning while it is early
 
 
 @dataclass
@@ -315,7 +316,7 @@ class _Rank:
         reports = []
         bar = tqdm(total=len(mine), desc=f"Block-AP rank {self.transport.rank}", unit="block", disable=None)
         steps_bar = tqdm(total=0, desc="steps", leave=False, disable=None)
-        trained_s, trained = 0.0, 0
+        trained_s, trained, trained_reports = 0.0, 0, []
         for i in mine:
             t_turn = time.time()  # the block's whole turn: streams, start, training, packing (the ETA's unit)
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
@@ -342,6 +343,13 @@ class _Rank:
             if self.member == 0:  # one line per block, from its group's first rank
                 tqdm.write(block_line(report | {"restored": restored}, self.num_blocks, self.transport.rank, len(reports),
                                       len(mine), trained_s, trained))
+                if not restored:
+                    trained_reports.append(report)
+                if len(trained_reports) == STALL_CHECK_BLOCKS and not restored:  # once, early enough to stop
+                    warning = stalled_warning(trained_reports, self.settings.epochs * self.lanes["train"].steps_per_epoch,
+                                              self.settings.quant_lr, self.settings.weight_lr)
+                    if warning:
+                        tqdm.write(warning)
             if not self.schedule.fp_stream_in_place and self.groups == 1:
                 self.fp_in, self.fp_out = self.fp_out, self.fp_in  # block i's output is block i+1's input
             self.source.release(i)

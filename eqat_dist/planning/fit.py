@@ -145,6 +145,7 @@ def assumptions(s: Settings) -> str:
 def render(r: dict) -> str:
     st, mc = r["settings"], r["machine"]
     gpu = "CPU only" if mc["gpu_memory_gib"] is None else f"{st['gpu'].upper()} {mc['gpu_memory_gib']:.0f} GiB"
+    gpu += f" ({mc['gpu_note']})" if mc.get("gpu_note") else ""
     disk = "unchecked" if mc["disk_gib"] is None else f"{mc['disk_gib']:.0f} GiB"
     lines = [f"Plan: {r['model']} ({r['params_b']:.1f}B parameters), w{st['wbits']}g{st['group_size']}, "
              f"{st['ranks']} rank(s), {st['ranks_per_node']} per node, {gpu}, host {mc['host_memory_gib']:.0f} GiB "

@@ -14,6 +14,9 @@ class LockError(RuntimeError):
     pass
 
 
+_held: list[tuple[Path, str]] = []  # (lock file, its text) this process holds
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -64,6 +67,7 @@ def acquire(folder: Path, take_over: bool = False, log=print) -> Path:
         raise LockError(f"--output {folder} was locked by another run a moment ago; choose another --output") from None
     with os.fdopen(fd, "w") as f:
         f.write(me + "\n")
+    _held.append((path, me))
     atexit.register(release, path, me)
     return path
 
@@ -75,3 +79,21 @@ def release(path: Path, me: str) -> None:
             path.unlink()
     except OSError:
         pass
+
+
+def held() -> list[tuple[Path, str]]:
+    """The locks this process holds, as (file, text)."""
+    return list(_held)
+
+
+def share(locks: list[tuple[Path, str]]) -> None:
+    """Hold rank 0's locks on another rank of the same job too: whichever rank stops the job (MPI's
+    Abort kills the others before they can) releases the output."""
+    _held.extend((Path(path), text) for path, text in locks if (Path(path), text) not in _held)
+
+
+def release_held() -> None:
+    """Every lock this process holds, now: for an exit that skips atexit (MPI's Abort, os._exit), so that
+    the next run, perhaps on another node of the cluster, finds the folder free."""
+    while _held:
+        release(*_held.pop())

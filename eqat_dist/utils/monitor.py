@@ -78,6 +78,23 @@ def block_line(report: dict, blocks: int, rank: int, done: int, mine: int, train
             f"rank {rank} done {done}/{mine}, eta {duration(eta)}{restored}")
 
 
+STALLED = 0.01  # a block whose loss moved by less than this share did not train (Block-AP moves it by 10-90%)
+
+
+def stalled_warning(reports: list[dict], steps: int, quant_lr: float, weight_lr: float) -> str | None:
+    """A line when every block `reports` lists kept its loss within 1%: learning rates far too small for
+    the number of steps (a run would spend hours and give round-to-nearest). None when any block moved."""
+    changes = [r["loss_after"] / (r.get("loss_at_switch") or r["loss_before"]) - 1 for r in reports
+               if r.get("loss_at_switch") or r.get("loss_before")]
+    if not changes or any(abs(c) >= STALLED for c in changes):
+        return None
+    moved = ", ".join(f"{100 * c:+.2f}%" for c in changes)
+    return (f"[block-ap] warning: the loss of blocks {', '.join(str(r['index']) for r in reports)} barely moved "
+            f"({moved}) in {steps} steps a block: --quant-lr {quant_lr:g} and --weight-lr {weight_lr:g} are likely too "
+            "small for this budget (the paper's rates are for 4096 steps a block; the README's demo trains 32 steps "
+            "a block at --quant-lr 2e-2 --weight-lr 2e-3). Stop the run and raise them, or let it go on")
+
+
 class Monitor:
     """Scalars go to TensorBoard under `prefix/` tags; `for_block(i)` gives a logger for one block
     that writes both `block_XXX/<tag>` (per-block curves) and `blockap/<tag>` on a global step."""
