@@ -118,11 +118,16 @@ def _train(fp_block, call, x, y, settings, parts, overlaps=True, shared=None):
     return losses, reports, students
 
 
+@pytest.mark.parametrize("loss", ["mse", "huber"])
 @pytest.mark.parametrize("batch,parts", [(2, 2), (4, 2), (4, 4)])
-def test_d_ranks_take_the_steps_of_one_rank_at_the_same_global_batch(batch, parts):
+def test_d_ranks_take_the_steps_of_one_rank_at_the_same_global_batch(batch, parts, loss, monkeypatch):
+    """The paper's MSE, and the 2-bit default's Huber loss, whose threshold is a multiple of the step's
+    median token error: over the whole step, not each rank's share (made to cap most tokens here, so
+    that a rank's own median would change the steps)."""
+    monkeypatch.setattr("eqat_dist.blockap.losses.HUBER_FACTOR", 1.2)
     torch.set_num_threads(1)
     fp_block, call, x, y = _block_setup()
-    settings = BlockAPSettings(epochs=3, batch_size=batch, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+    settings = BlockAPSettings(epochs=3, batch_size=batch, quant_lr=1e-3, weight_lr=1e-4, seed=0, loss=loss)
     (one,), (one_report,), (one_student,) = _train(fp_block, call, x, y, settings, 1)
     losses, reports, students = _train(fp_block, call, x, y, settings, parts)
     assert len(one) == 3 * -(-6 // batch)
@@ -140,17 +145,19 @@ def test_d_ranks_take_the_steps_of_one_rank_at_the_same_global_batch(batch, part
             assert torch.equal(q.weight, quant_linears(students[0])[name].weight)
 
 
-@pytest.mark.parametrize("batch,parts,clip", [(2, 2, 1.0), (2, 2, 1e-3), (4, 4, 1e-3), (8, 8, 1e-3)])
-def test_weight_work_split_over_the_group_takes_the_same_steps(batch, parts, clip):
+@pytest.mark.parametrize("batch,parts,clip,loss", [(2, 2, 1.0, "mse"), (2, 2, 1e-3, "mse"), (4, 4, 1e-3, "mse"),
+                                                   (8, 8, 1e-3, "mse"), (4, 2, 1.0, "huber")])
+def test_weight_work_split_over_the_group_takes_the_same_steps(batch, parts, clip, loss, monkeypatch):
     """`shard_weights`: each linear fake-quantized, clipped and stepped by its owner alone, the others
     receiving its quantized weight: every step's loss, the validation losses and the trained block are
     those of one rank at the same global batch (the replicated path's test above); with 8 ranks, one
     more than the block's linears, a rank owns none. A norm of 1e-3 clips every step (the group's norm
     must be the whole block's)."""
+    monkeypatch.setattr("eqat_dist.blockap.losses.HUBER_FACTOR", 1.2)
     torch.set_num_threads(1)
     fp_block, call, x, y = _block_setup()
     settings = BlockAPSettings(epochs=3, batch_size=batch, quant_lr=1e-3, weight_lr=1e-4, seed=0, shard_weights=True,
-                               max_grad_norm=clip)
+                               max_grad_norm=clip, loss=loss)
     alone = {}
     (one,), (one_report,), (one_student,) = _train(fp_block, call, x, y, settings, 1, shared=alone)
     shared = {}
@@ -181,10 +188,13 @@ def test_linears_are_dealt_out_by_size_largest_first():
     assert sorted(set(deal_out(sizes, 8))) == list(range(7))  # one rank left without a linear
 
 
-def test_a_rank_without_a_window_in_the_last_step_still_takes_it():
-    """6 windows at global batch 4 over 4 ranks: the last step has 2 windows, ranks 2 and 3 none."""
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_a_rank_without_a_window_in_the_last_step_still_takes_it(loss, monkeypatch):
+    """6 windows at global batch 4 over 4 ranks: the last step has 2 windows, ranks 2 and 3 none (with
+    the Huber loss they still take part in the step's median)."""
+    monkeypatch.setattr("eqat_dist.blockap.losses.HUBER_FACTOR", 1.2)
     fp_block, call, x, y = _block_setup()
-    settings = BlockAPSettings(epochs=2, batch_size=4, quant_lr=1e-3, weight_lr=1e-4, seed=0)
+    settings = BlockAPSettings(epochs=2, batch_size=4, quant_lr=1e-3, weight_lr=1e-4, seed=0, loss=loss)
     shares = [Lanes(6, 4, 4, d) for d in range(4)]
     assert [len(s.windows()) for s in shares] == [2, 2, 1, 1]
     (one,), _, _ = _train(fp_block, call, x, y, settings, 1)

@@ -154,6 +154,49 @@ def test_data_parallel_is_the_default_on_two_mpi_ranks_and_takes_one_ranks_steps
     _same_steps(references / "student", tmp_path / "out")
 
 
+@pytest.fixture(scope="module")
+def outlier_model_dir(tmp_path_factory):
+    """The tiny model with massive activations in block 0, as SmolLM2 has from block 11 on: one token in
+    seven embedded along one channel, which block 0's MLP amplifies, so that about 13% of the tokens' errors
+    are past the Huber loss's threshold (100x the step's median) and the threshold, the 2-bit default's,
+    shapes the steps."""
+    from transformers import AutoTokenizer
+    from eqat_dist.models.blocks import decoder_layers
+    from eqat_dist.models.loading import bundled_model_dir
+
+    folder = tmp_path_factory.mktemp("outliers")
+    model = tiny_model("llama", layers=2, vocab=49152)
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[::7] = 0.0
+        embedding[::7, 0] = 1.0
+        mlp = decoder_layers(model)[0].mlp
+        mlp.gate_proj.weight[:, 0] *= 5.0
+        mlp.up_proj.weight[:, 0] *= 5.0
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(bundled_model_dir())).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("recipe", ["clip-huber", "paper"])
+def test_data_parallel_takes_one_ranks_steps_with_the_2_bit_default_recipe_too(outlier_model_dir, tmp_path, recipe):
+    """D = 2 against one rank at the same global batch, over MPI: every block's training and validation
+    losses within float summation order, with the Huber loss (its threshold from the whole step's median
+    token error, not each rank's half) as with the paper's MSE."""
+    import json
+
+    extra = ("--recipe", recipe, "--batch-size", "4")
+    _single(outlier_model_dir, tmp_path / "one", "student", train_size=16, epochs=1, extra=extra)
+    result = subprocess.run(_mpi(2, outlier_model_dir, tmp_path / "two", "student", train_size=16, epochs=1,
+                                 extra=extra, dp=2), env=one_process_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (json.loads((tmp_path / run / "results.json").read_text())["blocks"] for run in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert b["train_loss_first"] == pytest.approx(a["train_loss_first"], rel=1e-5), a["index"]
+        assert b["train_loss_last"] == pytest.approx(a["train_loss_last"], rel=1e-5), a["index"]
+        assert b["val_losses"] == pytest.approx(a["val_losses"], rel=1e-5), a["index"]
+
+
 def test_a_group_whose_ranks_share_a_gpu_is_told_apart_from_one_with_a_gpu_per_rank():
     """NCCL refuses two ranks on one GPU (the first H200 loan: 2 ranks on 1 GPU stopped at their first
     sum); such a group sums over gloo. Told by the GPUs' own identities, not local ranks: under a

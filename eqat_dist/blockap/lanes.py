@@ -35,6 +35,8 @@ def group_width(ranks: int, batch: int, asked: int | None = None) -> int:
 class Step:
     rows: list[int]  # this rank's rows (positions in its own stores), in lane order
     windows: int  # windows in the whole step, over every rank of the group
+    lanes: tuple[int, ...] = ()  # the global lane of each of this rank's rows (where the group's rows meet)
+    batch: int = 0  # lanes in all (the global batch)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,9 @@ class Lanes:
         position = {w: i for i, w in enumerate(self.windows())}
         steps = []
         for k in range(self.steps_per_epoch):
-            rows = [position[lane + self.batch * orders[lane][k]] for lane in self.own_lanes if k < len(orders[lane])]
-            steps.append(Step(rows, sum(k < len(order) for order in orders)))
+            lanes = [lane for lane in self.own_lanes if k < len(orders[lane])]
+            rows = [position[lane + self.batch * orders[lane][k]] for lane in lanes]
+            steps.append(Step(rows, sum(k < len(order) for order in orders), tuple(lanes), self.batch))
         return steps
 
     def first_reads(self, generator: torch.Generator, epochs: int, from_step: int = 0) -> list[int | None]:

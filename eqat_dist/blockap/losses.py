@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 
 LOSSES = ("mse", "relative", "huber")
+STEP_WIDE = ("huber",)  # losses that read the whole step (its median token error), not each token alone
 _FLOOR = 1e-8  # a token whose target is all zeros would divide by zero
 HUBER_FACTOR = 100.0  # threshold: this many times the batch's median token error (the sink token stays under it)
 
 
-def reconstruction_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(name: str, out: torch.Tensor, target: torch.Tensor, token_median=None) -> torch.Tensor:
+    """`token_median(errors)`: the median token error of the whole step where a group of ranks shares it
+    (token_median.py); default: of `out`'s tokens, which are the whole step on one rank."""
     out, target = out.float(), target.float()
     if name == "mse":
         return torch.nn.functional.mse_loss(out, target)
@@ -31,7 +34,8 @@ def reconstruction_loss(name: str, out: torch.Tensor, target: torch.Tensor) -> t
         return (error / target.square().mean(-1).clamp_min(_FLOOR)).mean()
     if name == "huber":
         error = (out - target).square().mean(-1)  # per token; their mean is the MSE
-        limit = (HUBER_FACTOR * error.detach().flatten().median()).clamp_min(_FLOOR)
+        median = token_median(error) if token_median is not None else error.detach().flatten().median()
+        limit = (HUBER_FACTOR * median).clamp_min(_FLOOR)
         beyond = error > limit
         # past the limit: 2 sqrt(limit * e) - limit, which meets e at the limit with the same slope
         robust = torch.where(beyond, 2 * (limit * error.clamp_min(_FLOOR)).sqrt() - limit, error)

@@ -20,7 +20,8 @@ from .compiled import block_forward
 from .feed import Feed, batches_of
 from .grad_sum import GroupGradSum
 from .lanes import Lanes, step_generator
-from .losses import reconstruction_loss
+from .losses import STEP_WIDE, reconstruction_loss
+from .token_median import group_token_median
 from .weight_shards import WeightShards
 
 # Steps between two reads of the losses on the host: every read waits for the GPU, so they are
@@ -264,16 +265,21 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             optimizer.zero_grad(set_to_none=True)
             if shards is not None:
                 shards.begin_step()
+            # a loss over the whole step (Huber's median) gets its statistics from the group's ranks
+            token_median = group_token_median(group, this_step, inputs.shape[0], device) \
+                if group is not None and settings.loss in STEP_WIDE else None
             if this_step.rows:
                 x, y = next(feed)
                 with torch.autocast(device.type, dtype=amp, enabled=amp_on):
                     out = forward(block, x, call)
-                loss = reconstruction_loss(settings.loss, out, y)
+                loss = reconstruction_loss(settings.loss, out, y, token_median)
                 if group is not None:  # this rank's share of the step's mean
                     loss = loss * (len(this_step.rows) / this_step.windows)
                 scaler.scale(loss).backward()
                 tokens += x.shape[0] * x.shape[1]
             else:  # the last, smaller step has no window of this rank's lanes: it adds nothing to the sum
+                if token_median is not None:
+                    token_median(None)  # but the group's sums are taken by every rank
                 loss = torch.zeros((), device=device)
             if shards is not None:
                 loss = shards.finish_step(loss)
