@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "step (the steps of one rank at --batch-size, which stays the global batch); the N ranks "
                         "form N/D groups, blocks round-robin over the groups. Default: the largest D that divides "
                         "both N and --batch-size (at the paper's batch 2 on 2 ranks: 2, pure data parallel)")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
+                   help="ranks that split each window's tokens (two chunks each, zig-zag, for the causal mask's "
+                        "balance), attention gathering the window's keys and values over them: a group of D x S "
+                        "ranks takes the steps of one rank at --batch-size, each doing 1/(D x S) of the work and "
+                        "holding 1/(D x S) of every stream (--seqlen a multiple of 2 x S). Default 1")
     p.add_argument("--correction-fraction", type=float, default=None,
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
                         "(default 1/groups, the most that keeps every rank busy; 1 = student, 0 = teacher)")
@@ -224,7 +229,8 @@ def _load_config_file(path: str) -> dict:
 # this command runs and writes, and how this process behaves; everything else is the run's unless given.
 NOT_INHERITED = {"config", "phase", "from_dir", "output", "overwrite", "discard_unfinished", "take_over_lock",
                  "ignore_plan", "debug", "local_rank", "device", "single_gpu", "peer_timeout", "stop_signals",
-                 "activations", "activations_dir", "activations_on_gpu", "host_memory_budget", "data_parallel"}
+                 "activations", "activations_dir", "activations_on_gpu", "host_memory_budget", "data_parallel",
+                 "sequence_parallel"}
 
 
 def inherited_flags(run: str, parser: argparse.ArgumentParser) -> dict:

@@ -83,6 +83,17 @@ def check_context(cfg: RunConfig) -> None:
                                  f"max_position_embeddings); use `{setting}` {context} or less")
 
 
+def check_sequence_parallel(cfg: RunConfig) -> None:
+    """A split window needs an attention the split reproduces (models/sequence_split.py)."""
+    if cfg.blockap.sequence_parallel == 1 or not cfg.trains_blocks or cfg.model_config is None:
+        return
+    from .models.sequence_split import SplitError, check_family
+    try:
+        check_family(json.loads(cfg.model_config.read_text()))
+    except SplitError as err:
+        raise PreflightError(str(err)) from err
+
+
 def check_deepspeed_config(cfg: RunConfig) -> None:
     """The DeepSpeed file parses, and the global batch splits over micro batches and ranks."""
     if not cfg.trains_e2e:
@@ -266,8 +277,8 @@ def check_plan(cfg: RunConfig) -> None:
 # The order: the model and data, then the output folder (never touched before every check on it
 # passed). The plan (check_plan) comes after them all, when the command line runs it: it needs the rest
 # to be sound, and it is the one check a user may skip (`ignore_plan`).
-CHECKS = (check_layers, check_export_formats, check_data_sources, check_context, check_deepspeed_config,
-          check_output_is_a_folder, check_lock, check_writable, check_overwrite, check_start_model, check_resume)
+CHECKS = (check_layers, check_export_formats, check_data_sources, check_context, check_sequence_parallel,
+          check_deepspeed_config, check_output_is_a_folder, check_lock, check_writable, check_overwrite, check_start_model, check_resume)
 
 
 def run_checks(cfg: RunConfig, checks=CHECKS) -> None:

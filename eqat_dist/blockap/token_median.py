@@ -12,14 +12,16 @@ import torch
 from .lanes import Step
 
 
-def group_token_median(group, step: Step, tokens: int, device) -> callable:
-    """median(errors) for this step: `errors` this rank's [rows, tokens] token errors (None when it has
-    no window in the step: it still takes part in the sum)."""
+def group_token_median(group, step: Step, tokens: int, positions: torch.Tensor, device) -> callable:
+    """median(errors) for this step: `errors` this rank's [rows, its tokens] token errors, at global
+    `positions` of each window's `tokens` (all of them, or the rank's share under sequence parallelism:
+    models/sequence_split.py); None when it has no window in the step (it still takes part in the sum)."""
     def median(errors: torch.Tensor | None) -> torch.Tensor:
         laid_out = torch.zeros(step.batch, tokens + 1, dtype=torch.float32, device=device)
         if errors is not None and len(step.lanes):
             lanes = torch.tensor(step.lanes, device=device)
-            laid_out[lanes, :tokens] = errors.detach().float().reshape(len(step.lanes), tokens)
+            where = positions.to(device)
+            laid_out[lanes[:, None], where[None, :]] = errors.detach().float().reshape(len(step.lanes), len(where))
             laid_out[lanes, tokens] = 1.0
         group.allreduce_sum_(laid_out)
         return laid_out[laid_out[:, tokens] > 0, :tokens].flatten().median()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models.blocks import BlockCall
+from ..models.sequence_split import TokenSplit
 from ..models.quantize import quant_linears, weights_fixed
 from ..utils.memory import peak_memory_mib, reset_peak_memory
 from .compiled import block_forward
@@ -194,7 +195,7 @@ def group_has_windows(stores, group) -> bool:
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
                 on_step=None, switch_at: int | None = None, switch=None, lanes: Lanes | None = None,
-                group=None, rows_ready=None) -> BlockReport:
+                group=None, rows_ready=None, split: TokenSplit | None = None) -> BlockReport:
     """Train `block` (its linears already QuantLinear, on `device`) in place.
 
     inputs/targets: activation stores (student inputs, full-precision outputs), val_* likewise (may be
@@ -210,7 +211,11 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     first and on the quantized one last. The training inputs may still be arriving (the quantized
     stream, in the order the steps read it): `rows_ready(rows)` is called before any of their rows are
     read and waits for them; the validation inputs are in when training starts and when switch() returns.
+    `split`: under sequence parallelism (models/sequence_split.py) the stores hold this rank's share of
+    every window's tokens, `group` is then all the ranks that share the block's steps (windows and
+    tokens), and each rank's loss is its tokens' share of the step's.
     """
+    split = split or TokenSplit(inputs.shape[0])
     report = BlockReport(index)
     device = torch.device(device)
     amp = settings.amp_dtype
@@ -266,15 +271,15 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             if shards is not None:
                 shards.begin_step()
             # a loss over the whole step (Huber's median) gets its statistics from the group's ranks
-            token_median = group_token_median(group, this_step, inputs.shape[0], device) \
+            token_median = group_token_median(group, this_step, split.tokens, split.positions, device) \
                 if group is not None and settings.loss in STEP_WIDE else None
             if this_step.rows:
                 x, y = next(feed)
                 with torch.autocast(device.type, dtype=amp, enabled=amp_on):
                     out = forward(block, x, call)
                 loss = reconstruction_loss(settings.loss, out, y, token_median)
-                if group is not None:  # this rank's share of the step's mean
-                    loss = loss * (len(this_step.rows) / this_step.windows)
+                if group is not None:  # this rank's share of the step's mean: its windows, its tokens of them
+                    loss = loss * (len(this_step.rows) / this_step.windows) * (split.local_tokens / split.tokens)
                 scaler.scale(loss).backward()
                 tokens += x.shape[0] * x.shape[1]
             else:  # the last, smaller step has no window of this rank's lanes: it adds nothing to the sum

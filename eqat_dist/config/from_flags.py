@@ -20,6 +20,7 @@ import torch
 
 from ..blockap.lanes import group_width
 from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolve, single_process
+from ..models.sequence_split import SplitError, check_split
 from ..pipelines.schedules import schedule_named
 from ..quant import QuantConfig, QuantConfigError
 from ..run_folder import RunFolder
@@ -103,18 +104,27 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
             raise ConfigError(f"`batch_size` {flags.batch_size} is the global batch and must split evenly over the "
                               f"{flags.data_parallel} ranks of a `data_parallel` group: use a multiple of "
                               f"{flags.data_parallel}")
+    sequence_parallel = flags.sequence_parallel
+    try:
+        check_split(flags.seqlen, sequence_parallel)
+    except SplitError as err:
+        raise ConfigError(str(err)) from err
+    if sequence_parallel > 1 and flags.compile:
+        raise ConfigError("`compile` does not take the split attention of `sequence_parallel` (a collective inside "
+                          "the graph); leave out `compile` or use `sequence_parallel` 1")
     student_input, correction, correction_lr = flags.student_input, flags.correction_fraction, flags.correction_lr
     data_parallel = flags.data_parallel
     if world is not None:
-        data_parallel = _data_parallel_default(data_parallel, flags.batch_size, world)
+        data_parallel = _data_parallel_default(data_parallel, flags.batch_size, world, sequence_parallel)
         student_input, correction, correction_lr = _schedule_defaults(student_input, correction, correction_lr,
-                                                                      world // data_parallel, {})
+                                                                      world // (data_parallel * sequence_parallel), {})
     blockap = BlockAPConfig(
         epochs=flags.epochs, batch_size=flags.batch_size, train_size=flags.train_size, val_size=flags.val_size,
         seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
         max_grad_norm=flags.max_grad_norm, train_norms=not flags.no_train_norms, calib_dataset=flags.calib_dataset,
         student_input=student_input, correction_fraction=correction, correction_lr=correction_lr,
-        data_parallel=data_parallel, loss=recipe_choice(flags.recipe, flags.wbits, "loss", flags.loss))
+        data_parallel=data_parallel, sequence_parallel=sequence_parallel,
+        loss=recipe_choice(flags.recipe, flags.wbits, "loss", flags.loss))
     e2e = E2EConfig(
         epochs=flags.e2e_epochs, train_size=flags.e2e_train_size, seqlen=flags.e2e_seqlen,
         global_batch=flags.e2e_global_batch, micro_batch=flags.e2e_micro_batch, lr=e2e_lr, warmup=flags.e2e_warmup,
@@ -223,11 +233,17 @@ def model_config_of(cfg: RunConfig) -> Path | None:
         raise ConfigError(f"`model`: {err}") from err
 
 
-def _data_parallel_default(asked: int | None, batch_size: int, world: int) -> int:
-    """Ranks per group (blockap/lanes.group_width); one that was asked must divide the world."""
-    if asked is not None and world % asked:
-        raise ConfigError(f"`data_parallel` {asked} must divide the {world} ranks (groups of equal size)")
-    return group_width(world, batch_size, asked)
+def _data_parallel_default(asked: int | None, batch_size: int, world: int, sequence_parallel: int = 1) -> int:
+    """D, the ranks of a group that split the windows (blockap/lanes.group_width, over the world's
+    S-rank shares of the tokens); the group's D x S ranks must divide the world."""
+    if world % sequence_parallel:
+        raise ConfigError(f"`sequence_parallel` {sequence_parallel} must divide the {world} ranks (a window's tokens "
+                          "are split over that many ranks)")
+    if asked is not None and world % (asked * sequence_parallel):
+        raise ConfigError(f"`data_parallel` {asked} x `sequence_parallel` {sequence_parallel} = "
+                          f"{asked * sequence_parallel} ranks per group must divide the {world} ranks (groups of "
+                          "equal size)")
+    return group_width(world // sequence_parallel, batch_size, asked)
 
 
 def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, groups: int,
@@ -251,9 +267,10 @@ def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     folder = RunFolder(cfg.output)
     earlier = {} if cfg.overwrite else folder.earlier_settings()
     b = cfg.blockap
-    data_parallel = _data_parallel_default(b.data_parallel, b.batch_size, cfg.machine.world)
+    data_parallel = _data_parallel_default(b.data_parallel, b.batch_size, cfg.machine.world, b.sequence_parallel)
     student_input, correction, correction_lr = _schedule_defaults(b.student_input, b.correction_fraction,
-                                                                  b.correction_lr, cfg.machine.world // data_parallel,
+                                                                  b.correction_lr,
+                                                                  cfg.machine.world // (data_parallel * b.sequence_parallel),
                                                                   earlier)
     cfg = replace(cfg, blockap=replace(b, student_input=student_input, correction_fraction=correction,
                                        correction_lr=correction_lr, data_parallel=data_parallel))

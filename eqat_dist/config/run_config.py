@@ -44,12 +44,18 @@ class BlockAPConfig:
     student_input: str = "student"
     correction_fraction: float | None = None  # pipelined only: share of steps on the quantized stream
     correction_lr: str | None = None  # pipelined only: "continue" or "restart"
-    data_parallel: int | None = None  # ranks per group (each block trained by one group); None: chosen at start
+    data_parallel: int | None = None  # D: group ranks that split the windows; None: chosen at start
+    sequence_parallel: int = 1  # S: group ranks that split each window's tokens (models/sequence_split.py)
     loss: str = "mse"  # what a block minimises (blockap/losses.py); mse is the paper's
+
+    @property
+    def group_size(self) -> int:
+        """Ranks that train each block together: D x S."""
+        return (self.data_parallel or 1) * self.sequence_parallel
 
     def groups(self, world: int) -> int:
         """Groups of ranks the blocks go round-robin over."""
-        return world // (self.data_parallel or 1)
+        return world // self.group_size
 
 
 @dataclass(frozen=True)

@@ -64,13 +64,13 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                   f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, {qcfg.init} start, "
                   f"{b.loss} loss, "
                   f"student input: {b.student_input}, {transport.world} rank(s) over {transport.kind}"
-                  + (f" in {b.groups(transport.world)} group(s) of {b.data_parallel} (data parallel, weight work "
-                     f"{'split' if settings.splits_weight_work else 'replicated'})" if b.data_parallel > 1 else ""),
+                  + (f" in {b.groups(transport.world)} group(s) of {b.group_size} ({_layout(b)}, weight work "
+                     f"{'split' if settings.splits_weight_work else 'replicated'})" if b.group_size > 1 else ""),
                   flush=True)
         t_blockap = time.time()
         run_blockap(source, qcfg, train_ids, val_ids, settings, folder.blockap, cfg.blockap_record(), device,
                     streams, b.student_input, transport, monitor, progress=progress, correction=b.correction_fraction,
-                    data_parallel=b.data_parallel)
+                    data_parallel=b.data_parallel, sequence_parallel=b.sequence_parallel)
         progress.block, progress.phase = None, "waiting for the other ranks"
         transport.barrier()
         results["blockap_wall_s"] = time.time() - t_blockap  # all ranks done
@@ -107,6 +107,15 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
     else:
         print(f"[done] {folder.root} ({results['seconds']:.0f} s); results in {folder.results()}", flush=True)
     return 0
+
+
+def _layout(b) -> str:
+    """'data parallel', 'sequence parallel' or 'data parallel 2 x sequence parallel 2'."""
+    if b.sequence_parallel == 1:
+        return "data parallel"
+    if b.data_parallel == 1:
+        return "sequence parallel"
+    return f"data parallel {b.data_parallel} x sequence parallel {b.sequence_parallel}"
 
 
 def rtn_blocks(source: LazyModel, cfg):

@@ -36,6 +36,7 @@ from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stor
 from ..blockap.trainer import BlockAPSettings, train_block
 from ..cluster.transport import LocalTransport, Transport
 from ..models.lazy import LazyModel
+from ..models.sequence_split import TokenSplit, use_split_attention
 from ..quant import QuantConfig
 from ..utils.monitor import Monitor, block_line, stalled_warning
 from .schedules import Schedule, schedule_named
@@ -82,21 +83,26 @@ class _Rank:
     """One rank's state and per-block work (kept apart from `run_blockap` for readability)."""
 
     def __init__(self, source: LazyModel, cfg, windows, settings, ckpt_dir, device, streams, schedule: Schedule,
-                 transport, monitor, progress, data_parallel: int = 1):
+                 transport, monitor, progress, data_parallel: int = 1, sequence_parallel: int = 1):
         self.source, self.cfg, self.settings = source, cfg, settings
         self.ckpt_dir, self.device, self.streams, self.schedule = Path(ckpt_dir), torch.device(device), streams, schedule
         self.transport, self.monitor, self.progress = transport, monitor, progress
         self.num_blocks = source.num_blocks
-        self.width = data_parallel  # D: ranks per group
-        self.groups = transport.world // data_parallel  # G: blocks go round-robin over these
-        self.group, self.member = divmod(transport.rank, data_parallel)
-        self.reducer = transport.data_parallel_group(data_parallel, cuda=self.device.type == "cuda")
+        self.width = data_parallel * sequence_parallel  # D x S: ranks per group
+        self.groups = transport.world // self.width  # G: blocks go round-robin over these
+        self.group, self.member = divmod(transport.rank, self.width)
+        lane_part, token_part = divmod(self.member, sequence_parallel)  # member d*S + s: windows d, tokens s
+        cuda = self.device.type == "cuda"
+        self.reducer = transport.data_parallel_group(self.width, cuda=cuda)  # sums a step over windows and tokens
+        tokens = next(iter(windows.values())).shape[1]
+        self.split = TokenSplit(tokens, sequence_parallel, token_part,
+                                transport.data_parallel_group(sequence_parallel, cuda=cuda))  # a window's S ranks
         # this rank's share of each split, and which of its rows each step takes
-        self.lanes = {k: Lanes(len(v), settings.batch_size, data_parallel, self.member) for k, v in windows.items()}
+        self.lanes = {k: Lanes(len(v), settings.batch_size, data_parallel, lane_part) for k, v in windows.items()}
         self.splits = {k: v[self.lanes[k].windows()] for k, v in windows.items()}
         self.batch_size = settings.batch_size // data_parallel  # this rank's rows per step
         self.chunk_rows = self.batch_size * CHUNK_BATCHES
-        seqlen = next(iter(windows.values())).shape[1]
+        seqlen = self.split.local_tokens  # a store row: this rank's tokens of a window
         hidden = source.config.hidden_size
         # the same share of every store's rows on the GPU, as far as `device_bytes` goes
         row_bytes = seqlen * hidden * torch.tensor([], dtype=streams.dtype).element_size()
@@ -164,7 +170,7 @@ class _Rank:
             for a, b in chunks(len(ids), self.chunk_rows):
                 if i == 0:
                     for c, d in chunks(b - a, self.batch_size):
-                        fp_in.put(list(range(a + c, a + d)), self.source.embed(ids[a + c:a + d]))
+                        fp_in.put(list(range(a + c, a + d)), self.split.cut(self.source.embed(ids[a + c:a + d])))
                     if self.q is not None and not self.shared_q:  # the student stream starts from the same embeddings
                         self.q[k].put(list(range(a, b)), fp_in.get(list(range(a, b))))
                 elif remote_in:
@@ -259,6 +265,10 @@ class _Rank:
                     spans=[(a, b) for t, _, a, b in order if t == s], span_done=sent if send else None)
         packed.cpu()
 
+    def split_block(self, block: torch.nn.Module) -> torch.nn.Module:
+        """The block as this rank runs it: its attention across the window's ranks when they split it."""
+        return use_split_attention(block) if self.split.splits else block
+
     def timeline(self, block: int) -> None:
         if self.monitor:  # which block this rank trains when (-1: not training): shows pipeline bubbles
             self.monitor.scalar("timeline/training_block", block, int((time.time() - self.start) * 10))
@@ -267,17 +277,17 @@ class _Rank:
         """(block i packed, its report): trained here, or read back when a resumed run finished it."""
         if i in self.done:
             packed, report = restore_block(self.source.block(i), self.cfg, self.ckpt_dir, i)
-            return packed, report
+            return self.split_block(packed), report
         inputs = self.q if self.schedule.starts_on_quantized_stream else self.fp_in
         targets = self.fp_out
         t_start = time.time()
-        student = make_student(self.source.block(i), self.cfg, self.device)
+        student = self.split_block(make_student(self.source.block(i), self.cfg, self.device))
         if self.cfg.init == "gptq":  # from GPTQ on this block's own training inputs, not round-to-nearest
             if self.schedule.starts_on_quantized_stream:
                 self.progress.phase = "waiting for the student stream"
                 self.student_stream_ready()  # GPTQ reads every row of it
             self.progress.phase = "GPTQ start"
-            fp_block = self.source.block(i).to(self.device)
+            fp_block = self.split_block(self.source.block(i).to(self.device))
             gptq_start(student, fp_block, inputs["train"], call, self.batch_size, self.settings.amp_dtype,
                        self.reducer)
             fp_block.cpu()
@@ -296,7 +306,8 @@ class _Rank:
         rep = train_block(student, i, inputs["train"], targets["train"], inputs["val"], targets["val"], call,
                           self.settings, self.device, log=self.monitor.for_block(i) if self.monitor else None,
                           progress=steps_bar, on_step=self.transport.poll, switch_at=switch_at, switch=switch,
-                          lanes=self.lanes["train"], group=self.reducer, rows_ready=self.quantized_rows_ready)
+                          lanes=self.lanes["train"], group=self.reducer, rows_ready=self.quantized_rows_ready,
+                          split=self.split)
         self.timeline(-1)
         t_pack = time.time()
         packed = finish_student(student, self.cfg)
@@ -321,10 +332,10 @@ class _Rank:
             t_turn = time.time()  # the block's whole turn: streams, start, training, packing (the ETA's unit)
             self.progress.block, self.progress.phase = i, "finishing the previous block's sends"
             self.transport.wait_sends()  # the stores are about to be rewritten
-            call = calls[i].to(self.device)
+            call = self.split.call(calls[i].to(self.device))  # this rank's tokens of every window
             self.post_student_stream(i)
             self.progress.phase = "full-precision stream"
-            fp_block = self.source.block(i).to(self.device)
+            fp_block = self.split_block(self.source.block(i).to(self.device))
             t_stream = time.time()
             self.teacher_stream(i, fp_block, call)
             self.fp_stream_s = time.time() - t_stream  # the block forward over the stream (timeline model)
@@ -372,7 +383,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
                 settings: BlockAPSettings, ckpt_dir: Path, record: dict, device, streams: StreamSpec,
                 student_input: str = "student", transport: Transport | None = None,
                 monitor: Monitor | None = None, log=print, progress: Progress | None = None,
-                correction: float = 0.5, data_parallel: int = 1) -> list[dict]:
+                correction: float = 0.5, data_parallel: int = 1, sequence_parallel: int = 1) -> list[dict]:
     """Train this rank's blocks (all of them with one rank); each finished block is saved to
     `ckpt_dir` and reused on a restart, whatever the number of ranks and `data_parallel`; `record`
     (RunConfig.blockap_record) is what its manifest keeps and a restart must match. Returns this rank's
@@ -392,12 +403,25 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
         open_run(ckpt_dir, record)  # checks the manifest rank 0 wrote or found
     calls = source.calls(train_ids[:1])
     rank = _Rank(source, cfg, {"train": train_ids, "val": val_ids}, settings, ckpt_dir, device, streams,
-                 schedule, transport, monitor, progress, data_parallel)
-    group = (f" (group {rank.group}, {len(rank.splits['train'])} of {len(train_ids)} train windows)"
-             if data_parallel > 1 else "")
+                 schedule, transport, monitor, progress, data_parallel, sequence_parallel)
+    shares = [f"{len(rank.splits['train'])} of {len(train_ids)} train windows"] if data_parallel > 1 else []
+    shares += [f"tokens {_spans(rank.split.positions)} of {rank.split.tokens}"] if sequence_parallel > 1 else []
+    group = f" (group {rank.group}, {', '.join(shares)})" if shares else ""
     log(f"[rank {transport.rank}/{transport.world}] pid {os.getpid()} on {socket.gethostname()}, blocks "
         f"{rank.mine()}{group}; " + rank.memory_line())
     return rank.run(calls)
+
+
+def _spans(positions: torch.Tensor) -> str:
+    """'0-63,192-255': runs of consecutive positions."""
+    runs, start = [], None
+    values = positions.tolist()
+    for k, p in enumerate(values):
+        start = p if start is None else start
+        if k + 1 == len(values) or values[k + 1] != p + 1:
+            runs.append(f"{start}-{p}")
+            start = None
+    return ",".join(runs)
 
 
 def restored_blocks(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path, reports: list, keep: bool = False):
