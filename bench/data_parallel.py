@@ -33,7 +33,7 @@ def run(bits: int, seed: int, ranks: int, a, work: Path, variant: tuple[str, str
                "--val-size", "16", "--seqlen", "256", "--epochs", "2", "--batch-size", "2", "--quant-lr", qlr,
                "--weight-lr", wlr, "--seed", str(seed), "--e2e-epochs", "0", "--eval-datasets", "wiki,news",
                "--eval-seqlen", "512", "--eval-max-windows", "8", "--zeroshot-tasks", "", "--skip-fp-eval",
-               "--output", str(out), "--overwrite", "--recipe", "paper",  # the paper's method, as its figures
+               "--output", str(out), "--overwrite", "--discard-unfinished", "--recipe", "paper",  # the paper's method, as its figures
                *variant[1].split()]
         prefix = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks)] if ranks > 1 else []
         env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(ranks: int, mode: str, bits: int, a, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--wbits", str(bits),
-           "--group-size", "64", "--output", str(out), "--overwrite", "--phase", "block-ap", "--epochs", str(a.epochs), "--train-size",
+           "--group-size", "64", "--output", str(out), "--overwrite", "--discard-unfinished", "--phase", "block-ap", "--epochs", str(a.epochs), "--train-size",
            str(a.train_size), "--val-size", str(a.val_size), "--seqlen", str(a.seqlen), "--quant-lr", str(a.quant_lr),
            "--weight-lr", str(a.weight_lr), "--student-input", mode, "--eval-datasets", "wiki", "--zeroshot-tasks", "", "--eval-seqlen",
            "512", "--eval-max-windows", str(a.eval_windows), "--skip-fp-eval", "--no-tensorboard", "--recipe", "paper"]

@@ -18,8 +18,8 @@ Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after
               then on the GPU stores with --compile (torch.compile of the block step; on CPUs it was slower);
 - weight_work: bench/weight_work.py on a 70B-shaped block at 2 x 2048 tokens: what a step spends on the
               block's weights (fake quantization, clipping, AdamW), the work `--weight-work split` shares
-              over a data-parallel group (replicated is the GPU default until this says otherwise);
-- two_ranks:  Block-AP on two ranks sharing one GPU (torchrun; the default layout, data parallel, its sums
+              over a group (on GPUs the plan decides, from the bandwidths it assumes);
+- two_ranks:  Block-AP on two ranks sharing one GPU (torchrun; data parallel, then sequence parallel; their sums
               over gloo since NCCL needs a GPU per rank) against one rank, up to float summation order.
 Without a GPU (and without --cpu-check) it says so in one line and exits 0.
 """
@@ -214,7 +214,7 @@ def section_pipeline(ctx) -> list[str]:
     runs = (("kernels", []),) if ctx.quick else (("kernels", []), ("no-kernels", ["--no-kernels"]))
     for name, extra in runs:
         t0 = time.time()
-        _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite"], 600, name)
+        _run(ctx, ["--single-gpu", *flags, *extra, "--output", str(ctx.work / name), "--overwrite", "--discard-unfinished"], 600, name)
         r = json.loads((ctx.work / name / "results.json").read_text())
         ppl[name] = r.get("quantized_e2e", r["quantized"])["perplexity"]["wiki"]["ppl"]
         blocks = r.get("blocks", [])
@@ -275,7 +275,7 @@ def section_block70b(ctx) -> list[str]:
         placements = {"cpu": placements["cpu"], "gpu": placements["gpu"]}
     for placement, chosen in placements.items():
         out = ctx.work / f"block70b-{placement.split(',')[0]}{'-split' if ',' in placement else ''}"
-        _run(ctx, [*flags, *chosen, "--output", str(out), "--overwrite"], 600, f"block70b-{placement}")
+        _run(ctx, [*flags, *chosen, "--output", str(out), "--overwrite", "--discard-unfinished"], 600, f"block70b-{placement}")
         block = json.loads((out / "results.json").read_text())["blocks"][0]
         seconds[placement] = (block["seconds"], block["steps"], block["peak_mem_mib"])
         losses[placement] = block["loss_after"]
@@ -292,7 +292,7 @@ def section_block70b(ctx) -> list[str]:
     # --compile: the block step through torch.compile; a one-block model pays the compile inside its only
     # block, so the ratio understates what a many-block run gains
     out = ctx.work / "block70b-compile"
-    _run(ctx, [*flags, "--activations", base, "--compile", "--output", str(out), "--overwrite"], 600, "block70b-compile")
+    _run(ctx, [*flags, "--activations", base, "--compile", "--output", str(out), "--overwrite", "--discard-unfinished"], 600, "block70b-compile")
     block = json.loads((out / "results.json").read_text())["blocks"][0]
     rows.append(f"| 70B-shaped block, 2 x {seqlen} tokens | --activations {base} --compile | {block['steps']} steps | "
                 f"{1e3 * block['seconds'] / block['steps']:.0f} ms/step with the compile, peak "
@@ -332,29 +332,41 @@ def section_two_ranks(ctx) -> list[str]:
     flags = ["--model", str(folder), "--wbits", "2", "--group-size", "32", "--epochs", "2", "--train-size", "8",
              "--val-size", "2", "--seqlen", "32", "--phase", "block-ap", "--student-input", "student",
              "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard"]
-    _run(ctx, [*flags, "--output", str(ctx.work / "one-rank"), "--overwrite"], 300, "one-rank")
+    _run(ctx, [*flags, "--output", str(ctx.work / "one-rank"), "--overwrite", "--discard-unfinished"], 300, "one-rank")
+    rows = []
+    for name, layout in (("data parallel", []), ("sequence parallel", ["--data-parallel", "1", "--sequence-parallel", "2"])):
+        rows.append(_two_ranks_against_one(ctx, flags, name, layout))
+    return rows
+
+
+def _two_ranks_against_one(ctx, flags: list[str], name: str, layout: list[str]) -> str:
+    """torchrun of 2 ranks on the one GPU in `layout` against one rank: one rank's steps up to float
+    summation order (tests/test_distributed.py::_same_steps, _same_losses), bit-identical by luck."""
+    import torch
+
+    from eqat_dist.export.gptq_v2 import LazyTensors
+
+    out = ctx.work / f"two-ranks-{name.split()[0]}"
     env = dict(ctx.env, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29400 + os.getpid() % 500), str(ROOT / "launch" / "run.py"), *flags, "--output",
-                          str(ctx.work / "two-ranks"), "--overwrite"], capture_output=True, text=True, timeout=300,
+                          str(29400 + os.getpid() % 500), str(ROOT / "launch" / "run.py"), *flags, *layout, "--output",
+                          str(out), "--overwrite", "--discard-unfinished"], capture_output=True, text=True, timeout=300,
                          env=env)
-    (ctx.work / "two-ranks.log").write_text(two.stdout + two.stderr)
+    (ctx.work / f"{out.name}.log").write_text(two.stdout + two.stderr)
     assert two.returncode == 0, two.stderr[-1500:]
-    # the default layout on 2 ranks is data parallel (one group of 2, per-rank batch 1): one rank's
-    # steps up to float summation order (tests/test_distributed.py::_same_steps), bit-identical by luck
-    a, b = dict(LazyTensors(ctx.work / "one-rank")), dict(LazyTensors(ctx.work / "two-ranks"))
+    a, b = dict(LazyTensors(ctx.work / "one-rank")), dict(LazyTensors(out))
     assert a.keys() == b.keys(), "two ranks exported other tensors than one rank"
     if all(torch.equal(a[k], b[k]) for k in a):
-        return ["| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, data parallel | | | bit-identical export |"]
-    block0 = [json.loads((ctx.work / run / "results.json").read_text())["blocks"][0]["val_losses"][-1]
-              for run in ("one-rank", "two-ranks")]
+        return f"| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, {name} | | | bit-identical export |"
+    block0 = [json.loads((run / "results.json").read_text())["blocks"][0]["val_losses"][-1]
+              for run in (ctx.work / "one-rank", out)]
     gap = abs(block0[1] / block0[0] - 1)
     packed = [k for k in a if not a[k].is_floating_point()]
     flipped = sum((a[k] != b[k]).sum().item() for k in packed) / sum(a[k].numel() for k in packed)
-    assert gap < 1e-3 and flipped < 1e-2, f"two ranks on one GPU differ from one rank: block 0 val loss {gap:.1e}, " \
-                                          f"packed integers {100 * flipped:.2f}% different"
-    return [f"| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, data parallel | | | block 0 val loss within {gap:.1e}, "
-            f"{100 * flipped:.3f}% of packed integers differ (float summation order) |"]
+    assert gap < 1e-3 and flipped < 1e-2, f"two ranks on one GPU ({name}) differ from one rank: block 0 val loss " \
+                                          f"{gap:.1e}, packed integers {100 * flipped:.2f}% different"
+    return (f"| Block-AP, 2 ranks on 1 GPU vs 1 rank | student, {name} | | | block 0 val loss within {gap:.1e}, "
+            f"{100 * flipped:.3f}% of packed integers differ (float summation order) |")
 
 
 # -- driver --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def ours(a, bits: int, work: Path) -> float:
                "--val-size", str(a.val_size), "--seqlen", str(a.seqlen), "--epochs", str(a.epochs),
                "--batch-size", str(a.batch_size), "--quant-lr", str(qlr), "--weight-lr", str(wlr), "--seed", "0",
                "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard",
-               "--output", str(out), "--overwrite", "--recipe", "paper", *a.ours_flags.split()]  # the official code's method
+               "--output", str(out), "--overwrite", "--discard-unfinished", "--recipe", "paper", *a.ours_flags.split()]  # the official code's method
         with open(out.with_suffix(".log"), "w") as f:
             subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     return json.loads((out / "results.json").read_text())["blockap_wall_s"]

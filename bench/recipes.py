@@ -36,7 +36,7 @@ def command(bits: int, seed: int, flags: list[str], out: Path, a, resume: bool =
             "256", "--e2e-global-batch", "4", "--e2e-micro-batch", "1", "--e2e-lr", "2e-4", "--ds-config",
             "single-gpu", "--eval-datasets", "wiki,news", "--eval-seqlen", "512", "--eval-max-windows", "8",
             "--zeroshot-tasks", a.zeroshot, "--zeroshot-limit", str(a.zeroshot_limit), "--skip-fp-eval",
-            "--no-tensorboard", "--output", str(out), *(() if resume else ("--overwrite",)), *flags]
+            "--no-tensorboard", "--output", str(out), *(() if resume else ("--overwrite", "--discard-unfinished")), *flags]
 
 
 def run_one(bits: int, seed: int, name: str, flags: list[str], a, threads: int) -> dict:

@@ -78,7 +78,7 @@ def block_ap(model: str, ranks: int, work: Path, threads: int) -> dict:
     # scales with ranks; pipelined mode holds three (fp in, fp out, quantized) on any number of ranks
     flags = BLOCKAP + (["--student-input", "teacher"] if ranks > 1 else [])
     if not (out / "results.json").exists():
-        _launch(["--model", model, *flags, "--phase", "block-ap", "--output", str(out), "--overwrite", *QUIET],
+        _launch(["--model", model, *flags, "--phase", "block-ap", "--output", str(out), "--overwrite", "--discard-unfinished", *QUIET],
                 ranks, threads, "mpi")
     blocks = json.loads((out / "results.json").read_text())["blocks"]
     peaks = [max(b["peak_mem_mib"] for b in blocks if b["rank"] == r) for r in range(ranks)]

@@ -50,7 +50,7 @@ def schedule_run(bits: int, schedule: str, ranks: int, correction: float | None,
         cmd = ["--model", "smollm2-135m", "--wbits", str(bits), "--group-size", "64", "--phase", "block-ap",
                "--epochs", str(a.epochs), "--train-size", str(a.train_size), "--val-size", str(a.val_size),
                "--seqlen", str(a.seqlen), "--batch-size", "2", "--quant-lr", qlr, "--weight-lr", wlr,
-               "--student-input", schedule, "--output", str(blockap), "--overwrite", "--recipe", "paper", *EVAL]
+               "--student-input", schedule, "--output", str(blockap), "--overwrite", "--discard-unfinished", "--recipe", "paper", *EVAL]
         if correction is not None:
             cmd += ["--correction-fraction", str(correction)]
         if correction_lr is not None:

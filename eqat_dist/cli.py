@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "step (the steps of one rank at --batch-size, which stays the global batch); the N ranks "
                         "form N/D groups, blocks round-robin over the groups. Default: the largest D that divides "
                         "both N and --batch-size (at the paper's batch 2 on 2 ranks: 2, pure data parallel)")
-    p.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
+    p.add_argument("--sequence-parallel", type=int, default=None, metavar="S",
                    help="ranks that split each window's tokens (two chunks each, zig-zag, for the causal mask's "
                         "balance), attention gathering the window's keys and values over them: a group of D x S "
                         "ranks takes the steps of one rank at --batch-size, each doing 1/(D x S) of the work and "
-                        "holding 1/(D x S) of every stream (--seqlen a multiple of 2 x S). Default 1")
+                        "holding 1/(D x S) of every stream (--seqlen a multiple of 2 x S). Default: in student mode "
+                        "(the paper's arithmetic) one group of a node's every rank, D as large as the batch allows "
+                        "and S the rest; 1 when --data-parallel, pipelined or teacher is asked")
     p.add_argument("--correction-fraction", type=float, default=None,
                    help="pipelined: the fraction of each block's steps trained on the quantized stream "
                         "(default 1/groups, the most that keeps every rank busy; 1 = student, 0 = teacher)")
@@ -200,6 +202,10 @@ def build_plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, choices=["a100", "h100", "h200", "cpu"],
                    help="for the time estimate (default: this machine's GPU where it is one of these, else a100)")
     p.add_argument("--tflops", type=float, default=None, help="achieved TFLOP/s, replacing the built-in figures")
+    p.add_argument("--link-gbs", type=float, default=None,
+                   help="GB/s of a collective inside a node (NCCL bus bandwidth; default: by --gpu, the assumptions line)")
+    p.add_argument("--network-gbs", type=float, default=None,
+                   help="GB/s of a collective across nodes (default 20: one 200 Gb/s port per GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--terms", action="store_true", help="also list what each peak is made of")
     return p
@@ -343,7 +349,7 @@ def plan_main(argv) -> int:
         return 2
     try:
         arch = load_arch(args.model)
-        cfg = settings_from_flags(args, world=args.ranks)
+        cfg = settings_from_flags(args, world=args.ranks, node_ranks=args.ranks_per_node or min(args.ranks, 8))
         for name, (out_features, in_features) in arch.linears.items():
             cfg.quant.check_layer(name, in_features, out_features)
     except (PlanError, ValueError) as err:
@@ -353,7 +359,7 @@ def plan_main(argv) -> int:
     device = "cpu" if args.gpu_memory == 0 or args.gpu == "cpu" else "gpu"
     ranks_per_node = args.ranks_per_node or min(args.ranks, 8)
     plan_settings = settings_for(cfg, args.ranks, ranks_per_node, device, args.gpu if device == "gpu" else "cpu",
-                                 args.tflops)
+                                 args.tflops, args.link_gbs, args.network_gbs)
     machine = Machine(gpu_memory=None if device == "cpu" else args.gpu_memory * GIB,
                       host_memory=(args.host_memory * GIB) if args.host_memory else host_memory(),
                       disk=None if args.disk is None else args.disk * GIB)

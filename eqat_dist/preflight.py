@@ -85,7 +85,7 @@ def check_context(cfg: RunConfig) -> None:
 
 def check_sequence_parallel(cfg: RunConfig) -> None:
     """A split window needs an attention the split reproduces (models/sequence_split.py)."""
-    if cfg.blockap.sequence_parallel == 1 or not cfg.trains_blocks or cfg.model_config is None:
+    if (cfg.blockap.sequence_parallel or 1) == 1 or not cfg.trains_blocks or cfg.model_config is None:
         return
     from .models.sequence_split import SplitError, check_family
     try:
@@ -248,16 +248,13 @@ def check_plan(cfg: RunConfig) -> None:
         return
     import torch
 
-    from .planning import arch_at_hand, report, settings_for, this_machine
+    from .planning import arch_at_hand, gpu_kind, report, settings_for, this_machine
 
     arch = arch_at_hand(cfg.model_config)
     if arch is None:
         return
     launch, device = cfg.machine.launch, "gpu" if cfg.machine.device.type == "cuda" else "cpu"
-    gpu = "a100"
-    if device == "gpu":
-        name = torch.cuda.get_device_name(cfg.machine.device).lower()
-        gpu = next((g for g in ("h200", "h100") if g in name), "a100")
+    gpu = gpu_kind(cfg.machine.device) if device == "gpu" else "a100"
     phases = {"all": None, "block-ap": ("block-ap", "export", "eval"), "e2e": ("e2e", "export", "eval"),
               "eval": ("eval",)}[cfg.phase]
     result = report(arch, settings_for(cfg, launch.world, launch.local_world, device, gpu), this_machine(cfg.output),

@@ -599,3 +599,37 @@ def test_blocks_whose_loss_does_not_move_give_a_warning_early():
     assert "--quant-lr 0.0001 and --weight-lr 2e-05 are likely too small" in line
     moved = still[:1] + [{"index": 1, "loss_before": 10.0, "loss_after": 7.0}]
     assert stalled_warning(moved, 32, 1e-4, 2e-5) is None
+
+
+def test_bad_sequence_parallel_layouts_are_refused_in_one_line_before_any_work(tmp_path):
+    """S that does not cut the window into 2S chunks, D x S that does not divide the ranks, a family whose
+    attention the split does not reproduce, torch.compile with the split attention."""
+    from dataclasses import replace
+
+    from eqat_dist import preflight
+    from eqat_dist.config import ConfigError
+    from eqat_dist.config.from_flags import _layout_default
+
+    with pytest.raises(UsageError, match=r"--seqlen 2048 does not cut into 2 x --sequence-parallel 3 = 6 equal chunks"):
+        parse_args(_args(tmp_path, "--sequence-parallel", "3"))
+    with pytest.raises(UsageError, match="--compile does not take the split attention of --sequence-parallel"):
+        parse_args(_args(tmp_path, "--sequence-parallel", "2", "--compile"))
+    with pytest.raises(ConfigError, match=r"`data_parallel` 2 x `sequence_parallel` 2 = 4 ranks per group must divide "
+                                          r"the 6 ranks"):
+        _layout_default(2, 2, 2, 2048, 6, 6, None)
+    with pytest.raises(ConfigError, match="`sequence_parallel` 4 must divide the 6 ranks"):
+        _layout_default(None, 4, 2, 2048, 6, 6, None)
+    assert _layout_default(None, None, 2, 2048, 8, 8, None) == (2, 4)  # the paper's arithmetic on a node
+    assert _layout_default(None, None, 2, 2048, 8, 8, "pipelined") == (2, 1)  # groups of D, as before
+    assert _layout_default(None, None, 2, 2049, 8, 8, None) == (2, 1)  # the windows do not cut: S = 1
+    assert _layout_default(None, None, 2, 2048, 8, 8, None, splittable=False) == (2, 1)
+    other = tmp_path / "phi"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "phi"}))
+    with pytest.raises(UsageError, match="--sequence-parallel 2 must divide the 1 ranks"):
+        parse_args(_args(tmp_path, "--sequence-parallel", "2"))
+    cfg = parse_args(_args(tmp_path))
+    cfg = replace(cfg, blockap=replace(cfg.blockap, sequence_parallel=2), model_config=other / "config.json")
+    with pytest.raises(preflight.PreflightError, match="`sequence_parallel` splits the attention of llama, mistral, "
+                                                       "qwen2, gemma3_text models; phi is not one of them"):
+        preflight.check_sequence_parallel(cfg)

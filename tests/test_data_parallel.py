@@ -69,8 +69,10 @@ class _ThreadGroup(SumGroup):
             tensor.fill_(float("nan"))  # a reduce leaves the other ranks' tensors undefined
 
     def start_reduce_(self, tensor, root):
+        in_backward = torch._C._current_graph_task_id() != -1
         self.allreduce_sum_(tensor, to=root)
         self.shared["started"][self.rank].append(("reduce", tensor.numel()))
+        self.shared.setdefault("reduces_in_backward", [[] for _ in range(self.size)])[self.rank].append(in_backward)
 
     def start_broadcast_(self, tensor, root):
         s = self.shared
@@ -81,6 +83,7 @@ class _ThreadGroup(SumGroup):
         tensor.copy_(s["slots"][0])
         s["barrier"].wait()
         self.shared["started"][self.rank].append(("broadcast", tensor.numel()))
+        self.shared.setdefault("broadcast_dtypes", set()).add(tensor.dtype)
 
 
 def _train(fp_block, call, x, y, settings, parts, overlaps=True, shared=None):
@@ -222,3 +225,35 @@ def test_gradient_sums_start_inside_the_backward_in_the_same_order_on_every_rank
     assert len(sizes) > 3  # many buckets
     inside = sum(b for _, b in started[0])
     assert (inside > 0) == overlaps
+
+
+def test_under_bfloat16_autocast_the_split_group_broadcasts_bfloat16_weights_and_takes_the_same_steps():
+    """Each linear multiplies by its weight rounded to bfloat16 under autocast, so the owners broadcast
+    it rounded (half the bytes): the steps are those of the replicated group, which rounds it itself."""
+    torch.set_num_threads(1)
+    fp_block, call, x, y = _block_setup()
+    common = dict(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, seed=0, amp_dtype=torch.bfloat16)
+    split, replicated = {}, {}
+    split_losses, _, split_students = _train(fp_block, call, x, y, BlockAPSettings(**common, shard_weights=True), 2,
+                                             shared=split)
+    losses, _, students = _train(fp_block, call, x, y, BlockAPSettings(**common), 2, shared=replicated)
+    assert torch.bfloat16 in split["broadcast_dtypes"] and "broadcast_dtypes" not in replicated  # (sync: float32)
+    assert torch.allclose(torch.tensor(split_losses[0]), torch.tensor(losses[0]), rtol=1e-5, atol=0)
+    for name, q in quant_linears(split_students[0]).items():
+        torch.testing.assert_close(q.weight, quant_linears(students[0])[name].weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlaps", [True, False])
+def test_the_split_groups_reduces_to_the_owners_start_inside_the_backward_where_the_backend_overlaps(overlaps):
+    """torch.distributed groups: each owner's reduce starts once the backward has its linears' gradients,
+    in owner order on every rank; MPI's: after the backward. The steps are one rank's either way."""
+    torch.set_num_threads(1)
+    fp_block, call, x, y = _block_setup()
+    settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, seed=0, shard_weights=True)
+    (one,), _, _ = _train(fp_block, call, x, y, settings, 1)
+    shared = {}
+    losses, _, _ = _train(fp_block, call, x, y, settings, 2, overlaps=overlaps, shared=shared)
+    assert torch.allclose(torch.tensor(losses[1]), torch.tensor(one), rtol=1e-5, atol=0)
+    inside = shared["reduces_in_backward"]
+    assert inside[0] == inside[1] and shared["started"][0] == shared["started"][1]
+    assert any(inside[0]) == overlaps

@@ -307,13 +307,13 @@ def test_two_groups_of_two_ranks_pipelined_match_two_ranks(model_dir, references
     _same_steps(references / "pipelined", tmp_path / "out")
 
 
-def _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp):
+def _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp, extra=()):
     """A one-process reference in tmp_path/ref, then 2 MPI ranks in tmp_path/run with rank 1 killed once
     block 1 is saved; the run must stop within 30 s. Returns (run folder, killed pid, stdout, all output)."""
     _single(model_dir, tmp_path / "ref", "student", **kw)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=dp, **kw), env=one_process_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_mpi(2, model_dir, out, "student", dp=dp, extra=extra, **kw), env=one_process_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _when_block_exists(proc, out, "block_0001.safetensors")
     pid = _rank_pid(str(out), 1)
     os.kill(pid, signal.SIGKILL)
@@ -323,11 +323,19 @@ def _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp):
     return out, pid, stdout, stdout + stderr
 
 
-def test_a_killed_rank_stops_its_data_parallel_group_and_a_restart_with_another_layout_completes(model_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["data", "sequence"])
+def test_a_killed_rank_stops_its_group_and_a_restart_with_another_layout_completes(model_dir, tmp_path, layout):
+    """Rank 1 of a group of 2 (data parallel, or sequence parallel) killed mid-block: the run stops,
+    naming the rank, the group, the rank's share and the block where MPI lets a rank speak; one rank
+    then finishes the run with the steps of one rank."""
     kw = dict(train_size=16, epochs=3)
-    out, pid, stdout, said = _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp=2)
+    extra = ("--sequence-parallel", "2") if layout == "sequence" else ()
+    out, pid, stdout, said = _kill_rank_1_of_2_mid_run(model_dir, tmp_path, kw, dp=2 if layout == "data" else 1,
+                                                      extra=extra)
+    share = r"8 of 16 train windows" if layout == "data" else r"tokens 0-7,24-31 of 32"
     assert re.search(rf"PID {pid} RUNNING AT", said) or re.search(
-        r"rank 0 stopping at block \d+ \(.*\): lost a rank of data-parallel group 0 \(ranks 0-1\)", said), said[-3000:]
+        rf"rank 0 stopping at block \d+ \(.*; group 0, {share}\): lost a rank of [\w-]+ group 0 \(ranks 0-1\)",
+        said), said[-3000:]
     assert not (out / "results.json").exists()
     again = subprocess.run([sys.executable, RUN, *_args(model_dir, out, "student", **kw)], env=one_process_env(),
                            capture_output=True, text=True)  # one rank now

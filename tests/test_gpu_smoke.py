@@ -27,7 +27,7 @@ def test_its_kernel_weight_work_and_two_rank_sections_pass_at_toy_sizes_on_the_c
     table = (tmp_path / "smoke.md").read_text()
     assert "| **kernels** | | | | PASS" in table and "| **two_ranks** | | | | PASS" in table
     assert "| **weight_work** | | | | PASS" in table and "of a batch-2 step" in table
-    assert "bit-identical export" in table
+    assert "bit-identical export" in table and "| student, sequence parallel |" in table
 
 
 @pytest.mark.slow

@@ -31,6 +31,26 @@ def group_width(ranks: int, batch: int, asked: int | None = None) -> int:
     return asked or math.gcd(ranks, batch)
 
 
+def group_layout(ranks: int, node_ranks: int, batch: int, seqlen: int, data_parallel: int | None = None,
+                 sequence_parallel: int | None = None, exact: bool = True, splittable: bool = True) -> tuple[int, int]:
+    """(D, S): a group's ranks that split the windows and that split each window's tokens, as asked,
+    else chosen. `exact` (the schedule keeps the paper's arithmetic: student mode): one group of every
+    rank of a node, D the largest that divides it and the global batch, S the rest where the windows cut
+    into 2S chunks (models/sequence_split.py). Otherwise, where they do not cut, or for a model whose
+    attention is not `splittable`, S = 1 and D as group_width chooses (the groups then take blocks
+    round-robin)."""
+    if sequence_parallel is not None:
+        return group_width(ranks // sequence_parallel, batch, data_parallel), sequence_parallel
+    if data_parallel is not None or not exact or not splittable:
+        return group_width(ranks, batch, data_parallel), 1
+    width = node_ranks if 0 < node_ranks <= ranks and ranks % node_ranks == 0 else ranks
+    d = group_width(width, batch)
+    s = width // d
+    if s > 1 and seqlen % (2 * s) == 0:
+        return d, s
+    return group_width(ranks, batch), 1
+
+
 @dataclass(frozen=True)
 class Step:
     rows: list[int]  # this rank's rows (positions in its own stores), in lane order

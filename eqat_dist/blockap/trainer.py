@@ -231,7 +231,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     gen = step_generator(settings.seed, index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     forward = block_forward(settings.compile)
-    shards = WeightShards(block, trainable, group, device) \
+    shards = WeightShards(block, trainable, group, device, amp) \
         if group is not None and settings.splits_weight_work else None
     summed = GroupGradSum(trainable, group, device) if group is not None and shards is None else None
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step

@@ -7,8 +7,10 @@ dealt out by size), and a step goes:
 
   1. each rank fake-quantizes the linears it owns; the owners broadcast the quantized weights, and every
      rank runs the block with them as plain tensors (`QuantLinear.fixed_weight`, requiring grad);
-  2. after the backward, each linear's gradient is summed to its owner (one reduce-scatter over the
-     owners' segments: half the traffic of an all-reduce), the rest (the norms, the loss) over the group;
+  2. each linear's gradient is summed to its owner (half the traffic of an all-reduce): where the group's
+     sums overlap the backward (torch.distributed: NCCL, gloo) one reduce per owner, started as soon as
+     the backward has produced that owner's gradients, in owner order; on MPI one reduce-scatter after
+     the backward. The rest (the norms, the loss) is summed over the group;
   3. the owner takes the fake quantization's backward from the summed gradient, and the clipping and
      the optimizer then see gradients only on the parameters this rank owns (AdamW skips the others, so
      its state is split too); the clipping's norm is summed over the group.
@@ -41,11 +43,11 @@ def _params(linears) -> list[torch.Tensor]:
 
 
 class _Flat:
-    """One owner's tensors laid end to end in a float32 buffer (one collective per owner)."""
+    """One owner's tensors laid end to end in a buffer (one collective per owner), float32 unless said."""
 
-    def __init__(self, tensors: list[torch.Tensor], device):
+    def __init__(self, tensors: list[torch.Tensor], device, dtype: torch.dtype = torch.float32):
         self.shapes = [t.shape for t in tensors]
-        self.buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32, device=device)
+        self.buffer = torch.zeros(sum(t.numel() for t in tensors), dtype=dtype, device=device)
 
     def views(self) -> list[torch.Tensor]:
         out, offset = [], 0
@@ -65,10 +67,11 @@ class _Flat:
 
 class WeightShards:
     """One block's training steps with the weight work split over `group` (see the module's docstring).
-    Holds per rank the gathered quantized weights and a buffer for their gradients (two float32 copies of
-    the block's linear weights); AdamW holds state for the owned parameters only."""
+    Holds per rank the gathered quantized weights (in the autocast dtype) and a buffer for their gradients
+    (a float32 copy of the block's linear weights); AdamW holds state for the owned parameters only."""
 
-    def __init__(self, block: torch.nn.Module, trainable: list[torch.nn.Parameter], group, device):
+    def __init__(self, block: torch.nn.Module, trainable: list[torch.nn.Parameter], group, device,
+                 amp_dtype: torch.dtype | None = None):
         self.group, self.trainable = group, trainable
         self.linears = list(quant_linears(block).values())
         self.owner = deal_out([lin.weight.numel() for lin in self.linears], group.size)
@@ -79,7 +82,11 @@ class WeightShards:
         self.shared = [p for p in trainable if id(p) not in in_linears]  # the norms: every rank steps them
         self.own_params = {id(p) for p in _params(self.mine)}
         self.shared_ids = {id(p) for p in self.shared}
-        self.quantized = [_Flat([lin.weight for lin in linears], device) for linears in owned_by]
+        # Under bfloat16 autocast every linear multiplies by its weight rounded to bfloat16, and its gradient
+        # comes back through that rounding: broadcasting the rounded weight is the same arithmetic at half
+        # the bytes (the gradients are still summed in float32).
+        self.quantized = [_Flat([lin.weight for lin in linears], device, amp_dtype or torch.float32)
+                          for linears in owned_by]
         # the weights' gradients, owner after owner in rank order: one reduce-scatter sums them
         self.grads = _Flat([lin.weight for linears in owned_by for lin in linears], device)
         self.counts = [sum(lin.weight.numel() for lin in linears) for linears in owned_by]
@@ -93,9 +100,33 @@ class WeightShards:
         self._own_graph = [lin.quantized_weight() for lin in self.mine]
         self.quantized[self.group.rank].fill(self._own_graph)
         self._broadcast(self.quantized)
+        self._arrived, self._started, self._handles = set(), 0, []
         for linears, flat in zip(self.owned_by, self.quantized):
             for lin, view in zip(linears, flat.views()):
                 lin.fixed_weight = view.detach().requires_grad_()
+        if self.group.overlaps_backward:  # each owner's sum starts once the backward has its gradients
+            for k, lin in enumerate(lin for linears in self.owned_by for lin in linears):
+                lin.fixed_weight.register_post_accumulate_grad_hook(self._on_grad(k))
+
+    def _on_grad(self, k: int):
+        def hook(weight):
+            self.grads.views()[k].copy_(weight.grad)
+            self._arrived.add(k)
+            self._start_owners()
+        return hook
+
+    def _start_owners(self, last: bool = False) -> None:
+        """Start the owners' sums whose gradients are all in, in owner order (every rank the same sums in
+        the same order); at the end of the step (`last`) the rest, with what never came in as zeros."""
+        first = sum(len(linears) for linears in self.owned_by[:self._started])
+        while self._started < len(self.owned_by):
+            indices = range(first, first + len(self.owned_by[self._started]))
+            if not last and not set(indices) <= self._arrived:
+                return
+            segment = self.grads.buffer.split(self.counts)[self._started]
+            if segment.numel():
+                self._handles.append(self.group.start_reduce_(segment, self._started))
+            first, self._started = first + len(indices), self._started + 1
 
     def _broadcast(self, flats: list[_Flat]) -> None:
         self.group.finish([self.group.start_broadcast_(flat.buffer, r) for r, flat in enumerate(flats)
@@ -103,8 +134,16 @@ class WeightShards:
 
     def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
         """After the backward: the summed gradients where they belong, and the group's loss."""
-        self.grads.fill([lin.fixed_weight.grad for linears in self.owned_by for lin in linears])
-        handles = self.group.start_reduce_scatter_(self.grads.buffer, self.counts)
+        if self.group.overlaps_backward:  # started in the backward as they came: the rest now
+            views = self.grads.views()
+            for k, lin in enumerate(lin for linears in self.owned_by for lin in linears):
+                if k not in self._arrived:  # no gradient reached it (a rank without windows this step)
+                    views[k].zero_() if lin.fixed_weight.grad is None else views[k].copy_(lin.fixed_weight.grad)
+            self._start_owners(last=True)
+            handles = self._handles
+        else:  # MPI: one reduce-scatter after the backward (its sums progress only inside MPI calls)
+            self.grads.fill([lin.fixed_weight.grad for linears in self.owned_by for lin in linears])
+            handles = self.group.start_reduce_scatter_(self.grads.buffer, self.counts)
         self.rest.fill([p.grad for p in self.shared] + [loss.reshape(1)])
         handles.append(self.group.start_sum_(self.rest.buffer))
         self.group.finish(handles)

@@ -188,6 +188,8 @@ class SumGroup:
     size: int = 1
     rank: int = 0  # place in the group
     overlaps_backward: bool = False  # sums may start inside the backward (from autograd's threads)
+    role: str = "data-parallel group"  # what the group is, and what it exchanges, for a lost rank's message
+    exchanges: str = "a step's exchange (gradients, weights or losses)"
 
     def start_sum_(self, tensor: torch.Tensor):
         raise NotImplementedError
@@ -214,8 +216,7 @@ class SumGroup:
 
     def _lost(self) -> str:
         first = self.index * self.size
-        return (f"lost a rank of data-parallel group {self.index} (ranks {first}-{first + self.size - 1}) during "
-                "a step's exchange (gradients, weights or losses)")
+        return f"lost a rank of {self.role} {self.index} (ranks {first}-{first + self.size - 1}) during {self.exchanges}"
 
 
 HOST = torch.device("cpu")

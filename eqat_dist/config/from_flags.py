@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..blockap.lanes import group_width
+from ..blockap.lanes import group_layout
 from ..cluster.launch import LaunchError, bind_device, export_to_environ, resolve, single_process
 from ..models.sequence_split import SplitError, check_split
 from ..pipelines.schedules import schedule_named
@@ -50,9 +50,10 @@ def _finite(name: str, value: float | None) -> None:
         raise ConfigError(f"`{name}` {value} must be a finite number >= 0")
 
 
-def settings_from_flags(flags, world: int | None = None) -> RunConfig:
-    """Step 1: the flags as typed settings, values checked. `world` (a plan's ranks) resolves the
-    world-dependent defaults at once; a run resolves them later (`with_resolved_defaults`)."""
+def settings_from_flags(flags, world: int | None = None, node_ranks: int | None = None) -> RunConfig:
+    """Step 1: the flags as typed settings, values checked. `world` (a plan's ranks; `node_ranks` of them
+    on each node) resolves the world-dependent defaults at once; a run resolves them later
+    (`with_resolved_defaults`)."""
     from ..blockap.trainer import default_weight_lr
     from ..data.text import DataError
     from ..e2e.trainer import default_e2e_lr
@@ -105,19 +106,22 @@ def settings_from_flags(flags, world: int | None = None) -> RunConfig:
                               f"{flags.data_parallel} ranks of a `data_parallel` group: use a multiple of "
                               f"{flags.data_parallel}")
     sequence_parallel = flags.sequence_parallel
-    try:
-        check_split(flags.seqlen, sequence_parallel)
-    except SplitError as err:
-        raise ConfigError(str(err)) from err
-    if sequence_parallel > 1 and flags.compile:
+    if sequence_parallel is not None:
+        try:
+            check_split(flags.seqlen, sequence_parallel)
+        except SplitError as err:
+            raise ConfigError(str(err)) from err
+    if (sequence_parallel or 1) > 1 and flags.compile:
         raise ConfigError("`compile` does not take the split attention of `sequence_parallel` (a collective inside "
                           "the graph); leave out `compile` or use `sequence_parallel` 1")
     student_input, correction, correction_lr = flags.student_input, flags.correction_fraction, flags.correction_lr
     data_parallel = flags.data_parallel
     if world is not None:
-        data_parallel = _data_parallel_default(data_parallel, flags.batch_size, world, sequence_parallel)
+        data_parallel, sequence_parallel = _layout_default(data_parallel, sequence_parallel, flags.batch_size,
+                                                           flags.seqlen, world, node_ranks or world, student_input)
         student_input, correction, correction_lr = _schedule_defaults(student_input, correction, correction_lr,
-                                                                      world // (data_parallel * sequence_parallel), {})
+                                                                      world // (data_parallel * sequence_parallel), {},
+                                                                      sequence_parallel > 1)
     blockap = BlockAPConfig(
         epochs=flags.epochs, batch_size=flags.batch_size, train_size=flags.train_size, val_size=flags.val_size,
         seqlen=flags.seqlen, quant_lr=flags.quant_lr, weight_lr=weight_lr, min_lr_factor=flags.min_lr_factor,
@@ -233,26 +237,47 @@ def model_config_of(cfg: RunConfig) -> Path | None:
         raise ConfigError(f"`model`: {err}") from err
 
 
-def _data_parallel_default(asked: int | None, batch_size: int, world: int, sequence_parallel: int = 1) -> int:
-    """D, the ranks of a group that split the windows (blockap/lanes.group_width, over the world's
-    S-rank shares of the tokens); the group's D x S ranks must divide the world."""
-    if world % sequence_parallel:
+def _layout_default(data_parallel: int | None, sequence_parallel: int | None, batch_size: int, seqlen: int,
+                    world: int, node_ranks: int, student_input: str | None, splittable: bool = True
+                    ) -> tuple[int, int]:
+    """(D, S) of the Block-AP groups (blockap/lanes.group_layout): as asked, else the paper's exact
+    arithmetic on a node's every rank where the schedule keeps it (student), else groups of D. The
+    group's D x S ranks must divide the world."""
+    if sequence_parallel is not None and world % sequence_parallel:
         raise ConfigError(f"`sequence_parallel` {sequence_parallel} must divide the {world} ranks (a window's tokens "
                           "are split over that many ranks)")
-    if asked is not None and world % (asked * sequence_parallel):
-        raise ConfigError(f"`data_parallel` {asked} x `sequence_parallel` {sequence_parallel} = "
-                          f"{asked * sequence_parallel} ranks per group must divide the {world} ranks (groups of "
-                          "equal size)")
-    return group_width(world // sequence_parallel, batch_size, asked)
+    width = (data_parallel or 1) * (sequence_parallel or 1)
+    if data_parallel is not None and world % width:
+        what = f"`data_parallel` {data_parallel}" + (f" x `sequence_parallel` {sequence_parallel} = {width} ranks per "
+                                                     "group" if sequence_parallel else "")
+        raise ConfigError(f"{what} must divide the {world} ranks (groups of equal size)")
+    exact = student_input in (None, "student")
+    return group_layout(world, node_ranks, batch_size, seqlen, data_parallel, sequence_parallel, exact, splittable)
+
+
+def _splittable(model_config: Path | None) -> bool:
+    """Whether sequence parallelism reproduces this model's attention (models/sequence_split.py)."""
+    import json
+
+    from ..models.sequence_split import SplitError, check_family
+    if model_config is None:
+        return False
+    try:
+        check_family(json.loads(model_config.read_text()))
+    except (SplitError, OSError, ValueError):
+        return False
+    return True
 
 
 def _schedule_defaults(student_input: str | None, correction: float | None, correction_lr: str | None, groups: int,
-                       earlier: dict) -> tuple:
-    """(student input, correction, correction lr) with what was not asked for filled in: student with one
-    group of ranks, pipelined with several; pipelined: 1/G of each block's steps on the quantized stream
-    (the most that keeps G groups busy, planning/timeline.py) and one cosine through them. A run resumed
-    on another number of ranks keeps what its earlier part used (`earlier`)."""
-    student_input = student_input or earlier.get("student_input") or ("pipelined" if groups > 1 else "student")
+                       earlier: dict, split: bool = False) -> tuple:
+    """(student input, correction, correction lr) with what was not asked for filled in: student (the
+    paper's arithmetic) with one group of ranks or with sequence-parallel groups (one a node), pipelined
+    with several groups of D; pipelined: 1/G of each block's steps on the quantized stream (the most that
+    keeps G groups busy, planning/timeline.py) and one cosine through them. A run resumed on another
+    number of ranks keeps what its earlier part used (`earlier`)."""
+    student_input = student_input or earlier.get("student_input") or \
+        ("pipelined" if groups > 1 and not split else "student")
     if not schedule_named(student_input).has_correction:
         return student_input, correction, correction_lr
     if correction is None:
@@ -267,13 +292,17 @@ def with_resolved_defaults(cfg: RunConfig) -> tuple[RunConfig, list[str]]:
     folder = RunFolder(cfg.output)
     earlier = {} if cfg.overwrite else folder.earlier_settings()
     b = cfg.blockap
-    data_parallel = _data_parallel_default(b.data_parallel, b.batch_size, cfg.machine.world, b.sequence_parallel)
+    launch = cfg.machine.launch
+    data_parallel, sequence_parallel = _layout_default(
+        b.data_parallel, b.sequence_parallel, b.batch_size, b.seqlen, launch.world, launch.local_world,
+        b.student_input or earlier.get("student_input"), _splittable(cfg.model_config))
     student_input, correction, correction_lr = _schedule_defaults(b.student_input, b.correction_fraction,
                                                                   b.correction_lr,
-                                                                  cfg.machine.world // (data_parallel * b.sequence_parallel),
-                                                                  earlier)
+                                                                  launch.world // (data_parallel * sequence_parallel),
+                                                                  earlier, sequence_parallel > 1)
     cfg = replace(cfg, blockap=replace(b, student_input=student_input, correction_fraction=correction,
-                                       correction_lr=correction_lr, data_parallel=data_parallel))
+                                       correction_lr=correction_lr, data_parallel=data_parallel,
+                                       sequence_parallel=sequence_parallel))
     cfg = replace(cfg, streams=replace(cfg.streams, folder=cfg.streams.folder or folder.activations))
     notes = []
     if cfg.streams.placement is None:

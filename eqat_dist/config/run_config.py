@@ -45,13 +45,13 @@ class BlockAPConfig:
     correction_fraction: float | None = None  # pipelined only: share of steps on the quantized stream
     correction_lr: str | None = None  # pipelined only: "continue" or "restart"
     data_parallel: int | None = None  # D: group ranks that split the windows; None: chosen at start
-    sequence_parallel: int = 1  # S: group ranks that split each window's tokens (models/sequence_split.py)
+    sequence_parallel: int | None = None  # S: group ranks that split each window's tokens; None: chosen at start
     loss: str = "mse"  # what a block minimises (blockap/losses.py); mse is the paper's
 
     @property
     def group_size(self) -> int:
         """Ranks that train each block together: D x S."""
-        return (self.data_parallel or 1) * self.sequence_parallel
+        return (self.data_parallel or 1) * (self.sequence_parallel or 1)
 
     def groups(self, world: int) -> int:
         """Groups of ranks the blocks go round-robin over."""
@@ -118,11 +118,10 @@ class MachineConfig:
 
     @property
     def splits_weight_work(self) -> bool:
-        """Whether a data-parallel group splits the work on the block's weights (fake quantization, clipping,
-        optimizer) among its ranks. auto: on the CPU, where that work costs a third of a batch-1 step and the
-        gather is a copy through shared memory (docs/benchmarks.md); not on GPUs, where the Triton kernel
-        makes it small and the gather of the quantized weights would cross NVLink every step (not measured:
-        no GPU lent yet)."""
+        """Whether a group splits the work on the block's weights (fake quantization, clipping, optimizer)
+        among its ranks, as far as the settings alone tell: split, or auto on the CPU, where that work costs
+        a third of a batch-1 step and the gather is a copy through shared memory (docs/benchmarks.md). On
+        GPUs auto is the plan's choice (planning.splits_weight_work)."""
         return self.weight_work == "split" or (self.weight_work == "auto" and self.device.type == "cpu")
 
     @property

@@ -112,9 +112,9 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         split = ctx.split
-        grad = grad.contiguous()
-        split.group.allreduce_sum_(grad)
-        return grad.chunk(split.parts, dim=2)[split.part].contiguous(), None
+        summed = grad.float().contiguous()  # the S partial gradients summed in float32, as one matmul would
+        split.group.allreduce_sum_(summed)
+        return summed.chunk(split.parts, dim=2)[split.part].to(grad.dtype).contiguous(), None
 
 
 def gather_tokens(local: torch.Tensor, split: TokenSplit) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..export.staging import publish, staged
 from ..models.lazy import LazyModel
 from ..models.quantize import check_model, to_fake_quant, to_packed
 from ..pipelines.round_robin import StreamSpec, restored_blocks, run_blockap
+from ..planning import splits_weight_work
 from ..run_folder import RunFolder
 from ..utils.monitor import Monitor, summary_table
 from .evaluation import evaluate_fp, evaluate_packed, log_eval, write_results
@@ -55,7 +56,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                                    max_grad_norm=b.max_grad_norm, train_norms=b.train_norms,
                                    amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed,
                                    restart_at_switch=b.correction_lr != "continue", loss=b.loss,
-                                   compile=cfg.machine.compile, shard_weights=cfg.machine.splits_weight_work)
+                                   compile=cfg.machine.compile, shard_weights=splits_weight_work(cfg))
         streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
                              prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0,
                              device_bytes=(cfg.streams.on_gpu_gib or 0.0) * 2**30)
@@ -111,7 +112,7 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
 
 def _layout(b) -> str:
     """'data parallel', 'sequence parallel' or 'data parallel 2 x sequence parallel 2'."""
-    if b.sequence_parallel == 1:
+    if (b.sequence_parallel or 1) == 1:
         return "data parallel"
     if b.data_parallel == 1:
         return "sequence parallel"

@@ -64,6 +64,7 @@ class Progress:
     block: int | None = None
     phase: str = "starting"
     on_change: Callable[[], None] | None = None
+    share: str = ""  # this rank's part of its group's work ('group 0, tokens 0-511,1536-2047 of 2048')
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -72,7 +73,8 @@ class Progress:
 
     def where(self) -> str:
         """' at block 7 (training)' or ' (E2E-QP training)' when no block is in hand."""
-        return (f" at block {self.block}" if self.block is not None else "") + f" ({self.phase})"
+        share = f"; {self.share}" if self.share and self.block is not None else ""
+        return (f" at block {self.block}" if self.block is not None else "") + f" ({self.phase}{share})"
 
 
 def _tag(block: int, stream: int, split: int) -> int:
@@ -94,9 +96,14 @@ class _Rank:
         lane_part, token_part = divmod(self.member, sequence_parallel)  # member d*S + s: windows d, tokens s
         cuda = self.device.type == "cuda"
         self.reducer = transport.data_parallel_group(self.width, cuda=cuda)  # sums a step over windows and tokens
+        if self.reducer is not None and sequence_parallel > 1:
+            self.reducer.role = "Block-AP group"
         tokens = next(iter(windows.values())).shape[1]
-        self.split = TokenSplit(tokens, sequence_parallel, token_part,
-                                transport.data_parallel_group(sequence_parallel, cuda=cuda))  # a window's S ranks
+        window_group = transport.data_parallel_group(sequence_parallel, cuda=cuda)  # a window's S ranks
+        if window_group is not None:
+            window_group.role = "sequence-parallel group"
+            window_group.exchanges = "attention's exchange of keys and values"
+        self.split = TokenSplit(tokens, sequence_parallel, token_part, window_group)
         # this rank's share of each split, and which of its rows each step takes
         self.lanes = {k: Lanes(len(v), settings.batch_size, data_parallel, lane_part) for k, v in windows.items()}
         self.splits = {k: v[self.lanes[k].windows()] for k, v in windows.items()}
@@ -407,6 +414,7 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     shares = [f"{len(rank.splits['train'])} of {len(train_ids)} train windows"] if data_parallel > 1 else []
     shares += [f"tokens {_spans(rank.split.positions)} of {rank.split.tokens}"] if sequence_parallel > 1 else []
     group = f" (group {rank.group}, {', '.join(shares)})" if shares else ""
+    progress.share = group[2:-1]
     log(f"[rank {transport.rank}/{transport.world}] pid {os.getpid()} on {socket.gethostname()}, blocks "
         f"{rank.mine()}{group}; " + rank.memory_line())
     return rank.run(calls)

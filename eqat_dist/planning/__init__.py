@@ -9,13 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from ..blockap.lanes import group_width
+from ..blockap.lanes import group_layout
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
-from .estimate import GIB, ZERO_REDUCE_BUCKET, Settings, plan
+from .estimate import GIB, ZERO_REDUCE_BUCKET, Settings, plan, resolved
 from .fit import Machine, render, report, to_json
 
 __all__ = ["GIB", "Arch", "Machine", "PLANNING_MODELS", "PlanError", "Settings", "load_arch", "plan", "render", "report",
-           "arch_at_hand", "host_memory", "settings_for", "this_machine", "to_json"]
+           "arch_at_hand", "gpu_kind", "host_memory", "settings_for", "splits_weight_work", "this_machine", "to_json"]
 
 
 def _ds_zero(ds_config: str) -> tuple[int, bool, int]:
@@ -30,7 +30,8 @@ def _ds_zero(ds_config: str) -> tuple[int, bool, int]:
 
 
 def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "a100",
-                 tflops: float | None = None) -> Settings:
+                 tflops: float | None = None, link_gbs: float | None = None, network_gbs: float | None = None
+                 ) -> Settings:
     """The plan's settings for a run's RunConfig (config/run_config.py) on `ranks` ranks."""
     stage, offload, bucket = _ds_zero(cfg.e2e.ds_config)
     if cfg.machine.dtype == "auto":
@@ -38,13 +39,15 @@ def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "
     else:
         act_bytes = 4 if cfg.machine.dtype == "float32" else 2
     b, e, ev = cfg.blockap, cfg.e2e, cfg.evaluation
-    width = group_width(ranks, b.batch_size, b.data_parallel)
+    d, sp = group_layout(ranks, ranks_per_node, b.batch_size, b.seqlen, b.data_parallel, b.sequence_parallel,
+                         b.student_input in (None, "student"))
     return Settings(
         ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
         group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,
         seqlen=b.seqlen, batch_size=b.batch_size, activations=cfg.streams.placement or "cpu", act_bytes=act_bytes,
         on_gpu=(cfg.streams.on_gpu_gib or 0.0) * GIB,
-        student_input=b.student_input, correction=b.correction_fraction or width / ranks, data_parallel=width,
+        student_input=b.student_input, correction=b.correction_fraction or d * sp / ranks, data_parallel=d,
+        sequence_parallel=sp, weight_work=cfg.machine.weight_work, link_gbs=link_gbs, network_gbs=network_gbs,
         e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
         e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,
         zero_stage=stage, offload=offload, zero_bucket=bucket, keep_checkpoints=e.keep_checkpoints or 10,
@@ -82,3 +85,26 @@ def this_machine(output) -> Machine:
     while not folder.exists():
         folder = folder.parent
     return Machine(gpu_memory=gpu, host_memory=host_memory(), disk=shutil.disk_usage(folder).free)
+
+
+def gpu_kind(device) -> str:
+    """The plan's name for this process's GPU (its time figures): h200, h100, else a100."""
+    import torch
+
+    name = torch.cuda.get_device_name(device).lower()
+    return next((g for g in ("h200", "h100") if g in name), "a100")
+
+
+def splits_weight_work(cfg) -> bool:
+    """Whether a run's Block-AP groups split the work on the block's weights: as `weight_work` says; auto:
+    on CPUs (where it is a third of a step, docs/benchmarks.md), and on GPUs where the plan finds the
+    split (the owners' broadcasts, the reduces to them) faster than every rank repeating the work."""
+    m = cfg.machine
+    if m.weight_work != "auto" or m.device.type != "cuda" or cfg.blockap.group_size == 1:
+        return m.splits_weight_work
+    arch = arch_at_hand(cfg.model_config)
+    if arch is None:
+        return False
+    launch = m.launch
+    settings = settings_for(cfg, launch.world, launch.local_world, "gpu", gpu_kind(m.device))
+    return resolved(arch, settings).splits_weight_work

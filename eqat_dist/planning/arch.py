@@ -60,6 +60,15 @@ class Arch:
         """Quantization groups (= trainable step sizes) of one block."""
         return sum(o * (i // (group_size if group_size > 0 else i)) for o, i in self.linears.values())
 
+    @property
+    def kv_width(self) -> int:
+        """Key (or value) values per token."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
     def largest_linear(self) -> int:
         return max(o * i for o, i in self.linears.values())
 

@@ -27,7 +27,7 @@ import math
 
 from dataclasses import dataclass, field, replace
 
-from ..blockap.lanes import Lanes, group_width, step_generator
+from ..blockap.lanes import Lanes, group_layout, step_generator
 from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
 from .arch import Arch
 from .timeline import BlockTimes, blockap_seconds
@@ -41,12 +41,21 @@ FAKE_QUANT_COPIES = 3
 BLOCKAP_PROCESS = 0.6 * GIB
 E2E_CPU_FIXED, E2E_CPU_PER_WEIGHT, E2E_CPU_PER_WEIGHT_SHARDED = 0.69 * GIB, 1.02, 0.0
 LINK_BYTES_PER_S = {"gpu": 10e9, "cpu": 2e9}  # activations rank to rank through host memory (assumed)
-# A data-parallel group sums each step's gradients (float32, ring all-reduce: each rank sends and receives
-# 2 (D-1)/D of them): NCCL bus bandwidth inside a node (NVLink; A100/H100 nccl-tests reach 150-450 GB/s,
-# assumed low) and across nodes (one 200 Gb/s InfiniBand port per GPU); on CPUs through MPI/gloo
-# (not measured yet).
-ALLREDUCE_BYTES_PER_S = {("gpu", "node"): 100e9, ("gpu", "network"): 20e9, ("cpu", "node"): 2e9,
-                         ("cpu", "network"): 1e9}
+# A group's collectives (gradient sums, the split weight work's broadcasts and reduce-scatters, the
+# sequence split's key/value exchanges) at NCCL's bus bandwidth: an all-reduce of B bytes over W ranks
+# takes B x 2 (W-1)/W / bandwidth, a broadcast or reduce-scatter half that. Inside a node NVLink
+# (nccl-tests' all_reduce bus bandwidth on 8 GPUs at large sizes: about 230 GB/s on A100 SXM4, 450 on
+# H100/H200 SXM5; taken as stated, `link_gbs` overrides), across nodes one 200 Gb/s InfiniBand port per
+# GPU (`network_gbs`); on CPUs through MPI or gloo in host memory (not measured as such).
+BUS_BYTES_PER_S = {"a100": 230e9, "h100": 450e9, "h200": 450e9, "cpu": 2e9}
+NETWORK_BYTES_PER_S = {"gpu": 20e9, "cpu": 1e9}
+# The work a step does on the block's weights whatever its batch (fake quantization forward and
+# backward, the clipping's norm, AdamW, gradient copies), per quantized weight: memory-bound. Measured
+# 18.8 ms for a Llama-2-70B block's 855M weights on an H200 (docs/benchmarks.md, "Second GPU loan"): 22 ps
+# a weight; the other GPUs scaled by their memory bandwidth (4.8 / 3.35 / 2.0 TB/s); one CPU core: about
+# 11 ns (bench/weight_work.py on a SmolLM2 block). Part of the fitted step time on one rank; a group that
+# repeats it on every rank (`weight_work` replicated) does not divide it.
+WEIGHT_WORK_S = {"h200": 22e-12, "h100": 22e-12 * 4.8 / 3.35, "a100": 22e-12 * 4.8 / 2.0, "cpu": 11e-9}
 PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "cpu": 0.09}  # bf16 dense; cpu: 2 cores, measured
 EFFICIENCY = {"block-ap": 0.28, "e2e": 0.54, "eval": 0.40}
 EVAL_TOKENS = {"wikitext2": 340_000, "c4": 256 * 2048, "wiki": 584_000, "news": 76_000}  # per dataset
@@ -75,7 +84,11 @@ class Settings:
     act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
     student_input: str | None = None
     correction: float = 0.5  # pipelined: share of each block's steps on the quantized stream
-    data_parallel: int | None = None  # ranks per group; None: the run's default (config/from_flags.py)
+    data_parallel: int | None = None  # D: group ranks splitting the windows; None: the run's default
+    sequence_parallel: int | None = None  # S: group ranks splitting each window's tokens; None: the run's default
+    weight_work: str = "auto"  # split | replicated | auto (split on CPUs), as the run's `weight_work`
+    link_gbs: float | None = None  # bus bandwidth inside a node, GB/s (default BUS_BYTES_PER_S)
+    network_gbs: float | None = None  # across nodes, GB/s (default NETWORK_BYTES_PER_S)
     e2e_epochs: int = 1
     e2e_train_size: int = 4096
     e2e_seqlen: int = 4096
@@ -96,10 +109,36 @@ class Settings:
     tflops: float | None = None  # overrides PEAK_TFLOPS x EFFICIENCY
 
     @property
+    def layout(self) -> tuple[int, int]:
+        """(D, S) as the run chooses them (blockap/lanes.group_layout)."""
+        return group_layout(self.ranks, self.ranks_per_node, self.batch_size, self.seqlen, self.data_parallel,
+                            self.sequence_parallel, self.student_input in (None, "student"))
+
+    @property
+    def data_width(self) -> int:
+        """D: the group's ranks that split the windows (each holds 1/D of them)."""
+        return self.layout[0]
+
+    @property
+    def split(self) -> int:
+        """S: the group's ranks that split each window's tokens."""
+        return self.layout[1]
+
+    @property
     def width(self) -> int:
-        """D: ranks that train each block together (the run's default: the largest that divides both
-        the ranks and the global batch)."""
-        return group_width(self.ranks, self.batch_size, self.data_parallel)
+        """D x S: ranks that train each block together."""
+        d, s = self.layout
+        return d * s
+
+    @property
+    def splits_weight_work(self) -> bool:
+        return self.weight_work == "split" or (self.weight_work == "auto" and self.device == "cpu")
+
+    def bus(self, ranks: int) -> float:
+        """Bytes per second of a collective over `ranks` consecutive ranks (inside a node or not)."""
+        if ranks <= self.ranks_per_node:
+            return self.link_gbs * 1e9 if self.link_gbs else BUS_BYTES_PER_S["cpu" if self.device == "cpu" else self.gpu]
+        return self.network_gbs * 1e9 if self.network_gbs else NETWORK_BYTES_PER_S[self.device]
 
     @property
     def groups(self) -> int:
@@ -108,7 +147,7 @@ class Settings:
 
     @property
     def mode(self) -> str:
-        return self.student_input or ("pipelined" if self.groups > 1 else "student")
+        return self.student_input or ("pipelined" if self.groups > 1 and self.split == 1 else "student")
 
     @property
     def schedule(self):
@@ -125,6 +164,7 @@ class Phase:
     seconds: float = 0.0
     terms: dict = field(default_factory=dict)  # name -> bytes, what the peaks are made of
     note: str = ""
+    terms_seconds: dict = field(default_factory=dict)  # Block-AP: one block's training by what it is spent on
 
     def as_dict(self) -> dict:
         return {"gpu_peak_gib": self.gpu_peak / GIB, "host_peak_gib": self.host_peak / GIB,
@@ -167,7 +207,7 @@ def pinned_staging(a: Arch, s: Settings) -> float:
     """Pinned staging buffers between host (or disk) stores and the GPU (blockap/feed.py, stores.py):
     two per store a batch reads (training reads input and target; a stream pass one), and two per
     store the GPU writes rows into (written behind), each of one batch's rows."""
-    batch = pinned_block(s.batch_size // s.width * s.seqlen * a.hidden * s.act_bytes)
+    batch = pinned_block(s.batch_size // s.data_width * s.seqlen // s.split * a.hidden * s.act_bytes)
     written = s.schedule.stores_per_split(s.groups) * 2  # stores per split x splits
     return batch * (2 * 2 + 2 * 1 + 2 * written)
 
@@ -179,12 +219,12 @@ def block_ap(a: Arch, s: Settings) -> Phase:
                 "one block and its packed form": block * 8}
         return _place(Phase(seconds=a.layers * block * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
-    width = s.width
-    tokens = s.batch_size // width * s.seqlen  # this rank's share of a step
+    width, d, local = s.width, s.data_width, s.seqlen // s.split
+    tokens = s.batch_size // d * local  # this rank's share of a step: its windows' rows, its tokens of them
     # this rank's share of the windows (blockap/lanes.py: the largest share), in each of the schedule's
     # stores per split (fp in, fp out unless in place, quantized stream unless in the fp input's), train + val
-    train, val = lane_share(s.train_size, s.batch_size, width), lane_share(s.val_size, s.batch_size, width)
-    store = s.schedule.stores_per_split(s.groups) * (train + val) * s.seqlen * a.hidden * s.act_bytes
+    train, val = lane_share(s.train_size, s.batch_size, d), lane_share(s.val_size, s.batch_size, d)
+    store = s.schedule.stores_per_split(s.groups) * (train + val) * local * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": block * 4,
         "student weights, grads, Adam (float32)": linear * 16 + 2 * groups * 16 + 2 * a.hidden * 16,
@@ -192,6 +232,10 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         "activations for backward": tokens * (ACT_H * a.hidden + ACT_I * a.intermediate) * s.act_bytes,
         "batch and MSE in float32": tokens * a.hidden * (2 * s.act_bytes + 3 * 4),
     }
+    if s.split > 1:  # the window's keys and values gathered, then repeated to every query head
+        device["gathered keys and values"] = s.batch_size // d * s.seqlen * (2 * a.kv_width + 2 * a.q_width) * s.act_bytes
+    if width > 1 and s.splits_weight_work:  # every linear's quantized weight and its gradient (weight_shards.py)
+        device["split weight work: gathered weights and their gradients"] = linear * 4 * 2
     host = {"base": HOST_BASE[s.device], "libraries, tokenizer, tokenized calibration text": BLOCKAP_PROCESS,
             "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": block * 4}
     phase = Phase()
@@ -207,19 +251,39 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     if kept:
         device["activation stores kept on the GPU"] = kept
     phase.disk += sum(packed_bytes(a, s, scale_bytes=4).values()) + a.layers * 2 * a.hidden * 4  # block files
-    rate = _flops_per_second(s, "block-ap")
-    times = block_times(a, s, train, val, rate)
+    times = block_times(a, s, train, val)
     phase.seconds = blockap_seconds(a.layers, s.groups, s.schedule, times)
-    alone = blockap_seconds(a.layers, 1, "student", block_times(a, replace(s, ranks=1, data_parallel=1),
-                                                                 s.train_size, s.val_size, rate))
+    alone = one_rank_seconds(a, s)
     detail = (f", last {s.correction:.0%} of each block's steps on the quantized stream"
               if s.schedule.receives_quantized_early else "")
-    layout = (f" over {s.groups} group(s) of {width} data-parallel ranks (waiting for gradient sums: "
-              f"{times.allreduce / max(times.train, 1e-9):.1%} of training)" if width > 1 else "")
+    layout = f" over {s.groups} group(s) of {layout_words(s)}{cost_words(times)}" if width > 1 else ""
     split = f" ({kept / GIB:.1f} GiB of them on the GPU)" if kept else ""
     phase.note = (f"{s.mode} mode{detail}{layout}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
                   f"{store / GIB:.1f} GiB per rank on {s.activations}{split}")
+    phase.terms_seconds = times.parts()
     return _place(phase, device, host, s)
+
+
+def one_rank_seconds(a: Arch, s: Settings) -> float:
+    """The paper's scheme on one rank: student mode, every window and token."""
+    one = replace(s, ranks=1, ranks_per_node=1, data_parallel=1, sequence_parallel=1, student_input="student")
+    return blockap_seconds(a.layers, 1, "student", block_times(a, one, s.train_size, s.val_size))
+
+
+def layout_words(s: Settings) -> str:
+    d, sp = s.layout
+    what = [f"{d} data-parallel"] if d > 1 else []
+    what += [f"{sp} sequence-parallel"] if sp > 1 else []
+    work = f", weight work {'split' if s.splits_weight_work else 'replicated'}"
+    return f"{s.width} ranks ({' x '.join(what)}{work})"
+
+
+def cost_words(t: "BlockTimes") -> str:
+    """What a group's ranks wait for, as shares of a block's training."""
+    parts = {k: v for k, v in t.parts().items() if k != "computing" and v > 0}
+    if not parts:
+        return ""
+    return " (" + ", ".join(f"{k} {v / max(t.train, 1e-9):.0%}" for k, v in parts.items()) + " of training)"
 
 
 def lane_share(count: int, batch: int, width: int) -> int:
@@ -227,54 +291,78 @@ def lane_share(count: int, batch: int, width: int) -> int:
     return sum(len(range(lane, count, batch)) for lane in range(batch // width))
 
 
-def exposed_sum_seconds(grad_bytes: float, width: int, step_seconds: float, device: str, link: str) -> float:
-    """The part of one step's gradient sum that the step waits for. A ring all-reduce moves 2 (D-1)/D
+def exposed_sum_seconds(grad_bytes: float, width: int, step_seconds: float, device: str, bus: float) -> float:
+    """The part of one step's gradient sum that the step waits for. A ring all-reduce moves 2 (W-1)/W
     of the bytes per rank. On GPUs (NCCL) the buckets' sums run during the backward, about 4/6 of the
     step's FLOPs (blockap/grad_sum.py): only what exceeds it, and the last bucket, is waited for. MPI and
     gloo on CPUs sum after the backward."""
     from ..blockap.grad_sum import BUCKET_BYTES
 
-    per_byte = 2 * (width - 1) / width / ALLREDUCE_BYTES_PER_S[(device, link)]
+    per_byte = 2 * (width - 1) / width / bus
     total = grad_bytes * per_byte
     if device != "gpu":
         return total
     return max(total - 4 / 6 * step_seconds, min(grad_bytes, BUCKET_BYTES) * per_byte)
 
 
-def block_times(a: Arch, s: Settings, train: int, val: int, rate: float) -> BlockTimes:
-    """One block's times on one rank of a group that holds `train` + `val` windows of each stream:
-    training (its share of every step, the gradient sum over the group, the loss evaluations), the
-    block forward over its share of a stream, and handing that share on."""
-    block, width = a.block_params, s.width
-    steps_tokens = s.epochs * train * s.seqlen
-    eval_tokens = (s.epochs + 2) * val * s.seqlen  # loss before, after each epoch, after (the streams: below)
-    train_flops = 6 * block * steps_tokens + 2 * block * eval_tokens + 6 * 2 * a.hidden * s.seqlen * steps_tokens  # + attention
-    stream_tokens = (train + val) * s.seqlen
-    grads = (a.block_linear_params + 2 * a.groups(s.group_size) + 2 * a.hidden) * 4
-    link = "node" if width <= s.ranks_per_node else "network"
+def block_times(a: Arch, s: Settings, train: int, val: int, rate: float | None = None) -> BlockTimes:
+    """One block's times on one rank of a group of D x S ranks that holds `train` + `val` windows of each
+    stream (its 1/D of them) and 1/S of each window's tokens: training (its share of every step's token
+    work, the weight work, what the step waits for in the group's collectives, the loss evaluations),
+    the block forward over its share of a stream (with the split attention's exchanges), and handing
+    that share on."""
+    rate = rate or _flops_per_second(s, "block-ap")
+    block, width, sp = a.block_params, s.width, s.split
+    local = s.seqlen // sp
+    per_token = 6 * block + 6 * 2 * a.hidden * s.seqlen  # + attention: this rank's queries, the window's keys
+    steps_tokens = s.epochs * train * local
+    eval_tokens = (s.epochs + 2) * val * local  # loss before, after each epoch, after (the streams: below)
     steps_per_epoch = -(-s.train_size // s.batch_size)
-    step_seconds = (6 * block + 6 * 2 * a.hidden * s.seqlen) * train * s.seqlen / steps_per_epoch / rate  # this rank's share
-    allreduce = (s.epochs * steps_per_epoch * exposed_sum_seconds(grads, width, step_seconds, s.device, link)
-                 if width > 1 else 0.0)
-    store = (train + val) * s.seqlen * a.hidden * s.act_bytes
-    times = BlockTimes(train=train_flops / rate + allreduce,
-                       forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_tokens / rate,
-                       transfer=store / 2 / LINK_BYTES_PER_S[s.device], allreduce=allreduce)
+    steps = s.epochs * steps_per_epoch
+    step_tokens = train * local / steps_per_epoch  # this rank's tokens of a step
+    step_seconds = per_token * step_tokens / rate
+    stream_windows = train + val
+    t = BlockTimes(train=(per_token * steps_tokens + 2 * block * eval_tokens) / rate,
+                   forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_windows * local / rate,
+                   transfer=stream_windows * local * a.hidden * s.act_bytes / 2 / LINK_BYTES_PER_S[s.device])
+    if width > 1:
+        bus = s.bus(width)
+        linear = a.block_linear_params
+        grads = (linear + 2 * a.groups(s.group_size) + 2 * a.hidden) * 4
+        work = WEIGHT_WORK_S["cpu" if s.device == "cpu" else s.gpu] * linear  # one step's, on one rank
+        if s.splits_weight_work:  # each rank its 1/W of the work, which the fitted rate already divides; the
+            # owners broadcast their quantized weights (in the autocast dtype) before the step, and each
+            # owner's gradients are reduced to it (on GPUs during the backward, as they come: weight_shards.py)
+            t.weights = steps * linear * s.act_bytes * (width - 1) / width / bus
+            reduce = grads * (width - 1) / width / bus
+            exposed = reduce if s.device != "gpu" else max(reduce - 4 / 6 * step_seconds, reduce / width)
+            t.allreduce = steps * exposed
+        else:  # every rank repeats the whole step's weight work; the gradients all-reduce (overlapped on GPUs)
+            t.weights = steps * work * (1 - 1 / width)
+            t.allreduce = steps * exposed_sum_seconds(grads, width, step_seconds, s.device, bus)
+        if sp > 1:  # keys and values of the window to every rank of the S and their gradients back:
+            # an all-reduce of the whole window's each way (models/sequence_split.py)
+            kv = 2 * s.batch_size // s.data_width * s.seqlen * a.kv_width * s.act_bytes
+            per_pass = kv * 2 * (sp - 1) / sp / s.bus(sp)
+            evals = (s.epochs + 2) * -(-val // max(1, s.batch_size // s.data_width))
+            t.exchange = steps * 2 * per_pass + evals * per_pass
+            t.forward += -(-stream_windows // max(1, s.batch_size // s.data_width)) * per_pass
+        t.train += t.weights + t.allreduce + t.exchange
     if s.schedule.keeps_quantized_stream and s.groups > 1:
-        times.stream_lead = stream_lead(s, times, val)
-    return times
+        t.stream_lead = stream_lead(s, t, val)
+    return t
 
 
 def stream_lead(s: Settings, t: BlockTimes, val: int) -> float:
     """A block's wait for the rows of its quantized input (stream_order.receiver_lead), on this plan's
     lanes and steps from its switch (pipelined) or its first (student); the run's own order, drawn for
     block 1."""
-    lanes = Lanes(s.train_size, s.batch_size, s.width, 0)
+    lanes = Lanes(s.train_size, s.batch_size, s.data_width, 0)
     total = s.epochs * lanes.steps_per_epoch
     switch = s.schedule.switch_at(total) or 0
     first = lanes.first_reads(step_generator(0, 1), s.epochs, switch)
     rows = len(first)
-    return receiver_lead(first, s.batch_size // s.width * CHUNK_BATCHES, val, t.forward / (rows + val),
+    return receiver_lead(first, s.batch_size // s.data_width * CHUNK_BATCHES, val, t.forward / (rows + val),
                          t.train / total, range(switch, total))
 
 
@@ -361,6 +449,17 @@ def evaluate(a: Arch, s: Settings) -> Phase:
     return _place(phase, device, host, s)
 
 
+def resolved(a: Arch, s: Settings) -> Settings:
+    """`weight_work` auto made what the run does: split on CPUs; on GPUs, of split and replicated, the one
+    this plan finds faster for the group (the run asks the same: phases/blockap.py)."""
+    if s.weight_work != "auto" or s.device == "cpu" or s.width == 1:
+        return s
+    train, val = lane_share(s.train_size, s.batch_size, s.data_width), lane_share(s.val_size, s.batch_size, s.data_width)
+    options = [replace(s, weight_work=w) for w in ("replicated", "split")]
+    return min(options, key=lambda o: block_times(a, o, train, val).train)
+
+
 def plan(a: Arch, s: Settings) -> dict[str, Phase]:
+    s = resolved(a, s)
     return {"block-ap": block_ap(a, s), "e2e": e2e(a, s) if s.e2e_epochs > 0 else Phase(note="skipped"),
             "export": export(a, s), "eval": evaluate(a, s)}

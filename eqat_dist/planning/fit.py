@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, replace
 
 from .arch import Arch
-from .estimate import GIB, HOST_BASE, PHASES, PEAK_TFLOPS, EFFICIENCY, Phase, Settings, block_ap, plan
+from .estimate import (BUS_BYTES_PER_S, EFFICIENCY, GIB, HOST_BASE, NETWORK_BYTES_PER_S, PEAK_TFLOPS, PHASES,
+                       WEIGHT_WORK_S, Phase, Settings, block_ap, plan, resolved)
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,13 @@ def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
     advice, fixed = advise(arch, s, m, phases) if todo else ([], s)
     still = problems(_planned(arch, fixed, phases), fixed, m)
     phases = plan(arch, s)
+    r = resolved(arch, s)
     return {"model": arch.name, "params_b": arch.total_params / 1e9, "settings": {
                 "ranks": s.ranks, "ranks_per_node": s.ranks_per_node, "device": s.device, "gpu": s.gpu,
                 "wbits": s.bits, "group_size": s.group_size, "student_input": s.mode,
-                "data_parallel": s.width, "groups": s.groups},
+                "data_parallel": s.data_width, "sequence_parallel": s.split, "group_ranks": s.width,
+                "weight_work": "split" if r.splits_weight_work else "replicated", "groups": s.groups},
+            "layouts": layouts(arch, s) if s.ranks > 1 and s.epochs > 0 else [],
             "machine": {"gpu_memory_gib": None if m.gpu_memory is None else m.gpu_memory / GIB,
                         "host_memory_gib": m.host_memory / GIB, "disk_gib": None if m.disk is None else m.disk / GIB},
             "phases": {k: v.as_dict() for k, v in phases.items()}, "fits": not todo,
@@ -128,6 +132,55 @@ def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
                          for p, r, n, a in todo],
             "advice": advice, "fits_with_advice": not still,
             "assumptions": assumptions(s)}
+
+
+# What the schedules that leave the paper's arithmetic cost, as measured (docs/benchmarks.md, the bundled
+# model, perplexity after Block-AP against the paper's scheme on one rank); at 70B not measurable here.
+PRICES = {"pipelined": "+5% to +10% perplexity at w2g64 (correction 0.75 to 0.5), +2% at w3g64, on SmolLM2-135M",
+          "teacher": "+12% to +21% perplexity at w2g64, +2% at w3g64, on SmolLM2-135M"}
+
+
+def _candidates(s: Settings):
+    """Every layout the run could take on these ranks: student mode in groups of D x S (the paper's
+    arithmetic), and the other schedules in groups of D as the run chooses them."""
+    for width in (w for w in range(1, s.ranks + 1) if s.ranks % w == 0):
+        for d in (d for d in range(1, width + 1) if width % d == 0 and s.batch_size % d == 0):
+            sp = width // d
+            if sp > 1 and s.seqlen % (2 * sp):
+                continue
+            for work in (("replicated", "split") if width > 1 else ("replicated",)):
+                yield replace(s, student_input="student", data_parallel=d, sequence_parallel=sp, weight_work=work)
+    for mode in PRICES:
+        yield replace(s, student_input=mode, data_parallel=None, sequence_parallel=None, correction=0.0 if mode ==
+                      "teacher" else 1.0 / (s.ranks // layout_of(s, mode)[0]))
+
+
+def layout_of(s: Settings, mode: str) -> tuple[int, int]:
+    return replace(s, student_input=mode, data_parallel=None, sequence_parallel=None).layout
+
+
+def layouts(arch: Arch, s: Settings) -> list[dict]:
+    """The fastest layout at the paper's arithmetic (student mode) and the fastest of each schedule that
+    trades it for speed, with its known price: hours of Block-AP and the flags that ask for it."""
+    best = {}
+    for c in _candidates(s):
+        c = resolved(arch, c)
+        hours = block_ap(arch, c).seconds / 3600
+        key = "student" if c.mode == "student" else c.mode
+        if key not in best or hours < best[key][0]:
+            best[key] = (hours, c)
+    out = []
+    exact = best["student"][0]
+    for mode, (hours, c) in best.items():
+        if mode != "student" and (c.groups == 1 or hours >= exact):
+            continue  # one group: the paper's scheme anyway; or no faster than it
+        flags = [f"`student_input` {mode}"]
+        if mode == "student":
+            flags += [f"`data_parallel` {c.data_width}", f"`sequence_parallel` {c.split}",
+                      f"`weight_work` {'split' if c.splits_weight_work else 'replicated'}"]
+        out.append({"mode": mode, "hours": hours, "flags": " ".join(flags), "price": PRICES.get(mode, "none: the "
+                    "paper's arithmetic"), "groups": c.groups, "group_ranks": c.width})
+    return sorted(out, key=lambda o: (o["mode"] != "student", o["hours"]))
 
 
 def assumptions(s: Settings) -> str:
@@ -138,8 +191,17 @@ def assumptions(s: Settings) -> str:
     else:
         speed = (f"{s.gpu.upper()} {PEAK_TFLOPS[s.gpu]:.0f} TFLOP/s bf16 x efficiency " +
                  ", ".join(f"{k} {v:.0%}" for k, v in EFFICIENCY.items()) + " (fitted to the paper's 7B times)")
-    return (f"peaks per rank (the largest rank); host memory and disk per node of {min(s.ranks, s.ranks_per_node)} "
+    text = (f"peaks per rank (the largest rank); host memory and disk per node of {min(s.ranks, s.ranks_per_node)} "
             f"rank(s); time from FLOPs at {speed}; activations {s.act_bytes * 8}-bit")
+    if s.ranks > 1:
+        device = "cpu" if s.device == "cpu" else s.gpu
+        inside = f"{s.link_gbs:g} GB/s (`link_gbs`)" if s.link_gbs else f"{BUS_BYTES_PER_S[device] / 1e9:g} GB/s"
+        across = f"{s.network_gbs:g} GB/s (`network_gbs`)" if s.network_gbs else \
+            f"{NETWORK_BYTES_PER_S[s.device] / 1e9:g} GB/s"
+        text += (f"; a group's collectives at {inside} inside a node and {across} across nodes (bus bandwidth); the "
+                 f"weight work {WEIGHT_WORK_S[device] * 1e12:g} ps a weight a step (measured on an H200, scaled by "
+                 "memory bandwidth)")
+    return text
 
 
 def render(r: dict) -> str:
@@ -149,8 +211,7 @@ def render(r: dict) -> str:
     disk = "unchecked" if mc["disk_gib"] is None else f"{mc['disk_gib']:.0f} GiB"
     lines = [f"Plan: {r['model']} ({r['params_b']:.1f}B parameters), w{st['wbits']}g{st['group_size']}, "
              f"{st['ranks']} rank(s), {st['ranks_per_node']} per node, {gpu}, host {mc['host_memory_gib']:.0f} GiB "
-             f"per node, disk {disk}; Block-AP in {st['student_input']} mode"
-             + (f" over {st['groups']} group(s) of {st['data_parallel']} data-parallel ranks" if st["data_parallel"] > 1 else ""),
+             f"per node, disk {disk}; Block-AP in {st['student_input']} mode" + _group_words(st),
              "", f"{'phase':<9} {'GPU peak/rank':>14} {'host peak/rank':>15} {'disk/node':>10} {'hours':>7}"]
     for name in PHASES:
         p = r["phases"][name]
@@ -168,8 +229,20 @@ def render(r: dict) -> str:
             lines.append(f"With {' '.join(r['advice'])}: {verdict}.")
         else:
             lines.append("No flag makes it fit: use more ranks or a machine with more memory.")
+    for layout in r.get("layouts", []):
+        lines.append(f"Layout: {layout['mode']} mode, {layout['groups']} group(s) of {layout['group_ranks']} "
+                     f"({layout['flags']}): Block-AP {layout['hours']:.2f} h; price: {layout['price']}.")
     lines.append(f"Assumptions: {r['assumptions']}.")
     return "\n".join(lines)
+
+
+def _group_words(st: dict) -> str:
+    if st.get("group_ranks", st["data_parallel"]) <= 1:
+        return ""
+    parts = [f"{st['data_parallel']} data-parallel"] if st["data_parallel"] > 1 else []
+    parts += [f"{st['sequence_parallel']} sequence-parallel"] if st.get("sequence_parallel", 1) > 1 else []
+    return (f" over {st['groups']} group(s) of {st.get('group_ranks', st['data_parallel'])} ranks "
+            f"({' x '.join(parts)}, weight work {st.get('weight_work', 'replicated')})")
 
 
 def to_json(r: dict) -> str:

@@ -31,9 +31,17 @@ class BlockTimes:
     train: float  # seconds to train one block (all its steps)
     forward: float  # seconds to run one block over the calibration windows
     transfer: float = 0.0  # seconds to hand one stream to the next rank (0 on one rank)
-    allreduce: float = 0.0  # of `train`: summing the gradients over a data-parallel group
+    allreduce: float = 0.0  # of `train`: summing the gradients over the group (to their owners, when split)
+    weights: float = 0.0  # of `train`: the weight work a group repeats, or the owners' broadcasts when split
+    exchange: float = 0.0  # of `train`: the split attention's keys and values over the S ranks
     stream_lead: float | None = None  # pipelined: how long the receiver waits for its rows once the
     # quantized stream's advance starts (stream_order.receiver_lead); None: the whole advance
+
+    def parts(self) -> dict[str, float]:
+        """`train` by what it is spent on (seconds per block)."""
+        return {"computing": self.train - self.allreduce - self.weights - self.exchange,
+                "gradient sums": self.allreduce, "weight work repeated or broadcast": self.weights,
+                "key/value exchange": self.exchange}
 
 
 def blockap_seconds(blocks: int, ranks: int, schedule: str | Schedule, t: BlockTimes,
