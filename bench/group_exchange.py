@@ -77,14 +77,14 @@ def kv_exchange(transport, group, rows: int, tokens: int, width: int, repeats: i
 
     split = TokenSplit(tokens, group.size, group.rank, group)
     heads = width // 64
-    local = [torch.randn(rows, heads, split.local_tokens, 64, requires_grad=True) for _ in range(2)]
+    local = torch.randn(2, rows, heads, split.local_tokens, 64, requires_grad=True)  # keys and values, stacked
     times = {"forward": [], "backward": []}
     for _ in range(repeats):
         transport.barrier()
         t0 = time.perf_counter()
-        gathered = [gather_tokens(t, split) for t in local]  # keys, values
+        gathered = gather_tokens(local, split)  # one exchange for both, as the split attention does
         t1 = time.perf_counter()
-        torch.autograd.backward(gathered, [torch.ones_like(g) for g in gathered])
+        gathered.backward(torch.ones_like(gathered))
         times["forward"].append(t1 - t0)
         times["backward"].append(time.perf_counter() - t1)
     if group.rank == 0:

@@ -15,7 +15,7 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .export.formats import ALL_FORMATS
-from .quant.config import INITS
+from .quant.config import GRIDS, INITS
 from .config.recipes import DEFAULT_RECIPES, RECIPES
 from .blockap.losses import LOSSES
 from .config import DTYPES, ConfigError, RunConfig, build_run_config
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "MSE), clip-huber = clip start and Huber loss; default: the best measured at --wbits "
                         f"({', '.join(f'{r} at {b} bits' for b, r in DEFAULT_RECIPES.items())}, else paper; "
                         "docs/benchmarks.md); --init and --loss override one choice")
+    p.add_argument("--grid", default="asym", choices=["asym", *GRIDS],
+                   help="asym: the paper's grid (each group's zero point learned); q2_0, q4_0, q8_0: llama.cpp's "
+                        "Q2_0 (2 bits, groups of 64), Q4_0 (4 bits, 32), Q8_0 (8 bits, 32): the zero point fixed at "
+                        "the format's offset and each group's scale sign chosen at the start, so the run trains "
+                        "into that type and the GGUF export holds it without loss (--export-format gguf)")
     p.add_argument("--init", default=None, choices=INITS,
                    help="how step sizes and zero points start: minmax (the paper's), clip (each group's range "
                         "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "

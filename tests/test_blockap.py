@@ -64,6 +64,32 @@ def test_training_lowers_the_loss_and_moves_weights_steps_and_zero_points():
         assert not torch.equal(q.zero, z0), name
 
 
+@pytest.mark.parametrize("grid,bits", [("q2_0", 2), ("q4_0", 4)])
+def test_on_a_format_grid_training_moves_weights_and_steps_never_zero_points_nor_signs(grid, bits):
+    """The tiny block's linears are 64 wide: Q2_0's groups of 64, Q4_0's of 32. The packed block holds
+    the offset as every zero point and each group's trained, signed step size."""
+    from eqat_dist.blockap.steps import finish_student
+    from eqat_dist.quant.config import GRIDS
+
+    fp_block, call, x, y = _block_setup()
+    cfg = QuantConfig(bits, GRIDS[grid].group, "clip", grid)
+    student = make_student(fp_block, cfg, "cpu")
+    before = {n: (q.weight.clone(), q.scale.clone(), q.sign.clone()) for n, q in quant_linears(student).items()}
+    xs, ys, vx, vy = _stores([x[:6], y[:6], x[6:], y[6:]])
+    report = train_block(student, 0, xs, ys, vx, vy, call, BlockAPSettings(epochs=8, batch_size=2, quant_lr=1e-3,
+                                                                           weight_lr=1e-4, loss="huber"), "cpu")
+    assert report.loss_after < 0.9 * report.loss_before
+    for name, q in quant_linears(student).items():
+        w0, s0, sign0 = before[name]
+        assert not torch.equal(q.weight, w0) and not torch.equal(q.scale, s0), name
+        assert bool((q.zero == GRIDS[grid].zero).all()) and torch.equal(q.sign, sign0), name
+    packed = finish_student(student, cfg)
+    from eqat_dist.quant import PackedLinear
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(bool((layer.int_zeros() == GRIDS[grid].zero).all()) for layer in layers)
+    assert any(bool((layer.scales < 0).any()) for layer in layers)
+
+
 def test_gradient_clipping_is_applied_before_each_step():
     fp_block, call, x, y = _block_setup()
     student = make_student(fp_block, CFG, "cpu")

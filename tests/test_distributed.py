@@ -433,7 +433,7 @@ def test_deepspeed_gets_nccl_on_gpus_and_activations_travel_in_a_gloo_group(monk
     assert calls == {"default": "nccl", "transport": "gloo", "timeout_h": 168} and transport.group == "gloo"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_ctrl_c_to_one_mpi_rank_or_sigterm_to_the_job_stops_both_naming_the_rank_and_block(model_dir, tmp_path, signum):
     """SIGINT to rank 1 while it waits for rank 0's stream, or SIGTERM to mpiexec (a scheduler stopping the
     job; mpiexec passes it to every rank): the run ends at once (MPI Abort) with 128 + the signal, it does

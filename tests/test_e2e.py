@@ -111,7 +111,7 @@ def test_two_ranks_on_zero3_match_one_rank_and_touch_only_scales(rtn_export, one
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_or_terminated_e2e_run_resumes_to_the_uninterrupted_result(rtn_export, one_rank, tmp_path, signum):
     """SIGKILL, or SIGTERM (a cluster's stop: exit 143, one line, the lock released), after the step-2
     checkpoint; the same command then resumes to the uninterrupted run's bits."""

@@ -241,3 +241,47 @@ def test_gptq_matches_a_column_by_column_reference_and_beats_round_to_nearest_on
     rtn = fake_quantize(weight, *minmax_init(weight, cfg), cfg)
     error = lambda w: ((w - weight) @ x.T).square().sum()  # noqa: E731
     assert error(q) < 0.8 * error(rtn)
+
+
+@pytest.mark.parametrize("grid,bits,group", [("q2_0", 2, 64), ("q4_0", 4, 32), ("q8_0", 8, 32)])
+@pytest.mark.parametrize("init", ["minmax", "clip"])
+def test_a_format_grid_fixes_the_zero_point_signs_each_groups_scale_and_its_integers_reproduce_the_forward(
+        grid, bits, group, init):
+    """llama.cpp's grids: (q - offset) x d with d of either sign. Every zero point is the offset and is not
+    trained; a group whose weights reach further below zero than above gets the side with more levels
+    there (Q2_0: +2 d above, -1 d below, so d < 0 mirrors it); the packed integers and the signed scales
+    give the fake-quantized weight exactly; clip is never worse than minmax."""
+    from eqat_dist.quant.config import GRIDS
+    from eqat_dist.quant.fake_quant import dequantize
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4 * group, 32, bias=False)
+    with torch.no_grad():
+        lin.weight[0, :group] = torch.linspace(-1.0, 0.3, group)  # reaches further below zero
+        lin.weight[1, :group] = torch.linspace(-0.3, 1.0, group)  # further above
+    cfg = QuantConfig(bits, group, init, grid)
+    q = QuantLinear(lin, cfg)
+    offset = GRIDS[grid].zero
+    assert not q.zero.requires_grad and bool((q.zero == offset).all())
+    codes, zeros, scales = q.to_int()
+    assert bool((zeros == offset).all()) and int(codes.min()) >= 0 and int(codes.max()) <= 2**bits - 1
+    more_above = 2**bits - 1 - offset > offset
+    assert (scales[0, 0] < 0) == more_above and (scales[1, 0] > 0) == more_above  # the long side on the more levels
+    assert torch.equal(dequantize(codes, scales, zeros, group), q.quantized_weight().detach())
+    error = ((q.quantized_weight() - lin.weight) ** 2).sum().item()
+    if init == "clip":
+        minmax = QuantLinear(lin, QuantConfig(bits, group, "minmax", grid))
+        assert error <= ((minmax.quantized_weight() - lin.weight) ** 2).sum().item()
+    q.quantized_weight().square().sum().backward()
+    assert q.zero.grad is None and q.scale.grad is not None and q.weight.grad is not None
+    assert cfg.tag() == f"w{bits}g{group}-{grid}" and cfg.bits_per_weight(4 * group) == bits + 16 / group
+
+
+def test_a_format_grid_refuses_other_widths_and_a_gptq_start():
+    with pytest.raises(QuantConfigError, match=r"`grid` q2_0 is llama.cpp's Q2_0: 2-bit codes in groups of 64; use "
+                                               r"`wbits` 2 `group_size` 64"):
+        QuantConfig(2, 32, grid="q2_0")
+    with pytest.raises(QuantConfigError, match="`init` gptq chooses its own zero points; `grid` q4_0 fixes them"):
+        QuantConfig(4, 32, "gptq", "q4_0")
+    with pytest.raises(QuantConfigError, match="`grid` q3_0 is not known"):
+        QuantConfig(2, 64, grid="q3_0")

@@ -95,6 +95,71 @@ def test_gguf_dequantizes_to_our_weights_within_fp16_rounding_and_transformers_m
     assert rel_max < 5e-3 and top1 >= 0.95
 
 
+def tiny_grid_export(tmp_path: Path, grid: str) -> Path:
+    """A tiny Llama trained on nothing but started on a format grid (RTN on it), exported as GPTQ v2."""
+    from eqat_dist.quant.config import GRIDS
+
+    fixed = GRIDS[grid]
+    cfg = QuantConfig(fixed.bits, fixed.group, "clip", grid)
+    model = quantize_rtn(tiny_model("llama", vocab=320), cfg)
+    out = tmp_path / f"llama-{grid}"
+    save_packed_model(model, small_tokenizer(300), out, cfg, "rtn")
+    return out
+
+
+def ggml_dequantize(kind: str, rows, width: int):
+    """llama.cpp's dequantize_row_q2_0 / q4_0 / q8_0 (ggml-quants.c), transcribed: block bytes -> floats."""
+    import numpy as np
+
+    block = {"Q2_0": 64, "Q4_0": 32, "Q8_0": 32}[kind]
+    data = np.asarray(rows, dtype=np.uint8).reshape(rows.shape[0], width // block, -1)
+    d = data[..., :2].copy().view(np.float16).astype(np.float32)  # [out, blocks, 1]
+    qs = data[..., 2:]
+    if kind == "Q2_0":
+        q = np.stack([(qs >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(*qs.shape[:2], 64).astype(np.int32) - 1
+    elif kind == "Q4_0":
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int32) - 8
+    else:
+        q = qs.view(np.int8).astype(np.int32)
+    return torch.from_numpy((q * d).reshape(rows.shape[0], width))
+
+
+@pytest.mark.parametrize("grid", ["q2_0", "q4_0", "q8_0"])
+def test_a_format_grid_run_becomes_llama_cpps_own_type_without_loss(tmp_path, grid):
+    """The blocks llama.cpp reads (its reference dequantizers, transcribed) are our weights exactly: d is our
+    float16 scale with its sign, the codes ours. Q4_0 and Q8_0 also through the `gguf` package's reader and
+    dequantizer and transformers' GGUF loader (Q2_0 is newer than both: llama.cpp itself reads it, in the
+    engine check)."""
+    import gguf
+
+    from eqat_dist.export.gguf_file import FORMAT_TYPES, format_grid_rows
+    from eqat_dist.export.packed_source import PackedExport
+
+    source = tiny_grid_export(tmp_path, grid)
+    ours = PackedExport(source)
+    assert ours.quant.grid == grid
+    kind = FORMAT_TYPES[grid].name
+    for name, layer in ours.block(0)[0].items():
+        decoded = ggml_dequantize(kind, format_grid_rows(layer, grid), layer.codes.shape[1])
+        assert torch.equal(decoded, layer.dequantized()), name
+    folder = convert(source, "gguf", tmp_path / "gguf")
+    assert [p.name for p in folder.iterdir()] == [f"model-{kind}.gguf"]
+    if grid == "q2_0":
+        return
+    tensors = {t.name: t for t in gguf.GGUFReader(folder / f"model-{kind}.gguf").tensors}
+    down = tensors["blk.0.ffn_down.weight"]
+    assert down.tensor_type.name == kind
+    got = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).copy())
+    assert torch.equal(got, ours.block(0)[0]["mlp.down_proj"].dequantized())
+    rel_max, top1 = _logit_errors(_transformers_gguf(folder, kind), _ours(source), torch.randint(0, 300, (2, 16)))
+    assert rel_max < 1e-5 and top1 == 1.0
+
+
+def _transformers_gguf(folder: Path, kind: str):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"model-{kind}.gguf", dtype=torch.float32)
+
+
 def test_gguf_refuses_what_it_cannot_hold_in_one_line(tmp_path):
     source = tiny_export(tmp_path, "llama", 3, 32)
     with pytest.raises(ValueError, match="no GGUF type holds a uniform asymmetric 3-bit grid"):
@@ -106,6 +171,8 @@ def test_gguf_refuses_what_it_cannot_hold_in_one_line(tmp_path):
     assert refusals(("gptq_v2", "gguf"), QuantConfig(4, 16), "llama")[0].count("multiple of 32") == 1
     assert "not 'gemma3_text'" in refusals(("gguf",), QuantConfig(4, 32), "gemma3_text")[0]
     assert refusals(("gptq_v2", "compressed-tensors"), QuantConfig(2, 64), "gemma3_text") == []
+    assert "train with `grid` q2_0 (llama.cpp's Q2_0, groups of 64)" in refusals(("gguf",), QuantConfig(2, 64), "llama")[0]
+    assert refusals(("gguf",), QuantConfig(2, 64, grid="q2_0"), "llama") == []
 
 
 # -- the bundled model, end to end through the command line

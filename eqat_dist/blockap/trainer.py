@@ -84,7 +84,7 @@ def param_groups(block: nn.Module, settings: BlockAPSettings) -> list[dict]:
     quant_params, weights = [], []
     qlinears = quant_linears(block)
     for lin in qlinears.values():
-        quant_params += [lin.scale, lin.zero]
+        quant_params += [lin.scale] + ([lin.zero] if lin.zero.requires_grad else [])  # a format grid fixes z
         weights.append(lin.weight)
         if lin.bias is not None:
             lin.bias.requires_grad_(False)  # biases stay as they are (as in the official code)

@@ -62,7 +62,8 @@ def settings_from_flags(flags, world: int | None = None, node_ranks: int | None 
     if not flags.model:
         raise ConfigError("`model` is required (a hub id, a folder, a .gguf file or smollm2-135m)")
     try:
-        quant = QuantConfig(flags.wbits, flags.group_size, recipe_choice(flags.recipe, flags.wbits, "init", flags.init))
+        quant = QuantConfig(flags.wbits, flags.group_size, recipe_choice(flags.recipe, flags.wbits, "init", flags.init),
+                            flags.grid)
     except QuantConfigError as err:
         raise ConfigError(str(err)) from err
     _at_least(flags, 0, "epochs", "train_size", "val_size", "e2e_epochs", "e2e_train_size", "e2e_keep_checkpoints")

@@ -15,7 +15,7 @@ import torch
 from ..cluster.launch import Launch
 from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
-from ..utils.compare import PAPER_CHOICES, describe_differences  # noqa: F401  (re-exported)
+from ..utils.compare import RECORD_DEFAULTS, describe_differences  # noqa: F401  (re-exported)
 from ..utils.stop import DEFAULT as STOP_DEFAULT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,8 +205,8 @@ class RunConfig:
                   "min_lr_factor": b.min_lr_factor, "max_grad_norm": b.max_grad_norm,
                   "train_norms": b.train_norms, "calib_dataset": b.calib_dataset,
                   "student_input": b.student_input, "dtype": self.machine.dtype, "seed": self.seed}
-        for key, value in (("init", self.quant.init), ("loss", b.loss)):
-            if value != PAPER_CHOICES[key]:  # absent at the paper's choice: earlier records stay comparable
+        for key, value in (("init", self.quant.init), ("loss", b.loss), ("grid", self.quant.grid)):
+            if value != RECORD_DEFAULTS[key]:  # absent at the default: earlier records stay comparable
                 record[key] = value
         if schedule_named(b.student_input).has_correction:
             record |= {"correction_fraction": b.correction_fraction, "correction_lr": b.correction_lr}

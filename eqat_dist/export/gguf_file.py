@@ -1,39 +1,71 @@
-"""GGUF for llama.cpp, where a GGUF type holds our grid without loss: 4-bit weights with groups of a
-multiple of 32 map onto Q4_1 blocks of 32 (value = d * q + m with d = s and m = -z * s: exact but for the
-fp16 rounding of m). No GGUF type holds a uniform asymmetric 2- or 3-bit grid exactly (the k-quants nest
-6-bit sub-block scales inside super-blocks of 256), so those widths are refused.
+"""GGUF for llama.cpp, where a GGUF type holds our grid without loss:
+- a run trained on a format grid (`--grid q2_0|q4_0|q8_0`, quant/config.py) is that type's own grid: its
+  codes, its fixed offset and our float16 d (signed) go into Q2_0 (64 weights: (q - 1) d), Q4_0 (32:
+  (q - 8) d) or Q8_0 (32: q d with q signed) as they are;
+- a 4-bit asymmetric run with groups of a multiple of 32 maps onto Q4_1 blocks of 32 (value = d * q + m
+  with d = s and m = -z * s: exact but for the fp16 rounding of m).
+No GGUF type holds a learned-zero 2-, 3- or 8-bit grid exactly (the k-quants nest 6-bit sub-block scales
+inside super-blocks of 256): those are refused, naming the grid to train with.
 
 Written with the `gguf` package (llama.cpp's own writer and tensor-name map): the architecture's
 metadata, the tokenizer (tokens, types, merges, special ids, chat template) from the export's
 tokenizer files, embeddings and lm_head in F16, norms and biases in F32. Llama's q/k rows are permuted
 as llama.cpp's converter does (its rotary layout interleaves the halves); a permutation of whole rows
-leaves each row's Q4_1 blocks intact. Blocks stream through a temporary file, one at a time.
+leaves each row's blocks intact. Blocks stream through a temporary file, one at a time.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..quant import QuantConfig
+from ..quant.config import GRIDS
 from .packed_source import PackedExport, QuantizedLinear
 
-BITS, BLOCK = 4, 32
-FILE_NAME = "model-Q4_1.gguf"
 # model_type -> (GGUF architecture, whether q/k rows are permuted to llama.cpp's rotary layout)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 
+@dataclass(frozen=True)
+class BlockType:
+    """A llama.cpp block type: its ggml type id and file type (ggml.h; the `gguf` package may predate
+    the type: Q2_0 is ggml type 42, llama.cpp's file type 41, since ggml-org/llama.cpp#24448)."""
+    name: str
+    block: int  # weights a block
+    ggml_type: int
+    file_type: int
+
+
+Q4_1 = BlockType("Q4_1", 32, 3, 3)
+FORMAT_TYPES = {"q2_0": BlockType("Q2_0", 64, 42, 41), "q4_0": BlockType("Q4_0", 32, 2, 2),
+                "q8_0": BlockType("Q8_0", 32, 8, 7)}
+
+
+def block_type(quant: QuantConfig) -> BlockType | None:
+    """The GGUF block type that holds this grid without loss, None when none does."""
+    if quant.grid in FORMAT_TYPES:
+        return FORMAT_TYPES[quant.grid]
+    return Q4_1 if quant.bits == 4 else None
+
+
+def file_name(quant: QuantConfig) -> str:
+    return f"model-{block_type(quant).name}.gguf"
+
+
 def refusal(quant: QuantConfig, model_type: str | None) -> str | None:
-    if quant.bits != BITS:
-        return (f"no GGUF type holds a uniform asymmetric {quant.bits}-bit grid without loss (its k-quants "
-                "nest 6-bit scales in blocks of 256); GGUF is written for 4-bit only: use `export_format` "
-                "compressed-tensors or gptq_v2 at this width")
-    if quant.group_size != -1 and quant.group_size % BLOCK:
-        return (f"GGUF's Q4_1 blocks are {BLOCK} wide: `group_size` {quant.group_size} is not a multiple of "
-                f"{BLOCK}; use 32, 64, 128 or -1, or `export_format` compressed-tensors")
+    kind = block_type(quant)
+    if kind is None:
+        train = {2: "`grid` q2_0 (llama.cpp's Q2_0, groups of 64)", 8: "`grid` q8_0 (llama.cpp's Q8_0, groups of 32)"}
+        how = f"train with {train[quant.bits]}, or " if quant.bits in train else ""
+        return (f"no GGUF type holds a uniform asymmetric {quant.bits}-bit grid without loss (its k-quants nest 6-bit "
+                f"scales in blocks of 256): {how}use `export_format` compressed-tensors or gptq_v2 at this width")
+    if kind is Q4_1 and quant.group_size != -1 and quant.group_size % Q4_1.block:
+        return (f"GGUF's Q4_1 blocks are {Q4_1.block} wide: `group_size` {quant.group_size} is not a multiple of "
+                f"{Q4_1.block}; use 32, 64, 128 or -1, or `export_format` compressed-tensors")
     if model_type is not None and model_type not in ARCHITECTURES:
         return (f"GGUF export is written for {', '.join(sorted(ARCHITECTURES))} models, not {model_type!r}; "
                 "use `export_format` compressed-tensors or gptq_v2")
@@ -44,16 +76,48 @@ def q4_1_rows(layer: QuantizedLinear) -> np.ndarray:
     """[out, in / 32 * 20] bytes: per block of 32 inputs d (fp16), m (fp16), then 16 bytes holding inputs
     j (low nibble) and j + 16 (high nibble)."""
     out, width = layer.codes.shape
-    if width % BLOCK:
-        raise ValueError(f"a layer {width} inputs wide does not split into Q4_1 blocks of {BLOCK}")
-    per = layer.group // BLOCK  # Q4_1 blocks per group
+    if width % Q4_1.block:
+        raise ValueError(f"a layer {width} inputs wide does not split into Q4_1 blocks of {Q4_1.block}")
+    per = layer.group // Q4_1.block  # Q4_1 blocks per group
     scales = layer.scales.float()
     d = layer.scales.to(torch.float16).repeat_interleave(per, dim=1)
     m = (-layer.zeros.float() * scales).to(torch.float16).repeat_interleave(per, dim=1)
-    codes = layer.codes.to(torch.uint8).view(out, width // BLOCK, BLOCK)
-    qs = codes[..., :BLOCK // 2] | (codes[..., BLOCK // 2:] << 4)
-    blocks = torch.cat([d.view(torch.uint8).view(out, -1, 2), m.view(torch.uint8).view(out, -1, 2), qs], dim=-1)
+    qs = _nibbles(layer.codes.to(torch.uint8).view(out, width // Q4_1.block, Q4_1.block))
+    blocks = torch.cat([_half_bytes(d, out), _half_bytes(m, out), qs], dim=-1)
     return blocks.reshape(out, -1).numpy()
+
+
+def _half_bytes(d: torch.Tensor, out: int) -> torch.Tensor:
+    """float16 [out, blocks] -> its bytes [out, blocks, 2] (little-endian, as ggml reads them)."""
+    return d.to(torch.float16).contiguous().view(torch.uint8).view(out, -1, 2)
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[out, blocks, 32] 4-bit codes -> [out, blocks, 16] bytes: j in the low nibble, j + 16 in the high."""
+    return codes[..., :16] | (codes[..., 16:] << 4)
+
+
+def format_grid_rows(layer: QuantizedLinear, grid: str) -> np.ndarray:
+    """A format grid's layer as its llama.cpp blocks [out, in / block * bytes]: d (our float16 scale, with
+    its sign), then the codes as the type packs them (ggml-common.h; dequantize_row_q2_0/q4_0/q8_0):
+    Q2_0 four 2-bit codes a byte, input j at bits 2 (j % 4) of byte j / 4; Q4_0 as Q4_1's nibbles; Q8_0
+    one signed byte an input, q - 128."""
+    fixed, kind = GRIDS[grid], FORMAT_TYPES[grid]
+    out, width = layer.codes.shape
+    if layer.group != kind.block or width % kind.block:
+        raise ValueError(f"a {grid} layer must have groups of {kind.block}, not {layer.group}")
+    if not bool((layer.zeros == fixed.zero).all()):
+        raise ValueError(f"the export's zero points are not all {fixed.zero}: it was not trained on `grid` {grid}")
+    codes = layer.codes.to(torch.int32).view(out, width // kind.block, kind.block)
+    d = _half_bytes(layer.scales, out)
+    if grid == "q2_0":
+        quads = codes.view(out, -1, kind.block // 4, 4).to(torch.uint8)
+        qs = quads[..., 0] | (quads[..., 1] << 2) | (quads[..., 2] << 4) | (quads[..., 3] << 6)
+    elif grid == "q4_0":
+        qs = _nibbles(codes.to(torch.uint8))
+    else:
+        qs = (codes - fixed.zero).to(torch.int8).view(torch.uint8)
+    return torch.cat([d, qs], dim=-1).reshape(out, -1).numpy()
 
 
 def rotary_rows(rows: int, heads: int) -> np.ndarray:
@@ -128,7 +192,6 @@ def add_architecture(writer, config: dict) -> None:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -159,9 +222,11 @@ class GGUF:
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads") or heads
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / FILE_NAME
+        kind = block_type(source.quant)
+        path = folder / file_name(source.quant)
         writer = gguf.GGUFWriter(path, arch, use_temp_file=True)
         add_architecture(writer, config)
+        writer.add_file_type(kind.file_type)
         add_tokenizer(writer, source.folder, config["vocab_size"])
 
         def gguf_name(name: str) -> str:
@@ -182,14 +247,16 @@ class GGUF:
             for name, value in others.items():
                 add_float(own + name, value)
             for name, layer in linears.items():
-                rows = q4_1_rows(layer)
+                rows = q4_1_rows(layer) if kind is Q4_1 else format_grid_rows(layer, source.quant.grid)
                 bias = layer.bias
                 if permute and name.endswith(("q_proj", "k_proj")):
                     order = rotary_rows(rows.shape[0], heads if name.endswith("q_proj") else kv_heads)
                     rows = rows[order]
                     bias = None if bias is None else bias[torch.from_numpy(order)]
-                writer.add_tensor(gguf_name(own + name + ".weight"), np.ascontiguousarray(rows),
-                                  raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+                # the element shape and ggml's type id given as they are: a raw byte array would be
+                # reshaped through the `gguf` package's table of types, which may not know the type yet
+                writer.add_tensor(gguf_name(own + name + ".weight"), np.ascontiguousarray(rows).view(np.int8),
+                                  raw_shape=tuple(layer.codes.shape), raw_dtype=kind.ggml_type)
                 if bias is not None:
                     add_float(own + name + ".bias", bias)
         writer.write_header_to_file()

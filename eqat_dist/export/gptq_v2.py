@@ -38,6 +38,8 @@ def quantization_config(cfg: QuantConfig, method: str | None = None) -> dict:
     meta = {"quantizer": [f"eqat-dist:{__version__}"]}
     if method is not None:
         meta |= {"method": method, "method_detail": METHODS[method]}
+    if cfg.format_grid is not None:  # trained on a serving format's own grid (zero points fixed, scales signed)
+        meta["grid"] = cfg.grid
     return {
         "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "sym": False,
         "desc_act": False, "lm_head": False, "checkpoint_format": "gptq_v2", "format": "gptq_v2",
@@ -191,7 +193,7 @@ def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("checkpoint_format") != "gptq_v2" or qc.get("sym") or qc.get("desc_act"):
         raise CheckpointError(f"{path}: only asymmetric GPTQ v2 checkpoints without act-order are supported.")
-    return QuantConfig(qc["bits"], qc["group_size"])
+    return QuantConfig(qc["bits"], qc["group_size"], grid=qc.get("meta", {}).get("grid", "asym"))
 
 
 def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -58,14 +59,27 @@ class TokenSplit:
     part: int = 0  # this rank's place among the S
     group: object = None  # a SumGroup of the S ranks (cluster/transport.py); None when parts == 1
 
-    @property
+    @cached_property
     def positions(self) -> torch.Tensor:
         return zigzag_positions(self.tokens, self.parts, self.part)
 
-    @property
+    @cached_property
     def all_positions(self) -> torch.Tensor:
         """Every rank's positions, in rank order: the order of the gathered keys and values."""
         return torch.cat([zigzag_positions(self.tokens, self.parts, p) for p in range(self.parts)])
+
+    def mask(self, device, sliding_window: int | None = None) -> torch.Tensor:
+        """[this rank's tokens, the window's] True where a query may see a key: causal by global position,
+        within `sliding_window` (HF's: a key is seen while q - k < window). Made once per device and window."""
+        key = (str(device), sliding_window)
+        masks = self.__dict__.setdefault("_masks", {})
+        if key not in masks:
+            q, k = self.positions.to(device), self.all_positions.to(device)
+            allowed = k[None, :] <= q[:, None]
+            if sliding_window:
+                allowed &= k[None, :] > q[:, None] - sliding_window
+            masks[key] = allowed
+        return masks[key]
 
     @property
     def local_tokens(self) -> int:
@@ -97,9 +111,9 @@ class TokenSplit:
 
 
 class _GatherTokens(torch.autograd.Function):
-    """[B, heads, t, d] on each of S ranks -> [B, heads, S*t, d] (rank order) on all; the backward sums
-    the gathered gradient over the ranks and keeps each rank's own slice (the gradient of its keys
-    from every rank's queries)."""
+    """[..., t, d] on each of S ranks -> [..., S*t, d] (rank order) on all (tokens on the second-last
+    dimension); the backward sums the gathered gradient over the ranks and keeps each rank's own slice
+    (the gradient of its keys from every rank's queries)."""
 
     @staticmethod
     def forward(ctx, local: torch.Tensor, split: TokenSplit) -> torch.Tensor:
@@ -107,14 +121,14 @@ class _GatherTokens(torch.autograd.Function):
         laid_out = local.new_zeros(split.parts, *local.shape)
         laid_out[split.part] = local
         split.group.allreduce_sum_(laid_out)
-        return torch.cat(laid_out.unbind(0), dim=2)
+        return torch.cat(laid_out.unbind(0), dim=-2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         split = ctx.split
         summed = grad.float().contiguous()  # the S partial gradients summed in float32, as one matmul would
         split.group.allreduce_sum_(summed)
-        return summed.chunk(split.parts, dim=2)[split.part].to(grad.dtype).contiguous(), None
+        return summed.chunk(split.parts, dim=-2)[split.part].to(grad.dtype).contiguous(), None
 
 
 def gather_tokens(local: torch.Tensor, split: TokenSplit) -> torch.Tensor:
@@ -131,19 +145,16 @@ def split_attention(module: nn.Module, query, key, value, attention_mask, dropou
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
-    key, value = gather_tokens(key, split), gather_tokens(value, split)
-    q_pos, k_pos = split.positions.to(query.device), split.all_positions.to(query.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if sliding_window:  # HF's sliding window: a key is seen while q - k < window
-        allowed &= k_pos[None, :] > q_pos[:, None] - sliding_window
-    repeat = getattr(module, "num_key_value_groups", 1)
-    if repeat > 1:
-        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    key, value = gather_tokens(torch.stack([key, value]), split).unbind(0)  # one exchange for both
+    allowed = split.mask(query.device, sliding_window)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if softcap is None:
+    repeat = getattr(module, "num_key_value_groups", 1)
+    if softcap is None:  # grouped-query attention in the kernel: no repeated copy of the keys and values
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout,
-                                                         scale=scale)
+                                                         scale=scale, enable_gqa=repeat > 1)
     else:  # Gemma 2's soft cap on the attention logits: the eager way, as HF does
+        if repeat > 1:
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
         weights = torch.matmul(query, key.transpose(2, 3)) * scale
         weights = torch.tanh(weights / softcap) * softcap
         weights = weights.masked_fill(~allowed, float("-inf"))

@@ -10,6 +10,22 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 INITS = ("minmax", "clip", "gptq")
 
 
+@dataclass(frozen=True)
+class FormatGrid:
+    """A serving format's own grid, which a run can train into exactly: `bits`-bit codes in groups of
+    `group`, read as (code - `zero`) x d with one float16 d a group, d of either sign (llama.cpp's
+    Q2_0, Q4_0 and Q8_0; ggml-common.h)."""
+    bits: int
+    group: int
+    zero: int  # the format's fixed offset: the zero point is this, never trained
+    gguf_type: str  # llama.cpp's name for the block type
+
+
+# `grid` asym: the paper's uniform asymmetric grid (learned zero points); else a llama.cpp type's grid
+GRIDS = {"q2_0": FormatGrid(2, 64, 1, "Q2_0"), "q4_0": FormatGrid(4, 32, 8, "Q4_0"),
+         "q8_0": FormatGrid(8, 32, 128, "Q8_0")}
+
+
 class QuantConfigError(ValueError):
     """A bit width or group size that cannot be used, with the fix in the message (settings in backquotes,
     shown as flags by the command line)."""
@@ -20,10 +36,20 @@ class QuantConfig:
     bits: int
     group_size: int  # -1 = one group per output row (per channel)
     init: str = "minmax"
+    grid: str = "asym"  # asym (learned zero points) or a key of GRIDS (the zero point fixed, d signed)
 
     def __post_init__(self):
         if self.init not in INITS:
             raise QuantConfigError(f"`init` {self.init} is not known; use one of {', '.join(INITS)}.")
+        if self.grid != "asym" and self.grid not in GRIDS:
+            raise QuantConfigError(f"`grid` {self.grid} is not known; use asym or one of {', '.join(GRIDS)}.")
+        fixed = GRIDS.get(self.grid)
+        if fixed is not None and (self.bits, self.group_size) != (fixed.bits, fixed.group):
+            raise QuantConfigError(f"`grid` {self.grid} is llama.cpp's {fixed.gguf_type}: {fixed.bits}-bit codes in "
+                                   f"groups of {fixed.group}; use `wbits` {fixed.bits} `group_size` {fixed.group}.")
+        if fixed is not None and self.init == "gptq":
+            raise QuantConfigError(f"`init` gptq chooses its own zero points; `grid` {self.grid} fixes them: use "
+                                   "`init` clip or minmax.")
         if self.bits not in SUPPORTED_BITS:
             raise QuantConfigError(
                 f"`wbits` {self.bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}."
@@ -37,6 +63,15 @@ class QuantConfig:
     @property
     def qmax(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def format_grid(self) -> FormatGrid | None:
+        return GRIDS.get(self.grid)
+
+    @property
+    def fixed_zero(self) -> int | None:
+        """The zero point a format grid fixes (None: learned)."""
+        return None if self.format_grid is None else self.format_grid.zero
 
     def groups_in(self, in_features: int) -> int:
         """Number of groups along the input dimension of a [out, in] weight."""
@@ -63,8 +98,10 @@ class QuantConfig:
                 )
 
     def bits_per_weight(self, in_features: int) -> float:
-        """Storage cost in bits per weight: N + (N + 16) / g (fp16 scale + N-bit zero point per group)."""
-        return self.bits + (self.bits + 16) / self.effective_group(in_features)
+        """Storage cost in bits per weight: N + (N + 16) / g (fp16 scale + N-bit zero point per group);
+        N + 16 / g on a format grid, which stores no zero point."""
+        zero_bits = 0 if self.format_grid is not None else self.bits
+        return self.bits + (zero_bits + 16) / self.effective_group(in_features)
 
     def tag(self) -> str:
-        return f"w{self.bits}g{self.group_size}"
+        return f"w{self.bits}g{self.group_size}" + ("" if self.format_grid is None else f"-{self.grid}")

@@ -101,7 +101,50 @@ def clip_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, tor
 
 
 def initial_scale_zero(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """s and z of each group: on a format grid, of the weight as `grid_sign` turns it, z the format's."""
+    if cfg.format_grid is not None:
+        return fixed_zero_init(signed(weight, grid_sign(weight, cfg)), cfg)
     return clip_init(weight, cfg) if cfg.init == "clip" else minmax_init(weight, cfg)
+
+
+def grid_sign(weight: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """A format grid's d may be negative: (q - z) x d with d < 0 is the grid mirrored, so each group can
+    put the side with more levels (z below the offset, 2^N - 1 - z above it: Q2_0 has -1..+2, Q4_0 -8..+7)
+    where its weights reach further. Quantizing W with -d is quantizing -W with d and negating: the sign
+    is applied to the weight (+1 or -1 per group, [out, groups], fixed for the run)."""
+    fixed = cfg.format_grid
+    w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
+    below, above = -w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    more_above = (cfg.qmax - fixed.zero) > fixed.zero  # Q2_0: more levels above the offset
+    flip = (below > above) if more_above else (above > below)
+    return torch.where(flip, -1.0, 1.0)
+
+
+def signed(weight: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] with each group multiplied by its sign [out, groups] (differentiable)."""
+    return (grouped(weight, weight.shape[1] // sign.shape[1]) * sign.unsqueeze(-1)).reshape(weight.shape)
+
+
+def fixed_zero_init(weight: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """s of each group with z fixed at the format's offset: the smallest that holds the group's range
+    (minmax), or the shrink of it with the least squared weight error (clip, over CLIP_GRID)."""
+    z, qmax = cfg.format_grid.zero, cfg.qmax
+    w = grouped(weight.detach().float(), cfg.effective_group(weight.shape[1]))
+    below, above = -w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    widest = torch.maximum(below / z, above / (qmax - z)).clamp(SCALE_MIN, SCALE_MAX)
+    zero = torch.full_like(widest, float(z))
+    best_scale = widest
+    if cfg.init == "clip":
+        def error(scale):
+            s = scale.unsqueeze(-1)
+            return (((w / s).round() + z).clamp(0, qmax).sub_(z).mul_(s).sub_(w)).square_().sum(-1)
+        best = error(widest)
+        for factor in CLIP_GRID[1:]:
+            scale = (widest * factor).clamp(SCALE_MIN, SCALE_MAX)
+            e = error(scale)
+            better = e < best
+            best, best_scale = torch.where(better, e, best), torch.where(better, scale, best_scale)
+    return best_scale, zero
 
 
 def quantize_to_int(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig):
@@ -183,14 +226,19 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
         scale, zero = initial_scale_zero(self.weight, cfg)
         self.scale = nn.Parameter(scale)
-        self.zero = nn.Parameter(zero)
+        self.zero = nn.Parameter(zero, requires_grad=cfg.fixed_zero is None)  # a format grid fixes it
+        # a format grid's sign of d per group [out, groups], applied to the weight (grid_sign); None: asym
+        self.register_buffer("sign", None if cfg.format_grid is None else grid_sign(self.weight, cfg))
         self.fixed_weight = None  # set for a pass that does not train (models/quantize.weights_fixed)
 
     def quantized_weight(self) -> torch.Tensor:
+        weight = self.weight if self.sign is None else signed(self.weight, self.sign)
         if kernels.enabled_for(self.weight):  # one fused pass over W each way (eqat_dist/kernels)
             from ..kernels.fake_quant import fake_quantize as fused
-            return fused(self.weight, self.scale, self.zero, self.cfg.qmax, self.cfg.effective_group(self.in_features))
-        return fused_fake_quantize(self.weight, self.scale, self.zero, self.cfg)
+            out = fused(weight, self.scale, self.zero, self.cfg.qmax, self.cfg.effective_group(self.in_features))
+        else:
+            out = fused_fake_quantize(weight, self.scale, self.zero, self.cfg)
+        return out if self.sign is None else signed(out, self.sign)
 
     def fix_weight(self) -> None:
         """Quantize once for the batches of a pass that does not train; `fixed_weight = None` undoes it."""
@@ -202,9 +250,12 @@ class QuantLinear(nn.Module):
         return nn.functional.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def to_int(self):
-        """(codes [out, in] int32, zeros [out, groups] int32, scales [out, groups] float32)."""
-        codes, zeros = quantize_to_int(self.weight, self.scale, self.zero, self.cfg)
-        return codes, zeros, self.scale.detach().float().clamp(SCALE_MIN, SCALE_MAX)
+        """(codes [out, in] int32, zeros [out, groups] int32, scales [out, groups] float32): (codes - zeros)
+        x scales is the trained weight; on a format grid the scales carry each group's sign."""
+        weight = self.weight if self.sign is None else signed(self.weight, self.sign)
+        codes, zeros = quantize_to_int(weight, self.scale, self.zero, self.cfg)
+        scales = self.scale.detach().float().clamp(SCALE_MIN, SCALE_MAX)
+        return codes, zeros, scales if self.sign is None else scales * self.sign
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.cfg.tag()}"

@@ -4,15 +4,17 @@ from __future__ import annotations
 # The method's choices at the paper's values (config/recipes.py's `paper`). A run's record leaves a choice out
 # at this value, so records from before the choice existed compare equal; a missing key reads as this.
 PAPER_CHOICES = {"init": "minmax", "loss": "mse"}
+# What a record leaves out reads as this (the recipe's choices at the paper's, the grid asymmetric)
+RECORD_DEFAULTS = PAPER_CHOICES | {"grid": "asym"}
 
 
 def _value(record: dict, key: str):
-    return record.get(key, PAPER_CHOICES.get(key))
+    return record.get(key, RECORD_DEFAULTS.get(key))
 
 
 def describe_differences(before: dict, now: dict, keys=None) -> str:
     """'lr: was 0.001, now 0.002; ...' over `keys` (default: every key of either), '' when they agree."""
-    keys = set(before) | set(now) if keys is None else set(keys) | (set(before) & set(PAPER_CHOICES))
+    keys = set(before) | set(now) if keys is None else set(keys) | (set(before) & set(RECORD_DEFAULTS))
     return "; ".join(f"{k}: was {_value(before, k)!r}, now {_value(now, k)!r}"
                      for k in sorted(keys) if _value(before, k) != _value(now, k))
 
