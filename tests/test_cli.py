@@ -25,6 +25,9 @@ def _args(tmp_path, *extra):
     (["--group-size", "128"], "--group-size 128 does not divide the input width 576 .*--group-size 32 or 64"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--activations", "gpu", "--device", "cpu"], "--activations gpu needs a CUDA device"),
+    (["--grid", "q2_0", "--group-size", "32"], "--grid q2_0 is llama.cpp's Q2_0: 2-bit codes in groups of 64; use "
+                                               "--wbits 2 --group-size 64"),
+    (["--grid", "q4_0", "--wbits", "4", "--group-size", "32", "--init", "gptq"], "--init gptq chooses its own zero"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):

@@ -71,6 +71,13 @@ def test_compressed_tensors_decompressor_restores_our_weights_exactly(tmp_path, 
     assert check_compressed_tensors(source, convert(source, "compressed-tensors", tmp_path / "ct")) == 14
 
 
+@pytest.mark.parametrize("grid", ["q2_0", "q4_0"])
+def test_a_format_grids_signed_scales_and_fixed_zero_points_travel_in_compressed_tensors(tmp_path, grid):
+    """A fixed zero point is a stored one, and a negative scale a scale: the decompressor gives our weights."""
+    source = tiny_grid_export(tmp_path, grid)
+    assert check_compressed_tensors(source, convert(source, "compressed-tensors", tmp_path / "ct")) == 14
+
+
 def test_transformers_loads_compressed_tensors_with_our_logits(tmp_path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 

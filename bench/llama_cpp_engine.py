@@ -3,9 +3,9 @@ llama-cpp-python sdist on PyPI vendors (pinned), and the check that llama.cpp ru
 own export: `llama-perplexity` on the GGUF against our evaluation of the GPTQ v2 export on the same
 token ids (llama.cpp's tokenization of the same text), the same windows and the same scored half.
 
-    python bench/llama_cpp.py build                                  # once: about 4 minutes on 2 cores
-    python bench/llama_cpp.py check RUN [--text wiki] [--ctx 512] [--chunks 8]
-    python bench/llama_cpp.py quantize MODEL_GGUF TYPE OUT [--imatrix-text boolq]   # llama.cpp's own types
+    python bench/llama_cpp_engine.py build                                  # once: about 4 minutes on 2 cores
+    python bench/llama_cpp_engine.py check RUN [--text wiki] [--ctx 512] [--chunks 8]
+    python bench/llama_cpp_engine.py quantize MODEL_GGUF TYPE OUT [--imatrix-text boolq]   # llama.cpp's own types
 
 RUN is a run's output folder (its GPTQ v2 export, and export-gguf/ beside it, or made here with `eqat-dist
 export`). The tools live in $EQAT_CACHE/llama.cpp/<version>/bin (default ~/.cache/eqat-dist); set
@@ -44,7 +44,7 @@ def tools_dir() -> Path:
 def tool(name: str) -> Path:
     path = tools_dir() / name
     if not path.exists():
-        sys.exit(f"{path} is not built: run `python bench/llama_cpp.py build` first (or set EQAT_LLAMA_CPP)")
+        sys.exit(f"{path} is not built: run `python bench/llama_cpp_engine.py build` first (or set EQAT_LLAMA_CPP)")
     return path
 
 
