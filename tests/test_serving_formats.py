@@ -159,7 +159,7 @@ def test_a_format_grid_run_becomes_llama_cpps_own_type_without_loss(tmp_path, gr
     got = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).copy())
     assert torch.equal(got, ours.block(0)[0]["mlp.down_proj"].dequantized())
     rel_max, top1 = _logit_errors(_transformers_gguf(folder, kind), _ours(source), torch.randint(0, 300, (2, 16)))
-    assert rel_max < 1e-5 and top1 == 1.0
+    assert rel_max < 5e-3 and top1 >= 0.95  # the embeddings and lm_head in F16, as for Q4_1
 
 
 def _transformers_gguf(folder: Path, kind: str):

@@ -89,7 +89,7 @@ def q4_1_rows(layer: QuantizedLinear) -> np.ndarray:
 
 def _half_bytes(d: torch.Tensor, out: int) -> torch.Tensor:
     """float16 [out, blocks] -> its bytes [out, blocks, 2] (little-endian, as ggml reads them)."""
-    return d.to(torch.float16).contiguous().view(torch.uint8).view(out, -1, 2)
+    return d.to(torch.float16).flatten().view(torch.uint8).view(out, -1, 2)  # flatten: strides of a [out, 1] view
 
 
 def _nibbles(codes: torch.Tensor) -> torch.Tensor:
