@@ -49,7 +49,7 @@ def tool(name: str) -> Path:
 
 
 def built() -> bool:
-    return all((tools_dir() / name).exists() for name in TOOLS)
+    return all((tools_dir() / name).exists() for name in TOOLS) and (tools_dir() / "convert").is_dir()
 
 
 def build(jobs: int = 2) -> Path:
@@ -76,8 +76,24 @@ def build(jobs: int = 2) -> Path:
         partial.mkdir(parents=True)
         for name in TOOLS:
             shutil.copy2(build_dir / "bin" / name, partial / name)
+        for name in CONVERTER:  # llama.cpp's own HF -> GGUF converter and the gguf-py it is written for
+            copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
+            copy(source / name, partial / "convert" / name)
         partial.rename(target)
     return target
+
+
+CONVERTER = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+
+
+def float_gguf(model_folder: Path, out: Path, outtype: str = "f16") -> Path:
+    """A float GGUF of an HF model by llama.cpp's own converter (the baselines start from it; it reads
+    SentencePiece when a model has it: `pip install sentencepiece`)."""
+    convert = tools_dir() / "convert"
+    env = dict(os.environ, PYTHONPATH=f"{convert / 'gguf-py'}{os.pathsep}{convert}")
+    subprocess.run([sys.executable, str(convert / "convert_hf_to_gguf.py"), str(model_folder), "--outtype", outtype,
+                    "--outfile", str(out)], check=True, capture_output=True, env=env)
+    return out
 
 
 def eval_text(source: str, folder: Path, limit_chars: int = 400_000) -> Path:
@@ -137,24 +153,45 @@ def adds_bos(export: Path, ids: list[int], text: Path) -> int | None:
     return bos if bos is not None and ids and ids[0] == bos and plain[:1] != [bos] else None
 
 
-def check(run: Path, source: str, ctx: int, chunks: int) -> dict:
-    """Both perplexities on the same token ids; the GGUF is the run's export-gguf, else written here."""
-    from eqat_dist.export.gguf_file import file_name
+def check(run: Path, source: str, ctx: int, chunks: int, tokens_from: Path | None = None) -> dict:
+    """Both perplexities on the same token ids; the GGUF is the run's export-gguf, else written here. A run
+    no GGUF type holds (`tokens_from`: a GGUF of the same tokenizer) gets our figure alone."""
+    from eqat_dist.export.gguf_file import block_type, file_name
     from eqat_dist.export.packed_source import PackedExport
 
     quant = PackedExport(run).quant
-    gguf = run / "export-gguf" / file_name(quant)
-    if not gguf.exists():
-        from eqat_dist.export.convert import convert
-        gguf = convert(run, "gguf", Path(tempfile.mkdtemp()) / "gguf") / file_name(quant)
+    gguf = None
+    if block_type(quant) is not None:
+        gguf = run / "export-gguf" / file_name(quant)
+        if not gguf.exists():
+            from eqat_dist.export.convert import convert
+            gguf = convert(run, "gguf", Path(tempfile.mkdtemp()) / "gguf") / file_name(quant)
     with tempfile.TemporaryDirectory() as tmp:
         text = eval_text(source, Path(tmp))
-        ids = llama_tokens(gguf, text)
+        ids = llama_tokens(gguf or tokens_from, text)
         bos = adds_bos(run, ids, text)
-        theirs = llama_perplexity(gguf, text, ctx, chunks)
+        theirs = llama_perplexity(gguf, text, ctx, chunks) if gguf else None
         ours = our_perplexity(run, ids, ctx, chunks, bos)
-    return {"run": str(run), "grid": quant.tag(), "gguf": gguf.name, "text": source, "ctx": ctx, "chunks": chunks,
-            "llama_cpp": theirs, "ours": ours, "relative": theirs / ours - 1, "bytes": gguf.stat().st_size}
+    return {"run": str(run), "grid": quant.tag(), "gguf": gguf.name if gguf else None, "text": source, "ctx": ctx,
+            "chunks": chunks, "llama_cpp": theirs, "ours": ours,
+            "relative": None if theirs is None else theirs / ours - 1, "bytes": gguf.stat().st_size if gguf else None}
+
+
+def file_perplexity(gguf: Path, source: str, ctx: int, chunks: int) -> float:
+    """llama-perplexity of any GGUF on one of our evaluation texts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return llama_perplexity(gguf, eval_text(source, Path(tmp)), ctx, chunks)
+
+
+def tensor_bytes(gguf: Path) -> dict[str, tuple[int, int]]:
+    """{tensor: (bytes, elements)} of a GGUF, read by the gguf-py llama.cpp ships with these tools (the
+    `gguf` package may predate a type, Q2_0), in a process of its own (both are called `gguf`)."""
+    import json
+    code = ("import json, sys, gguf; r = gguf.GGUFReader(sys.argv[1]); "
+            "print(json.dumps({t.name: [int(t.n_bytes), int(t.n_elements)] for t in r.tensors}))")
+    env = dict(os.environ, PYTHONPATH=str(tools_dir() / "convert" / "gguf-py"))
+    done = subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True, text=True, check=True, env=env)
+    return {k: tuple(v) for k, v in json.loads(done.stdout).items()}
 
 
 def quantize(model_gguf: Path, kind: str, out: Path, imatrix_text: str | None = None) -> Path:
