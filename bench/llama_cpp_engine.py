@@ -66,11 +66,14 @@ def build(jobs: int = 2) -> Path:
             archive.extractall(tmp, filter="data")
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         build_dir = Path(tmp) / "build"
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TOOLS], check=True,
-                       stdout=subprocess.DEVNULL)
+        log = Path(tmp) / "build.log"
+        with open(log, "w") as out:  # the compiler's warnings stay out of the caller's log
+            for step in (["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                          "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                          "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_NATIVE=ON"],
+                         ["cmake", "--build", str(build_dir), "-j", str(jobs), "--target", *TOOLS]):
+                if subprocess.run(step, stdout=out, stderr=subprocess.STDOUT).returncode:
+                    sys.exit(f"building llama.cpp failed ({' '.join(step[:2])}):\n{log.read_text()[-3000:]}")
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)

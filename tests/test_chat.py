@@ -167,6 +167,7 @@ def test_chat_e2e_run_trains_the_scales_on_the_bundled_chat_set(tmp_path, bundle
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith(".scales"))
 
 
+@pytest.mark.slow
 def test_chat_data_problems_are_refused_before_any_work(tmp_path):
     from transformers import AutoTokenizer
 

@@ -93,6 +93,7 @@ def test_config_file_with_flag_override(tmp_path):
     assert (args.quant.bits, args.quant.group_size, args.blockap.epochs) == (3, 32, 0)
 
 
+@pytest.mark.slow
 def test_cli_exits_with_one_line_message(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *_args(tmp_path, "--wbits", "7")],
                             capture_output=True, text=True)
@@ -349,6 +350,7 @@ def test_ctrl_c_in_one_process_ends_with_one_line_naming_the_block_and_what_is_k
     assert not (out / "blockap" / "block_0029.safetensors").exists()  # stopped mid-run, not after it
 
 
+@pytest.mark.slow
 def test_a_runtime_failure_with_nothing_saved_does_not_claim_finished_work(tmp_path):
     """A corrupt model file is found when the weights are read: exit 1, one line naming the file, no
     traceback (unless --debug), and no 'Finished work is kept' where there is none."""

@@ -166,6 +166,7 @@ def test_scales_only_training_lowers_the_loss_of_a_real_2bit_model(tmp_path, bun
     assert results["e2e"]["integers_unchanged"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["single-gpu", "zero3"])
 def test_model_built_for_deepspeed_equals_the_plain_loader(rtn_export, monkeypatch, ds_config):
     """Same float32 logits as `load_packed_model` (catches an untied lm_head, a tensor left unloaded, and

@@ -11,6 +11,7 @@ from eqat_dist.config import EvalConfig
 from eqat_dist.phases.evaluation import dispatched, evaluate, fp_device_map
 
 
+@pytest.mark.slow
 def test_a_model_dispatched_over_two_devices_is_evaluated_in_place(monkeypatch):
     from transformers import AutoTokenizer
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.slow  # a venv of GPTQModel and runs on the real model
 ROOT = Path(__file__).resolve().parents[1]
 RUN = str(ROOT / "launch" / "run.py")
 LOADERS = str(ROOT / "tests" / "interop" / "gptq_loaders.py")

@@ -235,6 +235,7 @@ def test_an_output_folder_that_is_not_shared_is_refused_in_one_line(tmp_path):
     assert not list(node_a.iterdir())  # the mark is removed
 
 
+@pytest.mark.slow
 def test_a_launcher_whose_world_mpi_does_not_see_is_refused_in_one_line(tmp_path):
     """OpenMPI's variables for 2 ranks, but mpi4py (MPICH here) initialises as a singleton: before, the
     process ran the whole job as rank 0 of 1 and exited 0."""

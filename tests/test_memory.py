@@ -15,6 +15,7 @@ print(before, host_peak_rss_mib())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and exec's ru_maxrss rule are Linux's")
 def test_a_child_of_a_big_parent_reports_its_own_peak():
     """ru_maxrss survives exec (a process started by a 1 GiB parent reported >= 1 GiB: the scaling benchmark

@@ -87,6 +87,7 @@ def test_advice_makes_70b_at_the_papers_budget_fit_one_node_of_eight_gpus():
     assert report(arch, _settings(teacher, 8, 8, "gpu"), node)["phases"]["block-ap"]["hours"] < alone / 7
 
 
+@pytest.mark.slow
 def test_plan_needs_only_config_json(tmp_path):
     (tmp_path / "config.json").write_text((ROOT / "eqat_dist" / "planning" / "configs" / "llama-2-7b.json").read_text())
     done = subprocess.run([sys.executable, "-m", "eqat_dist.cli", "plan", "--model", str(tmp_path), "--json",
@@ -98,6 +99,7 @@ def test_plan_needs_only_config_json(tmp_path):
     assert bad.returncode == 2 and "does not divide" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_run_that_will_not_fit_is_refused_before_any_work(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m", "--output", str(tmp_path / "o"),
            "--train-size", "5000", "--seqlen", "2048", "--activations", "cpu"]  # 45 GiB of stores in host memory

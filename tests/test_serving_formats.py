@@ -202,6 +202,7 @@ def bundled_w4(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_run_writes_every_format_beside_its_gptq_export(bundled_w4):
     for name in ("compressed-tensors", "awq"):
         config = json.loads((bundled_w4 / f"export-{name}" / "config.json").read_text())
@@ -210,6 +211,7 @@ def test_a_run_writes_every_format_beside_its_gptq_export(bundled_w4):
     assert (bundled_w4 / "export-gguf" / "model-Q4_1.gguf").stat().st_size > 50e6
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_matches_llama_cpp_and_transformers_reads_it(bundled_w4):
     import gguf
     from transformers import AutoTokenizer
@@ -227,6 +229,7 @@ def test_gguf_tokenizer_matches_llama_cpp_and_transformers_reads_it(bundled_w4):
     assert theirs(TEXT).input_ids == mine(TEXT).input_ids
 
 
+@pytest.mark.slow
 def test_export_command_converts_a_run_and_refuses_bad_outputs_in_one_line(bundled_w4, tmp_path):
     from eqat_dist.cli import main
 
@@ -258,6 +261,7 @@ def test_export_command_converts_a_run_and_refuses_bad_outputs_in_one_line(bundl
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), original.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_a_run_refuses_a_format_that_cannot_hold_its_width_before_any_work(tmp_path):
     for fmt, bits, expected in (("gguf", 2, "no GGUF type holds"), ("awq", 3, "4-bit weights only"),
                                 ("gguf,safetensors", 4, "'safetensors' is not known")):
@@ -267,6 +271,7 @@ def test_a_run_refuses_a_format_that_cannot_hold_its_width_before_any_work(tmp_p
         assert "--export-format" in result.stderr and not (tmp_path / fmt).exists()
 
 
+@pytest.mark.slow
 def test_a_new_export_replaces_serving_folders_converted_from_the_earlier_weights(tmp_path):
     from eqat_dist.export.staging import new_stage, publish
     from eqat_dist.run_folder import RunFolder

@@ -1,3 +1,4 @@
+import pytest
 """Zero-shot through lm-evaluation-harness: its own task definitions read the bundled data, the subset
 is fixed, and its accuracy is the argmax of log-likelihoods computed here by the plain definition."""
 import math
@@ -20,6 +21,7 @@ def _manager():
     return TaskManager()
 
 
+@pytest.mark.slow
 def test_tasks_are_the_harness_definitions_reading_the_bundled_validation_splits():
     manager = _manager()
     piqa = task_config("piqa", manager)
@@ -49,6 +51,7 @@ def _reference_logprob(model, tok, context: str, continuation: str) -> float:
     return sum(lp[t - 1, whole[t]].item() for t in range(len(whole) - n, len(whole)))
 
 
+@pytest.mark.slow
 def test_harness_accuracy_is_the_argmax_of_reference_logprobs():
     tok = _tokenizer()
     model = tiny_model("llama", vocab=len(tok))
