@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", type=int, default=None, metavar="D",
                    help="ranks that train each block together, each on 1/D of the windows, gradients summed every "
                         "step (the steps of one rank at --batch-size, which stays the global batch); the N ranks "
-                        "form N/D groups, blocks round-robin over the groups. Default: the largest D that divides "
-                        "both N and --batch-size (at the paper's batch 2 on 2 ranks: 2, pure data parallel)")
+                        "form N/(D x S) groups (--sequence-parallel S), blocks round-robin over the groups. Default: "
+                        "the largest D that divides both the group and --batch-size (at the paper's batch 2 on 2 "
+                        "ranks: 2, pure data parallel)")
     p.add_argument("--sequence-parallel", type=int, default=None, metavar="S",
                    help="ranks that split each window's tokens (two chunks each, zig-zag, for the causal mask's "
                         "balance), attention gathering the window's keys and values over them: a group of D x S "
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-work", default="auto", choices=["auto", "split", "replicated"],
                    help="data-parallel Block-AP: split the work on the block's weights (fake quantization, clipping, "
                         "optimizer) among a group's ranks, each linear's by one rank that sends the others its "
-                        "quantized weight, or repeat it on every rank. auto: split on the CPU, replicated on GPUs. "
+                        "quantized weight, or repeat it on every rank. auto: split on the CPU; on GPUs as the plan finds faster. "
                         "The same steps either way (float sums in another order)")
     p.add_argument("--stop-signals", default=",".join(STOP_DEFAULT), metavar="SIG[,SIG]",
                    help="signals that stop the run cleanly besides SIGTERM and SIGINT (every rank stops within "
