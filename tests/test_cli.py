@@ -140,7 +140,7 @@ def test_rtn_run_on_the_real_model_writes_export_results_and_report(tmp_path):
     assert rebuilt[0] == "eqat-dist" and run["argv"] == argv and run["command"] in report
     assert vars(parse_flags(rebuilt[1:])) == vars(parse_flags(argv)) == {**run["flags"], "config": None, "local_rank": None}
     assert settings_from_flags(parse_flags(rebuilt[1:])) == settings_from_flags(parse_flags(argv))
-    assert run["settings"]["quant"] == {"bits": 4, "group_size": 64, "init": "minmax"}
+    assert run["settings"]["quant"] == {"bits": 4, "group_size": 64, "init": "minmax", "grid": "asym"}
     assert {"torch", "transformers", "eqat-dist"} <= set(run["versions"]) and run["launch"]["ranks"] == 1
 
     # --phase eval --from the run, nothing else: the run's model and evaluation settings, results beside it
