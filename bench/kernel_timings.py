@@ -40,7 +40,7 @@ def packed_layer(bits: int, out_f: int, in_f: int, group: int = 64, device="cpu"
 @contextlib.contextmanager
 def packed_way(way: str):
     """The packed layer's path inside the block: "dequant" or "fused" (EQAT_PACKED_LINEAR), or "pytorch"
-    (EQAT_KERNELS=0: PackedLinear's own dequantize-then-matmul, the reference)."""
+    (EQAT_KERNELS=0, the environment override of --no-kernels: PackedLinear's own dequantize-then-matmul, the reference)."""
     name, value = ("EQAT_KERNELS", "0") if way == "pytorch" else ("EQAT_PACKED_LINEAR", way)
     before = os.environ.get(name)
     os.environ[name] = value

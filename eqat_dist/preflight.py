@@ -9,7 +9,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from .config.run_config import RunConfig, describe_differences
+from .config.run_config import RunConfig
+from .utils.compare import describe_differences
 from .run_folder import RunFolder
 from .utils.compare import recipe_hint
 
@@ -246,8 +247,6 @@ def check_plan(cfg: RunConfig) -> None:
     """The plan for this machine (planning/), before any work: refused when the run will not fit."""
     if cfg.ignore_plan:
         return
-    import torch
-
     from .planning import arch_at_hand, gpu_kind, report, settings_for, this_machine
 
     arch = arch_at_hand(cfg.model_config)

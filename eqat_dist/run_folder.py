@@ -67,10 +67,6 @@ class RunFolder:
         return self.root / HEARTBEATS
 
     @property
-    def lock_file(self) -> Path:
-        return self.root / LOCK
-
-    @property
     def shared_check(self) -> Path:
         return self.root / SHARED_CHECK
 

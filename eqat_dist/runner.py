@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 
+from . import kernels
 from .blockap.checkpoint import ResumeError
 from .blockap.trainer import NonFiniteLossError
 from .data.text import DataError
@@ -30,6 +31,7 @@ def run(cfg: RunConfig, explain=lambda message: message) -> int:
     """The run on this rank; returns its exit code. `explain` turns a message's settings (`seqlen`) into
     what the user typed (the command line passes its flag names)."""
     launch = cfg.machine.launch
+    kernels.set_enabled(cfg.machine.kernels)
     transport = make_transport(launch)
     progress = Progress()
     folder = RunFolder(cfg.output)

@@ -144,7 +144,7 @@ def test_e2e_export_block_by_block_equals_the_whole_model_export(tmp_path, monke
     from eqat_dist.export.gptq_v2 import LazyTensors
     from eqat_dist.export import writer_for
     write_e2e_blocks = writer_for("gptq_v2").write_retrained
-    from eqat_dist.models.blocks import blocks_name
+    from eqat_dist.models.family import blocks_name
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     cfg = QuantConfig(2, 32)

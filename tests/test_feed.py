@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from eqat_dist.blockap.feed import Feed, Uploader
-from eqat_dist.blockap.stores import ActivationStore, describe_memory, remove_stale_stores, store_prefix
+from eqat_dist.run_folder import RunFolder
+from eqat_dist.blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 
 
 def _filled(placement, tmp_path, count=12, dtype=torch.float32, name="s", device_rows=0):
@@ -136,14 +137,14 @@ def test_disk_stores_of_a_stopped_run_are_reused_not_added(tmp_path):
     removed before any rank opens its own: acts/ does not grow with every restart."""
     def store(run, rank):
         return ActivationStore(4, 4, 8, torch.float32, "disk", torch.device("cpu"), tmp_path,
-                               f"{store_prefix(tmp_path / run)}-fp-train-r{rank}")
+                               f"{RunFolder(tmp_path / run).store_prefix()}-fp-train-r{rank}")
 
     killed = [store("run", r) for r in range(3)]  # a run of 3 ranks, killed: never closed
     assert len(list(tmp_path.glob("*.bin"))) == 3
     twice = store("run", 0)  # the same run and rank: the same file
     assert len(list(tmp_path.glob("*.bin"))) == 3
     other = store("other-run", 0)  # another run sharing the folder
-    removed = remove_stale_stores(tmp_path, store_prefix(tmp_path / "run"))
+    removed = remove_stale_stores(tmp_path, RunFolder(tmp_path / "run").store_prefix())
     assert len(removed) == 3 and list(tmp_path.glob("*.bin")) == [Path(other._file)]
     resumed = store("run", 0)
     assert len(list(tmp_path.glob("*.bin"))) == 2

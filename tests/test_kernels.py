@@ -181,7 +181,7 @@ def test_an_unknown_packed_linear_path_is_named(monkeypatch):
 
 def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
     """QuantLinear and PackedLinear take the kernel path when `enabled_for` says so (on CUDA tensors in
-    real runs; forced here) and give the reference path's results; EQAT_KERNELS=0 turns it off."""
+    real runs; forced here) and give the reference path's results; --no-kernels (set_enabled) or EQAT_KERNELS=0 turns it off."""
     from eqat_dist import kernels
 
     torch.manual_seed(0)
@@ -205,7 +205,12 @@ def test_the_layers_call_the_kernels_where_enabled(monkeypatch):
     class OnCuda:  # what enabled_for looks at
         is_cuda = True
     assert kernels.enabled_for(OnCuda()) and not kernels.enabled_for(x)
-    monkeypatch.setenv("EQAT_KERNELS", "0")  # --no-kernels
+    kernels.set_enabled(False)  # --no-kernels, as the runner sets it
+    try:
+        assert not kernels.enabled_for(OnCuda())
+    finally:
+        kernels.set_enabled(True)
+    monkeypatch.setenv("EQAT_KERNELS", "0")  # the environment's override
     assert not kernels.enabled_for(OnCuda())
 
 

@@ -42,11 +42,6 @@ def _runs(index: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def store_prefix(run_folder: str | os.PathLike) -> str:
-    """File-name prefix of one run's disk stores (run_folder.RunFolder.store_prefix)."""
-    from ..run_folder import RunFolder
-    return RunFolder(run_folder).store_prefix()
-
 
 def remove_stale_stores(folder: str | os.PathLike, prefix: str) -> list[Path]:
     """Delete this run's store files left by a killed run (called before any rank opens its own)."""

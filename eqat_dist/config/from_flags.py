@@ -212,8 +212,6 @@ def settled_machine(flags, cfg: RunConfig) -> MachineConfig:
         raise ConfigError("`activations` gpu needs a CUDA device; use `activations` cpu or disk")
     if cfg.streams.on_gpu_gib and device.type != "cuda":
         raise ConfigError("`activations_on_gpu` keeps part of the stores on a GPU and needs a CUDA device; leave it out")
-    if not cfg.machine.kernels:
-        os.environ["EQAT_KERNELS"] = "0"  # read by every layer, inherited by launched children
     try:
         launch = single_process(cfg.trains_e2e) if cfg.machine.single_gpu else resolve(rendezvous=cfg.trains_e2e)
     except LaunchError as err:

@@ -15,7 +15,7 @@ import torch
 from ..cluster.launch import Launch
 from ..pipelines.schedules import SCHEDULES, schedule_named
 from ..quant import QuantConfig
-from ..utils.compare import RECORD_DEFAULTS, describe_differences  # noqa: F401  (re-exported)
+from ..utils.compare import RECORD_DEFAULTS
 from ..utils.stop import DEFAULT as STOP_DEFAULT
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

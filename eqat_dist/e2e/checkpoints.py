@@ -12,8 +12,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..blockap.checkpoint import ResumeError
 from ..utils.compare import describe_differences
 from .ds_setup import convert_to_universal_format, load_engine_checkpoint

@@ -1,7 +1,8 @@
 """Triton kernels for the quantizer and the packed layers (the top-level `cuda/` links here).
 
 The PyTorch code in eqat_dist.quant is the reference and the CPU path; on a CUDA device the layers
-call these kernels instead, unless EQAT_KERNELS=0 (the CLI's --no-kernels) turns them off. Triton
+call these kernels instead, unless the run's `kernels` setting (the CLI's --no-kernels; set_enabled) or
+EQAT_KERNELS=0 in the environment (benchmarks, notebooks) turns them off. Triton
 ships with CUDA builds of PyTorch, so GPU users need no compiler; with TRITON_INTERPRET=1 the same
 kernels run on CPU tensors in Triton's interpreter, which is how the tests check them.
 """
@@ -21,9 +22,18 @@ def available() -> bool:
     return True
 
 
+_SWITCH = {"on": True}  # this process's choice, set by the runner from MachineConfig.kernels
+
+
+def set_enabled(on: bool) -> None:
+    """The run's `kernels` setting, for every layer of this process."""
+    _SWITCH["on"] = bool(on)
+
+
 def enabled_for(tensor: torch.Tensor) -> bool:
     """Whether a layer computing on `tensor` should use the kernels."""
-    return tensor.is_cuda and os.environ.get("EQAT_KERNELS", "1") != "0" and available()
+    return (tensor.is_cuda and _SWITCH["on"] and os.environ.get("EQAT_KERNELS", "1") != "0"
+            and available())
 
 
 def on_device_of(tensor: torch.Tensor):

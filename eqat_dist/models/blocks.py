@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .family import blocks_name, decoder_layers  # noqa: F401  (re-exported: where the blocks are)
+from .family import decoder_layers
 
 def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers to quantize inside one block, by their name relative to the block."""

@@ -14,7 +14,7 @@ from ..export import load_packed_model, writer_for
 from ..export.convert import write_serving_formats
 from ..export.formats import NATIVE
 from ..export.staging import publish, staged
-from ..models.blocks import blocks_name
+from ..models.family import blocks_name
 from ..run_folder import RunFolder
 from ..utils.memory import reset_peak_memory
 from ..utils.monitor import Monitor
