@@ -186,12 +186,12 @@ def file_perplexity(gguf: Path, source: str, ctx: int, chunks: int) -> float:
         return llama_perplexity(gguf, eval_text(source, Path(tmp)), ctx, chunks)
 
 
-def tensor_bytes(gguf: Path) -> dict[str, tuple[int, int]]:
-    """{tensor: (bytes, elements)} of a GGUF, read by the gguf-py llama.cpp ships with these tools (the
+def tensor_bytes(gguf: Path) -> dict[str, tuple[int, int, str]]:
+    """{tensor: (bytes, elements, type)} of a GGUF, read by the gguf-py llama.cpp ships with these tools (the
     `gguf` package may predate a type, Q2_0), in a process of its own (both are called `gguf`)."""
     import json
     code = ("import json, sys, gguf; r = gguf.GGUFReader(sys.argv[1]); "
-            "print(json.dumps({t.name: [int(t.n_bytes), int(t.n_elements)] for t in r.tensors}))")
+            "print(json.dumps({t.name: [int(t.n_bytes), int(t.n_elements), t.tensor_type.name] for t in r.tensors}))")
     env = dict(os.environ, PYTHONPATH=str(tools_dir() / "convert" / "gguf-py"))
     done = subprocess.run([sys.executable, "-c", code, str(gguf)], capture_output=True, text=True, check=True, env=env)
     return {k: tuple(v) for k, v in json.loads(done.stdout).items()}

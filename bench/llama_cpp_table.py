@@ -28,9 +28,11 @@ sys.path.insert(0, str(ROOT))
 LRS = {2: ("2e-2", "2e-3", "2e-4"), 4: ("1e-3", "1e-4", "2e-5")}  # quant, weight, E2E-QP
 OURS = {"EfficientQAT Q2_0": (2, 64, "q2_0"), "EfficientQAT w2g64 (asymmetric)": (2, 64, "asym"),
         "EfficientQAT Q4_0": (4, 32, "q4_0")}
-THEIRS = [("llama.cpp Q2_K + imatrix", "Q2_K", True), ("llama.cpp IQ2_XS + imatrix", "IQ2_XS", True),
-          ("llama.cpp IQ2_XXS + imatrix", "IQ2_XXS", True), ("llama.cpp Q4_0", "Q4_0", False),
-          ("llama.cpp Q4_K_M", "Q4_K_M", False), ("F16", None, False)]
+# (label, llama-quantize type, with an importance matrix, file stem)
+THEIRS = [("llama.cpp Q2_0 + imatrix", "Q2_0", True, "Q2_0-imatrix"), ("llama.cpp Q2_0", "Q2_0", False, "Q2_0"),
+          ("llama.cpp Q2_K + imatrix", "Q2_K", True, "Q2_K"), ("llama.cpp IQ2_XS + imatrix", "IQ2_XS", True, "IQ2_XS"),
+          ("llama.cpp IQ2_XXS + imatrix", "IQ2_XXS", True, "IQ2_XXS"), ("llama.cpp Q4_0", "Q4_0", False, "Q4_0"),
+          ("llama.cpp Q4_K_M", "Q4_K_M", False, "Q4_K_M"), ("F16", None, False, "f16")]
 
 
 def engine():
@@ -61,13 +63,30 @@ def train(name: str, bits: int, group: int, grid: str, seed: int, work: Path) ->
     return out
 
 
-def bits_per_weight(gguf: Path) -> float:
-    """Bits per quantized weight of the file's block linears (the F16 embeddings and norms left out)."""
-    e = engine()
-    sizes = e.tensor_bytes(gguf)
+def block_linears(gguf: Path) -> tuple[float, str]:
+    """Bits per weight of the file's block linears (embeddings and norms left out), and their types:
+    llama.cpp falls back to another type where a row is not a whole number of its blocks (k- and i-quants
+    need rows of 256: SmolLM2's 576 columns are not)."""
+    sizes = engine().tensor_bytes(gguf)
     linear = {k: v for k, v in sizes.items() if k.startswith("blk.") and k.endswith(".weight")
               and not k.endswith("norm.weight")}
-    return 8 * sum(b for b, _ in linear.values()) / sum(n for _, n in linear.values())
+    types: dict[str, int] = {}
+    for _, n, kind in linear.values():
+        types[kind] = types.get(kind, 0) + n
+    total = sum(n for _, n, _ in linear.values())
+    mix = ", ".join(f"{k} {100 * n / total:.0f}%" for k, n in sorted(types.items(), key=lambda x: -x[1]))
+    return 8 * sum(b for b, _, _ in linear.values()) / total, mix
+
+
+def cached(work: Path, key: str, compute):
+    """A perplexity computed once per file, text and protocol (`work/perplexities.json`): llama.cpp's Q2_0
+    has no vectorised CPU dot product yet and takes minutes per text."""
+    path = work / "perplexities.json"
+    done = json.loads(path.read_text()) if path.exists() else {}
+    if key not in done:
+        done[key] = compute()
+        path.write_text(json.dumps(done, indent=1))
+    return done[key]
 
 
 def main() -> None:
@@ -85,32 +104,35 @@ def main() -> None:
         e.float_gguf(bundled_model_dir(), f16)
     rows = []
     texts = ("wiki", "news")
-    for name, quant, imatrix in THEIRS:
-        gguf = f16 if quant is None else a.work / f"smollm2-135m-{quant}.gguf"
+    for name, quant, imatrix, stem in THEIRS:
+        gguf = a.work / f"smollm2-135m-{stem}.gguf"
         if not gguf.exists():
             e.quantize(f16, quant, gguf, "boolq" if imatrix else None)
-        ppl = {t: e.file_perplexity(gguf, t, a.ctx, a.chunks) for t in texts}
+        ppl = {t: cached(a.work, f"{gguf.name} {t} {a.ctx}x{a.chunks}",
+                         lambda t=t: e.file_perplexity(gguf, t, a.ctx, a.chunks)) for t in texts}
         rows.append((name, gguf, ppl, None))
     for name, (bits, group, grid) in OURS.items():
         for seed in a.seeds:
             run = train(name, bits, group, grid, seed, a.work)
             if grid == "asym":  # no GGUF type: our evaluation, llama.cpp's tokens and protocol
-                ppl = {t: e.check(run, t, a.ctx, a.chunks, tokens_from=f16)["ours"] for t in texts}
+                ppl = {t: cached(a.work, f"{run.name} ours {t} {a.ctx}x{a.chunks}",
+                                 lambda t=t: e.check(run, t, a.ctx, a.chunks, tokens_from=f16)["ours"]) for t in texts}
                 rows.append((f"{name}, seed {seed}", None, ppl, run))
             else:
-                checks = {t: e.check(run, t, a.ctx, a.chunks) for t in texts}
+                checks = {t: cached(a.work, f"{run.name} check {t} {a.ctx}x{a.chunks}",
+                                    lambda t=t: e.check(run, t, a.ctx, a.chunks)) for t in texts}
                 gguf = run / "export-gguf" / checks["wiki"]["gguf"]
                 rows.append((f"{name}, seed {seed}", gguf, {t: c["llama_cpp"] for t, c in checks.items()}, run,
                              {t: c["relative"] for t, c in checks.items()}))
     print(f"SmolLM2-135M, llama-perplexity, {a.chunks} x {a.ctx} tokens (second halves scored)\n")
-    print("| model | file | bits per weight (block linears) | wiki ppl | news ppl | llama.cpp vs ours, same tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| model | file | bits per weight (block linears) | their types | wiki ppl | news ppl | llama.cpp vs ours, same tokens |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         name, gguf, ppl = row[:3]
         size = f"{gguf.stat().st_size / 2**20:.1f} MiB" if gguf else "(no GGUF type)"
-        bpw = f"{bits_per_weight(gguf):.3f}" if gguf else "2.281 (GPTQ v2)"
+        bpw, mix = block_linears(gguf) if gguf else (2.281, "uint2 + zero points (GPTQ v2)")
         agree = " / ".join(f"{100 * v:+.2f}%" for v in row[4].values()) if len(row) > 4 else ""
-        print(f"| {name} | {size} | {bpw} | {ppl['wiki']:.2f} | {ppl['news']:.2f} | {agree} |")
+        print(f"| {name} | {size} | {bpw:.3f} | {mix} | {ppl['wiki']:.2f} | {ppl['news']:.2f} | {agree} |")
 
 
 if __name__ == "__main__":
