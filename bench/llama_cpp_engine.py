@@ -156,9 +156,10 @@ def adds_bos(export: Path, ids: list[int], text: Path) -> int | None:
     return bos if bos is not None and ids and ids[0] == bos and plain[:1] != [bos] else None
 
 
-def check(run: Path, source: str, ctx: int, chunks: int, tokens_from: Path | None = None) -> dict:
+def check(run: Path, source: str, ctx: int, chunks: int, tokens_from: Path | None = None,
+          engine: bool = True) -> dict:
     """Both perplexities on the same token ids; the GGUF is the run's export-gguf, else written here. A run
-    no GGUF type holds (`tokens_from`: a GGUF of the same tokenizer) gets our figure alone."""
+    no GGUF type holds (`tokens_from`: a GGUF of the same tokenizer), or `engine` False, gets our figure alone."""
     from eqat_dist.export.gguf_file import block_type, file_name
     from eqat_dist.export.packed_source import PackedExport
 
@@ -173,11 +174,18 @@ def check(run: Path, source: str, ctx: int, chunks: int, tokens_from: Path | Non
         text = eval_text(source, Path(tmp))
         ids = llama_tokens(gguf or tokens_from, text)
         bos = adds_bos(run, ids, text)
-        theirs = llama_perplexity(gguf, text, ctx, chunks) if gguf else None
+        theirs = llama_perplexity(gguf, text, ctx, chunks) if gguf and engine else None
         ours = our_perplexity(run, ids, ctx, chunks, bos)
     return {"run": str(run), "grid": quant.tag(), "gguf": gguf.name if gguf else None, "text": source, "ctx": ctx,
             "chunks": chunks, "llama_cpp": theirs, "ours": ours,
             "relative": None if theirs is None else theirs / ours - 1, "bytes": gguf.stat().st_size if gguf else None}
+
+
+def check_name(run: Path) -> str:
+    """The GGUF file name of a run's grid (export-gguf/NAME)."""
+    from eqat_dist.export.gguf_file import file_name
+    from eqat_dist.export.packed_source import PackedExport
+    return file_name(PackedExport(run).quant)
 
 
 def file_perplexity(gguf: Path, source: str, ctx: int, chunks: int) -> float:
