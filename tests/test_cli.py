@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import sigint_as_default, tiny_model
-from eqat_dist.cli import UsageError, parse_args
+from eqat_dist.cli import UsageError, build_parser, parse_args
 from eqat_dist.preflight import blockap_already_done
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -638,3 +638,27 @@ def test_bad_sequence_parallel_layouts_are_refused_in_one_line_before_any_work(t
     with pytest.raises(preflight.PreflightError, match="`sequence_parallel` splits the attention of llama, mistral, "
                                                        "qwen2, gemma3_text models; phi is not one of them"):
         preflight.check_sequence_parallel(cfg)
+
+
+def test_a_flag_and_its_run_config_field_default_alike():
+    """Until each setting is declared once (issue 42), a default written both as a flag's and as a RunConfig
+    field's must not drift: the library (RunConfig built in code) and the command line run the same method.
+    A flag whose default is None is resolved at run time (per width, per world) and is left out."""
+    import dataclasses
+
+    from eqat_dist.config.run_config import BlockAPConfig, E2EConfig, EvalConfig
+
+    flags = {a.dest: a.default for a in build_parser()._actions}
+    checked, drift = 0, []
+    for part, prefix in ((BlockAPConfig, ""), (E2EConfig, "e2e_"), (EvalConfig, "eval_")):
+        for field in dataclasses.fields(part):
+            flag = flags.get(prefix + field.name)
+            if flag is None or field.default is dataclasses.MISSING:
+                continue
+            if isinstance(field.default, tuple):  # a list flag: comma-separated text
+                flag = tuple(x for x in flag.split(",") if x)
+            checked += 1
+            if flag != field.default:
+                drift.append(f"--{(prefix + field.name).replace('_', '-')} {flag!r} vs {part.__name__}.{field.name} "
+                             f"{field.default!r}")
+    assert checked >= 20 and drift == []
