@@ -4,11 +4,12 @@
 - ours: Block-AP then E2E-QP on the bundled SmolLM2-135M trained into `--grid q2_0` / `--grid q4_0` (the
   GGUF holds the trained model as it is), and the asymmetric w2g64 (no GGUF type holds it: scored by our
   own evaluation with llama-perplexity's protocol on llama.cpp's token ids);
-- llama.cpp's: Q2_K, IQ2_XS and IQ2_XXS with an importance matrix from `llama-imatrix` on our calibration
-  text (boolq), Q4_0 and Q4_K_M, from an F16 GGUF written by llama.cpp's converter; F16 itself.
+- llama.cpp's: Q2_0 (with and without an importance matrix), Q2_K, IQ2_XS and IQ2_XXS with an importance
+  matrix from `llama-imatrix` on our calibration text (boolq), Q4_0 and Q4_K_M, from an F16 GGUF written by
+  llama.cpp's converter; F16 itself.
 
     python bench/llama_cpp_engine.py build            # once
-    python bench/llama_cpp_table.py --seeds 0 --work runs/llama_cpp_table [--ctx 512 --chunks 16]
+    python bench/llama_cpp_table.py --seeds 0 1 2 --engine-seeds 0 --work runs/llama_cpp_table [--ctx 512 --chunks 16]
 
 Runs one after the other; a finished run or file is reused. Training budget: the README demo's
 (Block-AP 32 x 256 tokens x 2 epochs, E2E-QP 16 x 256, global batch 4).
@@ -24,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import llama_cpp_engine as engine  # noqa: E402  (bench/llama_cpp_engine.py: the tools and the check)
 
 LRS = {2: ("2e-2", "2e-3", "2e-4"), 4: ("1e-3", "1e-4", "2e-5")}  # quant, weight, E2E-QP
 OURS = {"EfficientQAT Q2_0": (2, 64, "q2_0"), "EfficientQAT w2g64 (asymmetric)": (2, 64, "asym"),
@@ -33,14 +37,6 @@ THEIRS = [("llama.cpp Q2_0 + imatrix", "Q2_0", True, "Q2_0-imatrix"), ("llama.cp
           ("llama.cpp Q2_K + imatrix", "Q2_K", True, "Q2_K"), ("llama.cpp IQ2_XS + imatrix", "IQ2_XS", True, "IQ2_XS"),
           ("llama.cpp IQ2_XXS + imatrix", "IQ2_XXS", True, "IQ2_XXS"), ("llama.cpp Q4_0", "Q4_0", False, "Q4_0"),
           ("llama.cpp Q4_K_M", "Q4_K_M", False, "Q4_K_M"), ("F16", None, False, "f16")]
-
-
-def engine():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("llama_cpp_engine", ROOT / "bench" / "llama_cpp_engine.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def train(name: str, bits: int, group: int, grid: str, seed: int, work: Path) -> Path:
@@ -67,7 +63,7 @@ def block_linears(gguf: Path) -> tuple[float, str]:
     """Bits per weight of the file's block linears (embeddings and norms left out), and their types:
     llama.cpp falls back to another type where a row is not a whole number of its blocks (k- and i-quants
     need rows of 256: SmolLM2's 576 columns are not)."""
-    sizes = engine().tensor_bytes(gguf)
+    sizes = engine.tensor_bytes(gguf)
     linear = {k: v for k, v in sizes.items() if k.startswith("blk.") and k.endswith(".weight")
               and not k.endswith("norm.weight")}
     types: dict[str, int] = {}
@@ -101,34 +97,33 @@ def main() -> None:
                         "llama.cpp's Q2_0 takes minutes a text on a CPU)")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    e = engine()
     from eqat_dist.models.loading import bundled_model_dir
     f16 = a.work / "smollm2-135m-f16.gguf"
     if not f16.exists():
-        e.float_gguf(bundled_model_dir(), f16)
+        engine.float_gguf(bundled_model_dir(), f16)
     rows = []
     texts = ("wiki", "news")
     for name, quant, imatrix, stem in THEIRS:
         gguf = a.work / f"smollm2-135m-{stem}.gguf"
         if not gguf.exists():
-            e.quantize(f16, quant, gguf, "boolq" if imatrix else None)
+            engine.quantize(f16, quant, gguf, "boolq" if imatrix else None)
         ppl = {t: cached(a.work, f"{gguf.name} {t} {a.ctx}x{a.chunks}",
-                         lambda t=t: e.file_perplexity(gguf, t, a.ctx, a.chunks)) for t in texts}
+                         lambda t=t: engine.file_perplexity(gguf, t, a.ctx, a.chunks)) for t in texts}
         rows.append((name, gguf, ppl, None))
     for name, (bits, group, grid) in OURS.items():
         for seed in a.seeds:
             run = train(name, bits, group, grid, seed, a.work)
             if grid == "asym":  # no GGUF type: our evaluation, llama.cpp's tokens and protocol
                 ppl = {t: cached(a.work, f"{run.name} ours {t} {a.ctx}x{a.chunks}",
-                                 lambda t=t: e.check(run, t, a.ctx, a.chunks, tokens_from=f16)["ours"]) for t in texts}
+                                 lambda t=t: engine.check(run, t, a.ctx, a.chunks, tokens_from=f16)["ours"]) for t in texts}
                 rows.append((f"{name}, seed {seed}", None, ppl, run))
             elif a.engine_seeds is not None and seed not in a.engine_seeds:
                 ppl = {t: cached(a.work, f"{run.name} ours {t} {a.ctx}x{a.chunks}",
-                                 lambda t=t: e.check(run, t, a.ctx, a.chunks, engine=False)["ours"]) for t in texts}
-                rows.append((f"{name}, seed {seed} (our evaluation)", run / "export-gguf" / e.check_name(run), ppl, run))
+                                 lambda t=t: engine.check(run, t, a.ctx, a.chunks, engine=False)["ours"]) for t in texts}
+                rows.append((f"{name}, seed {seed} (our evaluation)", run / "export-gguf" / engine.check_name(run), ppl, run))
             else:
                 checks = {t: cached(a.work, f"{run.name} check {t} {a.ctx}x{a.chunks}",
-                                    lambda t=t: e.check(run, t, a.ctx, a.chunks)) for t in texts}
+                                    lambda t=t: engine.check(run, t, a.ctx, a.chunks)) for t in texts}
                 gguf = run / "export-gguf" / checks["wiki"]["gguf"]
                 rows.append((f"{name}, seed {seed}", gguf, {t: c["llama_cpp"] for t, c in checks.items()}, run,
                              {t: c["relative"] for t, c in checks.items()}))

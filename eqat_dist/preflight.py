@@ -10,9 +10,8 @@ import tempfile
 from pathlib import Path
 
 from .config.run_config import RunConfig
-from .utils.compare import describe_differences
 from .run_folder import RunFolder
-from .utils.compare import recipe_hint
+from .utils.compare import describe_differences, recipe_hint
 
 
 class PreflightError(ValueError):

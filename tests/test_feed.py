@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eqat_dist.blockap.feed import Feed, Uploader
-from eqat_dist.run_folder import RunFolder
 from eqat_dist.blockap.stores import ActivationStore, describe_memory, remove_stale_stores
+from eqat_dist.run_folder import RunFolder
 
 
 def _filled(placement, tmp_path, count=12, dtype=torch.float32, name="s", device_rows=0):

@@ -1,9 +1,9 @@
-import pytest
 """Zero-shot through lm-evaluation-harness: its own task definitions read the bundled data, the subset
 is fixed, and its accuracy is the argmax of log-likelihoods computed here by the plain definition."""
 import math
 
 import datasets
+import pytest
 import torch
 
 from conftest import tiny_model

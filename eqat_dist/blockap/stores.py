@@ -42,7 +42,6 @@ def _runs(index: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-
 def remove_stale_stores(folder: str | os.PathLike, prefix: str) -> list[Path]:
     """Delete this run's store files left by a killed run (called before any rank opens its own)."""
     folder = Path(folder)
