@@ -320,3 +320,23 @@ def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation
     settings = EvalConfig(datasets=("news",), seqlen=16, max_windows=1, batch_size=1)
     evaluate(model, tokenizer, settings, torch.bfloat16, torch.device("cpu"), "w4g32")
     assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_the_runner_hands_the_runs_kernels_setting_to_every_layer(monkeypatch):
+    """--no-kernels reaches the layers through the runner (kernels.set_enabled), before any work."""
+    from types import SimpleNamespace
+
+    from eqat_dist import kernels, runner
+
+    class Started(Exception):
+        pass
+
+    def transport(launch):
+        raise Started
+    asked = []
+    monkeypatch.setattr(kernels, "set_enabled", asked.append)
+    monkeypatch.setattr(runner, "make_transport", transport)
+    for on in (False, True):
+        with pytest.raises(Started):
+            runner.run(SimpleNamespace(machine=SimpleNamespace(launch=None, kernels=on)))
+    assert asked == [False, True]
