@@ -65,10 +65,11 @@ def _launch(cmd: list[str], ranks: int, threads: int, launcher: str) -> None:
 def predicted_mib(model: str, flags: list[str], ranks: int, phase: str) -> float:
     from eqat_dist.cli import build_plan_parser
     from eqat_dist.config.from_flags import settings_from_flags
+    from eqat_dist.settle import for_plan
     from eqat_dist.planning import load_arch, plan, settings_for
 
     args = build_plan_parser().parse_args(["--model", model, *flags, "--gpu-memory", "0"])
-    cfg = settings_from_flags(args, world=ranks)
+    cfg = for_plan(settings_from_flags(args), ranks, ranks)
     return plan(load_arch(model), settings_for(cfg, ranks, ranks, "cpu", "cpu"))[phase].host_peak / 2**20
 
 

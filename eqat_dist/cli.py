@@ -15,14 +15,16 @@ if not sys.stderr.isatty():  # a log file: the libraries' progress bars (read at
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 from .export.formats import ALL_FORMATS
-from .quant.config import GRIDS, INITS
 from .config.recipes import DEFAULT_RECIPES, RECIPES
 from .blockap.losses import LOSSES
-from .config import DTYPES, ConfigError, RunConfig, build_run_config
-from .config.run_config import PHASES, STUDENT_INPUTS, Invocation
 from .pipelines.schedules import SCHEDULES
+from .config import ConfigError, RunConfig
+from .config.declare import add_flags
+from .config.run_config import SETTING_PARTS, SETTING_TITLES, Invocation
 from .preflight import PreflightError, check_plan, run_checks
-from .utils.stop import DEFAULT as STOP_DEFAULT, OPTIONAL as STOP_OPTIONAL, exit_code, signal_name, stop_on
+from .config.from_flags import settings_from_flags
+from .settle import for_plan, settled
+from .utils.stop import exit_code, signal_name, stop_on
 
 
 class UsageError(ValueError):
@@ -40,154 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
                "\nA stopped or failed run resumes with the same command (without --overwrite); "
                "`--phase eval --from RUN` evaluates a run's model at the run's own settings.")
     p.add_argument("--config", help="YAML or JSON file of settings (keys as the flags, '-' or '_'); flags override it")
-    p.add_argument("--model", help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
-    p.add_argument("--wbits", type=int, default=2, help="weight bits: 2, 3, 4 or 8")
-    p.add_argument("--group-size", type=int, default=64, help="group size (-1 = per channel)")
     p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="the method's choices as a bundle (config/recipes.py): paper = the paper's (min/max start, "
                         "MSE), clip-huber = clip start and Huber loss; default: the best measured at --wbits "
                         f"({', '.join(f'{r} at {b} bits' for b, r in DEFAULT_RECIPES.items())}, else paper; "
                         "docs/benchmarks.md); --init and --loss override one choice")
-    p.add_argument("--grid", default="asym", choices=["asym", *GRIDS],
-                   help="asym: the paper's grid (each group's zero point learned); q2_0, q4_0, q8_0: llama.cpp's "
-                        "Q2_0 (2 bits, groups of 64), Q4_0 (4 bits, 32), Q8_0 (8 bits, 32): the zero point fixed at "
-                        "the format's offset and each group's scale sign chosen at the start, so the run trains "
-                        "into that type and the GGUF export holds it without loss (--export-format gguf)")
-    p.add_argument("--init", default=None, choices=INITS,
-                   help="how step sizes and zero points start: minmax (the paper's), clip (each group's range "
-                        "shrunk to its least weight error) or gptq (GPTQ on each block's calibration inputs); "
-                        "default: the recipe's")
-    p.add_argument("--output", help="output folder (the exported model, results.json, checkpoints, logs)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="wipe an existing output folder first; refused where it holds an unfinished run of the same "
-                        "settings (run without --overwrite to resume it), unless --discard-unfinished")
-    p.add_argument("--discard-unfinished", action="store_true",
-                   help="with --overwrite: start over even where the output holds an unfinished run of the same "
-                        "settings (its finished blocks and checkpoints are deleted)")
-    # Block-AP (official code's names, kebab-case)
-    p.add_argument("--epochs", type=int, default=2, help="Block-AP epochs per block (0 = round-to-nearest only)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--train-size", type=int, default=4096, help="calibration windows for training")
-    p.add_argument("--val-size", type=int, default=64, help="calibration windows for validation")
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens")
-    p.add_argument("--quant-lr", type=float, default=1e-4)
-    p.add_argument("--weight-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 at 3/4/8 bits")
-    p.add_argument("--min-lr-factor", type=float, default=20.0, help="cosine decays to lr / this factor")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-    p.add_argument("--loss", default=None, choices=LOSSES,
-                   help="Block-AP's reconstruction loss: mse (the paper's), relative (each token's squared "
-                        "error over its target's mean square) or huber (the MSE, but a token whose error is over "
-                        "100x the batch's median counts with its square root: a spurious massive activation no "
-                        "longer takes the steps); default: the recipe's")
-    p.add_argument("--no-train-norms", action="store_true", help="keep the blocks' norm weights frozen")
-    p.add_argument("--calib-dataset", default="boolq",
-                   help="bundled (boolq), hub (redpajama, c4, wikitext2-train) or a .txt/.jsonl/.parquet file")
-    p.add_argument("--student-input", default=None, choices=list(STUDENT_INPUTS),
-                   help="; ".join(f"{s.name}: {s.summary}" for s in SCHEDULES.values()) +
-                        ". Across groups of ranks (--data-parallel); default: student with one group, pipelined "
-                        "with several (a resumed run keeps the mode it started with)")
-    p.add_argument("--data-parallel", type=int, default=None, metavar="D",
-                   help="ranks that train each block together, each on 1/D of the windows, gradients summed every "
-                        "step (the steps of one rank at --batch-size, which stays the global batch); the N ranks "
-                        "form N/(D x S) groups (--sequence-parallel S), blocks round-robin over the groups. Default: "
-                        "the largest D that divides both the group and --batch-size (at the paper's batch 2 on 2 "
-                        "ranks: 2, pure data parallel)")
-    p.add_argument("--sequence-parallel", type=int, default=None, metavar="S",
-                   help="ranks that split each window's tokens (two chunks each, zig-zag, for the causal mask's "
-                        "balance), attention gathering the window's keys and values over them: a group of D x S "
-                        "ranks takes the steps of one rank at --batch-size, each doing 1/(D x S) of the work and "
-                        "holding 1/(D x S) of every stream (--seqlen a multiple of 2 x S). Default: in student mode "
-                        "(the paper's arithmetic) one group of a node's every rank, D as large as the batch allows "
-                        "and S the rest; 1 when --data-parallel, pipelined or teacher is asked")
-    p.add_argument("--correction-fraction", type=float, default=None,
-                   help="pipelined: the fraction of each block's steps trained on the quantized stream "
-                        "(default 1/groups, the most that keeps every rank busy; 1 = student, 0 = teacher)")
-    p.add_argument("--correction-lr", default=None, choices=["restart", "continue"],
-                   help="pipelined: go on down the block's one cosine learning-rate schedule through the steps "
-                        "on the quantized stream (default), or restart it there (measured worse at w2g64: "
-                        "docs/benchmarks.md)")
-    p.add_argument("--activations", default=None, choices=["gpu", "cpu", "disk"],
-                   help="where activation stores live (default: cpu, as the paper's single-GPU mode)")
-    p.add_argument("--activations-dir", default=None, help="folder for --activations disk (default: OUTPUT/acts)")
-    p.add_argument("--activations-on-gpu", type=float, default=None, metavar="GIB",
-                   help="GiB per rank of the host (or disk) activation stores to keep on the GPU, in the memory a "
-                        "block's training leaves free (default: 0, or what keeps the stores in host memory when "
-                        "they would not fit it otherwise)")
-    p.add_argument("--host-memory-budget", type=float, default=None,
-                   help="GiB of host memory per node the run may use; without --activations, stores that in memory "
-                        "would exceed it keep part of their rows on the GPU where it has the room, else go to disk "
-                        "(default: 90%% of this machine's memory)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="training precision: auto = bf16 autocast on GPU, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--single-gpu", action="store_true", help="the paper's single-GPU mode (one process)")
-    p.add_argument("--seed", type=int, default=0)
-    # Evaluation and export
-    p.add_argument("--eval-datasets", default="wiki,news", help="comma list: wiki, news (bundled), wikitext2, c4 (hub)")
-    p.add_argument("--eval-seqlen", type=int, default=2048)
-    p.add_argument("--eval-max-windows", type=int, default=None, help="cap on windows per dataset (default: all)")
-    p.add_argument("--eval-batch-size", type=int, default=1)
-    p.add_argument("--zeroshot-tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande",
-                   help="comma list of zero-shot tasks, scored by lm-evaluation-harness on the bundled "
-                        "validation data ('' = none)")
-    p.add_argument("--zeroshot-limit", type=int, default=None,
-                   help="items per zero-shot task, a fixed random subset (default: the whole split)")
-    p.add_argument("--skip-fp-eval", action="store_true", help="do not evaluate the full-precision model")
-    p.add_argument("--export-dtype", default="float16", choices=list(DTYPES),
-                   help="dtype of the unquantized tensors (embeddings, norms, lm_head) in the export")
-    p.add_argument("--export-format", default="gptq_v2", metavar="FORMAT[,FORMAT]",
-                   help=f"formats of the exported model, comma-separated, from {', '.join(ALL_FORMATS)}: "
-                        "gptq_v2 is always written into the output (evaluation and E2E-QP read it), every "
-                        "other format beside it in OUTPUT/export-FORMAT/ (eqat_dist/export/formats.py)")
-    p.add_argument("--no-tensorboard", action="store_true")
-    # Phases and E2E-QP (paper defaults)
-    p.add_argument("--phase", default="all", choices=list(PHASES),
-                   help="all: Block-AP (or RTN with --epochs 0), E2E-QP, evaluation; or one phase alone")
-    p.add_argument("--from", dest="from_dir", default=None,
-                   help="for --phase e2e/eval: a packed model folder from an earlier phase (default: --output)")
-    p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs (0 = skip E2E-QP)")
-    p.add_argument("--e2e-train-size", type=int, default=4096)
-    p.add_argument("--e2e-seqlen", type=int, default=4096)
-    p.add_argument("--e2e-data", default=None,
-                   help="E2E-QP's training data (default: --calib-dataset): a text source as --calib-dataset takes, "
-                        "or chat data for an instruction-tuned model, a .jsonl of {\"messages\": [...]} or the "
-                        "bundled 'sciq-chat': rendered with the tokenizer's chat template, the loss on the "
-                        "assistant's tokens only, one conversation per row cut at --e2e-seqlen")
-    p.add_argument("--e2e-global-batch", type=int, default=32, help="kept whatever the number of ranks")
-    p.add_argument("--e2e-micro-batch", type=int, default=1)
-    p.add_argument("--e2e-lr", type=float, default=None, help="default: 2e-5 at 2 bits, 1e-5 otherwise")
-    p.add_argument("--e2e-warmup", type=float, default=0.03, help="warm-up fraction of the steps")
-    p.add_argument("--e2e-max-grad-norm", type=float, default=0.3)
-    p.add_argument("--e2e-save-every", type=int, default=50, help="DeepSpeed checkpoint every N steps")
-    p.add_argument("--e2e-keep-checkpoints", type=int, default=1,
-                   help="newest E2E-QP checkpoints kept on disk (0 = keep all)")
-    p.add_argument("--no-grad-checkpointing", action="store_true")
-    p.add_argument("--ds-config", default="zero3-offload",
-                   help="zero3-offload, zero3, single-gpu (ds_configs/) or a DeepSpeed JSON file")
-    p.add_argument("--peer-timeout", type=float, default=600.0,
-                   help="seconds without a sign of life from another rank (stopped, hung) before the run stops "
-                        "naming it; a dead rank is noticed at once")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="on a GPU, use the PyTorch layers instead of the Triton kernels (eqat_dist/kernels)")
-    p.add_argument("--compile", action="store_true",
-                   help="Block-AP: run the block's forward and backward through torch.compile (fused element-wise "
-                        "work: fewer passes over the activations; the first block pays the compile once). Not "
-                        "bit-identical to the plain run: float sums in another order")
-    p.add_argument("--weight-work", default="auto", choices=["auto", "split", "replicated"],
-                   help="data-parallel Block-AP: split the work on the block's weights (fake quantization, clipping, "
-                        "optimizer) among a group's ranks, each linear's by one rank that sends the others its "
-                        "quantized weight, or repeat it on every rank. auto: split on the CPU; on GPUs as the plan finds faster. "
-                        "The same steps either way (float sums in another order)")
-    p.add_argument("--stop-signals", default=",".join(STOP_DEFAULT), metavar="SIG[,SIG]",
-                   help="signals that stop the run cleanly besides SIGTERM and SIGINT (every rank stops within "
-                        "seconds, says where it was and what is kept, releases the output, exits 128 + the signal), "
-                        f"from {', '.join(STOP_OPTIONAL)}, or none. Default: USR1, which Slurm sends before a time "
-                        "limit with --signal=USR1@SECONDS")
-    p.add_argument("--debug", action="store_true", help="print the traceback of a failure, not only its one line")
-    p.add_argument("--take-over-lock", action="store_true",
-                   help="take over an output folder whose lock names a process that is gone")
-    p.add_argument("--ignore-plan", action="store_true",
-                   help="run even when the plan says it will not fit this machine (see `eqat-dist plan`)")
+    # every other flag is a setting declared once, with its default, beside its field (config/declare.py)
+    add_flags(p, SETTING_PARTS, titles=SETTING_TITLES, owned={
+        "loss": {"choices": LOSSES},
+        "student_input": {"choices": tuple(SCHEDULES), "help": (
+            "; ".join(f"{s.name}: {s.summary}" for s in SCHEDULES.values()) + ". Across groups of ranks "
+            "(--data-parallel); default: student with one group, pipelined with several (a resumed run keeps the "
+            "mode it started with)")},
+        "export_format": {"help": f"formats of the exported model, comma-separated, from {', '.join(ALL_FORMATS)}: "
+                                  "gptq_v2 is always written into the output (evaluation and E2E-QP read it), every "
+                                  "other format beside it in OUTPUT/export-FORMAT/ (eqat_dist/export/formats.py)"}})
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return p
 
@@ -327,7 +197,7 @@ def settings(argv=None, plan: bool = False) -> tuple[RunConfig, list[str]]:
     or UsageError with the flags named."""
     try:
         flags = parse_flags(argv)
-        cfg, notes = build_run_config(flags)
+        cfg, notes = settled(settings_from_flags(flags), flags.device)
         cfg = replace(cfg, invocation=invocation(argv, flags))
         run_checks(cfg)
         if plan:
@@ -343,7 +213,6 @@ def parse_args(argv=None) -> RunConfig:
 
 
 def plan_main(argv) -> int:
-    from .config.from_flags import settings_from_flags
     from .planning import GIB, Machine, PlanError, load_arch, render, report, settings_for, to_json
     from .planning import host_memory
 
@@ -355,7 +224,7 @@ def plan_main(argv) -> int:
         return 2
     try:
         arch = load_arch(args.model)
-        cfg = settings_from_flags(args, world=args.ranks, node_ranks=args.ranks_per_node or min(args.ranks, 8))
+        cfg = for_plan(settings_from_flags(args), args.ranks, args.ranks_per_node or min(args.ranks, 8))
         for name, (out_features, in_features) in arch.linears.items():
             cfg.quant.check_layer(name, in_features, out_features)
     except (PlanError, ValueError) as err:

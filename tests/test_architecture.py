@@ -79,12 +79,12 @@ def _imports() -> dict[str, set[str]]:
 FLOORS = [
     {"cli"},
     {"runner"},
-    {"preflight", "phases"},
-    {"config"},  # still reaches down to resolve defaults (issue 42: to move to the ground floor)
+    {"preflight", "phases", "settle"},
     {"planning"},
     {"pipelines", "e2e"},
     {"blockap", "export", "eval", "cluster"},
     {"models"},
+    {"config"},
     {"quant", "data", "utils"},
     {"kernels", "run_folder", "__init__"},
 ]

@@ -125,7 +125,7 @@ def test_pipelined_switch_restarts_the_cosine_or_continues_it(restart):
     fp_block, call, x, y = _block_setup()
     xs, ys, vx, vy = _stores([x, y, x[:0], y[:0]])
     settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, min_lr_factor=20.0,
-                               restart_at_switch=restart)
+                               correction_lr="restart" if restart else "continue")
     lrs = {}
     log = lambda tag, value, step: lrs.__setitem__(step, value) if tag == "lr_quant" else None  # noqa: E731
     train_block(make_student(fp_block, CFG, "cpu"), 1, xs, ys, vx, vy, call, settings, "cpu", log=log,

@@ -437,11 +437,12 @@ def test_each_line_of_output_is_one_write_even_when_python_is_unbuffered():
 def test_the_default_recipe_is_the_measured_best_at_its_bits_and_one_flag_overrides_one_choice():
     from eqat_dist.cli import parse_flags
     from eqat_dist.config.from_flags import settings_from_flags
+    from eqat_dist.settle import for_plan
 
     base = ["--model", "smollm2-135m", "--output", "/tmp/never-written"]
 
     def settings(*extra):
-        return settings_from_flags(parse_flags([*base, *extra]), world=1)
+        return for_plan(settings_from_flags(parse_flags([*base, *extra])), 1, 1)
 
     paper = settings("--recipe", "paper")
     assert (paper.quant.init, paper.blockap.loss) == ("minmax", "mse")
@@ -613,7 +614,7 @@ def test_bad_sequence_parallel_layouts_are_refused_in_one_line_before_any_work(t
 
     from eqat_dist import preflight
     from eqat_dist.config import ConfigError
-    from eqat_dist.config.from_flags import _layout_default
+    from eqat_dist.settle import _layout_default
 
     with pytest.raises(UsageError, match=r"--seqlen 2048 does not cut into 2 x --sequence-parallel 3 = 6 equal chunks"):
         parse_args(_args(tmp_path, "--sequence-parallel", "3"))

@@ -317,7 +317,7 @@ def test_autocast_reaches_the_packed_kernel_in_the_stream_pass_and_in_evaluation
     seen.clear()
     decoder_layers(model)[0] = packed
     tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir()))
-    settings = EvalConfig(datasets=("news",), seqlen=16, max_windows=1, batch_size=1)
+    settings = EvalConfig(datasets=("news",), seqlen=16, max_windows=1, batch_size=1, zeroshot_tasks=())
     evaluate(model, tokenizer, settings, torch.bfloat16, torch.device("cpu"), "w4g32")
     assert seen and set(seen) == {torch.bfloat16}
 

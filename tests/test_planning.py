@@ -9,6 +9,7 @@ import pytest
 
 from eqat_dist.cli import build_plan_parser, main
 from eqat_dist.config.from_flags import settings_from_flags
+from eqat_dist.settle import for_plan
 from eqat_dist.planning import GIB, Machine, estimate, load_arch, plan, report, settings_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def _plan(model, flags, ranks=1, device="gpu"):
 
 def _settings(flags, ranks, ranks_per_node, device):
     """The plan's settings of a command's flags on `ranks` ranks (as `eqat-dist plan` builds them)."""
-    return settings_for(settings_from_flags(flags, world=ranks), ranks, ranks_per_node, device)
+    return settings_for(for_plan(settings_from_flags(flags), ranks, ranks), ranks, ranks_per_node, device)
 
 
 def test_parameter_counts_of_the_bundled_architectures():
@@ -145,7 +146,7 @@ def test_on_gpus_the_stores_keep_rows_on_the_gpu_before_they_go_to_disk(tmp_path
 
     from eqat_dist.cli import settings
     from eqat_dist.cluster.launch import free_port
-    from eqat_dist.config.from_flags import placement_for
+    from eqat_dist.settle import placement_for
 
     for name, value in (("WORLD_SIZE", "8"), ("LOCAL_WORLD_SIZE", "8"), ("MASTER_ADDR", "127.0.0.1"),
                         ("MASTER_PORT", str(free_port()))):
@@ -244,7 +245,7 @@ def test_the_default_on_a_node_of_eight_gpus_is_the_papers_arithmetic_in_one_seq
 
     def planned(*extra, ranks=8):
         args = build_plan_parser().parse_args(["--model", "llama-2-70b", *flags, *extra])
-        return report(arch, settings_for(settings_from_flags(args, world=ranks, node_ranks=min(ranks, 8)), ranks,
+        return report(arch, settings_for(for_plan(settings_from_flags(args), ranks, min(ranks, 8)), ranks,
                                          min(ranks, 8), "gpu"), node)
 
     r = planned()

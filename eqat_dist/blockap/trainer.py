@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
+from ..config.run_config import BlockAPConfig, per_width_lr
 from ..models.blocks import BlockCall
 from ..models.sequence_split import TokenSplit
 from ..models.quantize import quant_linears, weights_fixed
@@ -34,31 +35,29 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-@dataclass
-class BlockAPSettings:
-    epochs: int = 2
-    batch_size: int = 2
-    quant_lr: float = 1e-4
-    weight_lr: float = 1e-5  # the paper: 2e-5 at 2 bits, 1e-5 at 3/4 bits (see default_weight_lr)
-    min_lr_factor: float = 20.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    train_norms: bool = True  # the official code trains every parameter named "weight", norms included
+@dataclass(frozen=True)
+class BlockAPSettings(BlockAPConfig):
+    """The run's Block-AP settings (config.BlockAPConfig, declared there once) and what the machine and the
+    run add: `of(cfg.blockap, ...)` takes the part as it is."""
     amp_dtype: torch.dtype | None = None  # autocast dtype, None = train in the stores' dtype
     seed: int = 0
-    loss: str = "mse"  # blockap/losses.py; validation losses stay MSE, the paper's figure
-    restart_at_switch: bool = False  # pipelined: a cosine of their own for the quantized-stream steps (measured worse)
     compile: bool = False  # the block's forward (and so its backward) through torch.compile (compiled.py)
     shard_weights: bool = False  # data parallel: split the weight work over the group (weight_shards.py)
+
+    @classmethod
+    def of(cls, part: BlockAPConfig, **machine) -> "BlockAPSettings":
+        return cls(**{f.name: getattr(part, f.name) for f in fields(BlockAPConfig)}, **machine)
+
+    @property
+    def restart_at_switch(self) -> bool:
+        """Pipelined: a cosine of their own for the quantized-stream steps (`correction_lr` restart, measured worse)."""
+        return self.correction_lr == "restart"
 
     @property
     def splits_weight_work(self) -> bool:
         """shard_weights where it applies: float16's loss scaling decides per rank whether to skip a step,
         so it keeps the replicated path."""
         return self.shard_weights and self.amp_dtype != torch.float16
-
-
-def default_weight_lr(bits: int) -> float:
-    return 2e-5 if bits <= 2 else 1e-5
 
 
 @dataclass
@@ -95,7 +94,8 @@ def param_groups(block: nn.Module, settings: BlockAPSettings) -> list[dict]:
             if settings.train_norms:
                 weights.append(p)
     return [{"params": quant_params, "lr": settings.quant_lr, "name": "quant"},
-            {"params": weights, "lr": settings.weight_lr, "name": "weight"}]
+            {"params": weights, "lr": per_width_lr(settings.weight_lr, next(iter(qlinears.values())).cfg.bits),
+             "name": "weight"}]
 
 
 def adamw(groups: list[dict]) -> torch.optim.AdamW:

@@ -8,34 +8,27 @@ import datetime
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from ..blockap.trainer import NonFiniteLossError
+from ..config.run_config import E2EConfig
 from ..utils.memory import peak_memory_mib
 from .checkpoints import (convert_to_universal, find_resume_point, load_resume_point, prune_checkpoints,
                           remove_universal_copy, resume_plan)
 from .ds_setup import make_engine, save_engine_checkpoint, zero_stage
 
 
-@dataclass
-class E2ESettings:
-    epochs: int = 1
-    global_batch: int = 32
-    micro_batch: int = 1
-    lr: float = 2e-5
-    warmup: float = 0.03
-    max_grad_norm: float = 0.3
-    grad_checkpointing: bool = True
-    save_every: int = 50
-    keep_checkpoints: int = 1  # newest DeepSpeed checkpoints kept (0 = all): at 70B one holds ~13 GB of Adam state
+@dataclass(frozen=True)
+class E2ESettings(E2EConfig):
+    """The run's E2E-QP settings (config.E2EConfig, declared there once) and the run's seed."""
     seed: int = 0
 
-
-def default_e2e_lr(bits: int) -> float:
-    return 2e-5 if bits <= 2 else 1e-5
+    @classmethod
+    def of(cls, part: E2EConfig, **run) -> "E2ESettings":
+        return cls(**{f.name: getattr(part, f.name) for f in fields(E2EConfig)}, **run)
 
 
 def warmup_cosine(step: int, total: int, warmup_steps: int) -> float:

@@ -51,12 +51,8 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
     else:
         train_ids, val_ids = calibration_windows(tokenizer, b.calib_dataset, b.seqlen, b.train_size, b.val_size,
                                                  cfg.seed)
-        settings = BlockAPSettings(epochs=b.epochs, batch_size=b.batch_size, quant_lr=b.quant_lr,
-                                   weight_lr=b.weight_lr, min_lr_factor=b.min_lr_factor,
-                                   max_grad_norm=b.max_grad_norm, train_norms=b.train_norms,
-                                   amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed,
-                                   restart_at_switch=b.correction_lr != "continue", loss=b.loss,
-                                   compile=cfg.machine.compile, shard_weights=splits_weight_work(cfg))
+        settings = BlockAPSettings.of(b, amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed, compile=cfg.machine.compile,
+                                      shard_weights=splits_weight_work(cfg))
         streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
                              prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0,
                              device_bytes=(cfg.streams.on_gpu_gib or 0.0) * 2**30)

@@ -48,9 +48,7 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     partitions = partition_report(model)
     tokenizer = AutoTokenizer.from_pretrained(from_dir)
     data = training_rows(cfg, tokenizer, rank)
-    settings = E2ESettings(epochs=e.epochs, global_batch=e.global_batch, micro_batch=e.micro_batch, lr=e.lr,
-                           warmup=e.warmup, max_grad_norm=e.max_grad_norm, grad_checkpointing=e.grad_checkpointing,
-                           save_every=e.save_every, keep_checkpoints=e.keep_checkpoints, seed=cfg.seed)
+    settings = E2ESettings.of(e, seed=cfg.seed)
     monitor = Monitor(folder.e2e_logs(rank, world)) if cfg.tensorboard else None
     progress.phase = "E2E-QP training"
     report = train_e2e(model, data, settings, ds_config, accum, folder.e2e_checkpoints, device,

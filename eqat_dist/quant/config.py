@@ -1,7 +1,7 @@
 """What to quantize to: bit width, group size and how the step sizes start, validated once."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 # how s and z start (quant/fake_quant.py): the paper's min/max, the shrink of each group's range that
@@ -31,12 +31,23 @@ class QuantConfigError(ValueError):
     shown as flags by the command line)."""
 
 
+def _flag(default, dest: str, **flag):
+    """A setting of the command line (config/declare.py reads this metadata key; quant/ sits below config/)."""
+    return field(default=default, metadata={"eqat_flag": (dest, flag)})
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int
-    group_size: int  # -1 = one group per output row (per channel)
-    init: str = "minmax"
-    grid: str = "asym"  # asym (learned zero points) or a key of GRIDS (the zero point fixed, d signed)
+    bits: int = _flag(2, "wbits", help="weight bits: 2, 3, 4 or 8", kind=int)
+    group_size: int = _flag(64, "group_size", help="group size (-1 = per channel)", kind=int)  # -1: per output row
+    init: str = _flag("minmax", "init", by_rule=True, choices=INITS, help=(
+        "how step sizes and zero points start: minmax (the paper's), clip (each group's range shrunk to its least "
+        "weight error) or gptq (GPTQ on each block's calibration inputs); default: the recipe's"))
+    grid: str = _flag("asym", "grid", choices=("asym", *GRIDS), help=(
+        "asym: the paper's grid (each group's zero point learned); q2_0, q4_0, q8_0: llama.cpp's Q2_0 (2 bits, "
+        "groups of 64), Q4_0 (4 bits, 32), Q8_0 (8 bits, 32): the zero point fixed at the format's offset and each "
+        "group's scale sign chosen at the start, so the run trains into that type and the GGUF export holds it "
+        "without loss (--export-format gguf)"))  # asym (learned zero points) or a key of GRIDS (d signed)
 
     def __post_init__(self):
         if self.init not in INITS:
