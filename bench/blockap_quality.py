@@ -63,7 +63,7 @@ def main() -> None:
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             run_blockap(LazyModel("smollm2-135m"), cfg, train_ids, val_ids, settings, Path(tmp), {}, "cpu",
-                        StreamSpec("cpu", torch.float32), args.student_input, log=lambda *a: None)
+                        StreamSpec(dtype=torch.float32), args.student_input, log=lambda *a: None)
             wall = time.time() - t0
             student, reports = assemble(LazyModel("smollm2-135m"), cfg, Path(tmp))
         bap = perplexity(student, windows)

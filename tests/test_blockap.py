@@ -14,6 +14,7 @@ from conftest import export_tensors, tiny_model
 from eqat_dist.blockap.checkpoint import ResumeError, block_path
 from eqat_dist.blockap.steps import make_student
 from eqat_dist.blockap.stores import ActivationStore
+from eqat_dist.config import StreamsConfig
 from eqat_dist.blockap.trainer import BlockAPSettings, NonFiniteLossError, train_block
 from eqat_dist.models import decoder_layers, embed, record_block_calls, run_block
 from eqat_dist.models.quantize import quant_linears
@@ -175,7 +176,7 @@ def _run(model, tmp, placement="cpu", student_input="student", settings=FAST, mo
     folder = _folder(tmp, layers)
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     run_blockap(LazyModel(str(folder)), CFG, ids[:4], ids[4:], settings, tmp / "ckpt", {"k": 1}, "cpu",
-                StreamSpec(placement, torch.float32, tmp / "acts", device_bytes=device_bytes), student_input,
+                StreamSpec(StreamsConfig(placement, tmp / "acts", on_gpu_gib=device_bytes / 2**30), torch.float32), student_input,
                 monitor=monitor, log=log, correction=correction)
     quantized, _ = assemble(LazyModel(str(folder)), CFG, tmp / "ckpt")
     return quantized
@@ -414,7 +415,7 @@ def test_bf16_autocast_on_cpu_trains_with_bf16_stores(tmp_path):
     settings = BlockAPSettings(epochs=2, batch_size=2, quant_lr=1e-3, weight_lr=1e-4, amp_dtype=torch.bfloat16)
     source = LazyModel(str(_folder(tmp_path, 2)))
     reports = run_blockap(source, CFG, ids[:4], ids[4:], settings, tmp_path / "ckpt", {}, "cpu",
-                          StreamSpec("cpu", torch.bfloat16), "student", log=lambda *a: None)
+                          StreamSpec(dtype=torch.bfloat16), "student", log=lambda *a: None)
     assert all(torch.isfinite(torch.tensor([r["loss_before"], r["loss_after"]])).all() for r in reports)
     model, _ = assemble(source, CFG, tmp_path / "ckpt")
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())  # fp32 master weights
@@ -427,15 +428,16 @@ def test_each_schedule_holds_the_stores_it_describes_and_the_planner_counts_them
     import re
 
     from eqat_dist.pipelines.schedules import schedule_named
+    from eqat_dist.config import BlockAPConfig
     from eqat_dist.planning.estimate import Settings
 
     said = []
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     run_blockap(LazyModel(str(_folder(tmp_path, 2))), CFG, ids[:4], ids[4:], FAST, tmp_path / "ckpt", {"k": 1}, "cpu",
-                StreamSpec("cpu", torch.float32, tmp_path / "acts"), name, log=said.append)
+                StreamSpec(StreamsConfig("cpu", tmp_path / "acts"), torch.float32), name, log=said.append)
     stores = re.findall(r"(\w+?)_(train|val) \d", next(line for line in said if "activation stores" in line))
     schedule = schedule_named(name)
-    assert len(stores) == 2 * schedule.stores_per_split(groups=1) == 2 * Settings(student_input=name).schedule.stores_per_split(1)
+    assert len(stores) == 2 * schedule.stores_per_split(groups=1) == 2 * Settings(blockap=BlockAPConfig(student_input=name)).schedule.stores_per_split(1)
     assert schedule.stores_per_split(groups=2) == len(stores) // 2 - (name == "pipelined")  # q in the fp input's store
     names = {n for n, _ in stores}
     assert ("q" in names) == schedule.keeps_quantized_stream and ("fp_out" in names) != schedule.fp_stream_in_place
@@ -597,7 +599,7 @@ def test_gptq_start_is_gptq_on_each_blocks_own_student_inputs(tmp_path, monkeypa
     ids = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     cfg = QuantConfig(2, 32, "gptq")
     run_blockap(LazyModel(str(folder)), cfg, ids[:4], ids[4:], BlockAPSettings(epochs=1, batch_size=2, seed=0),
-                tmp_path / "ckpt", {"k": 1}, "cpu", StreamSpec("cpu", torch.float32, tmp_path / "acts"), "student",
+                tmp_path / "ckpt", {"k": 1}, "cpu", StreamSpec(StreamsConfig("cpu", tmp_path / "acts"), torch.float32), "student",
                 log=lambda *a: None)
     assert len(seen) == 2  # one GPTQ start per block
     x, call, fp_block, before, started = seen[1]

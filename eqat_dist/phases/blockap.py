@@ -53,9 +53,8 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
                                                  cfg.seed)
         settings = BlockAPSettings.of(b, amp_dtype=cfg.machine.amp_dtype, seed=cfg.seed, compile=cfg.machine.compile,
                                       shard_weights=splits_weight_work(cfg))
-        streams = StreamSpec(cfg.streams.placement, cfg.machine.store_dtype, cfg.streams.folder,
-                             prefix=folder.store_prefix(), remove_stale=cfg.machine.launch.local_rank == 0,
-                             device_bytes=(cfg.streams.on_gpu_gib or 0.0) * 2**30)
+        streams = StreamSpec(cfg.streams, cfg.machine.store_dtype, prefix=folder.store_prefix(),
+                             remove_stale=cfg.machine.launch.local_rank == 0)
         if transport.rank == 0:
             print(f"[block-ap] {len(train_ids)} train + {len(val_ids)} val windows of {b.seqlen} tokens from "
                   f"'{b.calib_dataset}', {b.epochs} epochs, batch {b.batch_size}, {qcfg.tag()}, {qcfg.init} start, "

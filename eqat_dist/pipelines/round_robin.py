@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from ..blockap.steps import advance, finish_student, gptq_start, make_student, r
 from ..blockap.stores import ActivationStore, describe_memory, remove_stale_stores
 from ..blockap.trainer import BlockAPSettings, train_block
 from ..cluster.transport import LocalTransport, Transport
+from ..config.run_config import StreamsConfig
 from ..models.lazy import LazyModel
 from ..models.sequence_split import TokenSplit, use_split_attention
 from ..quant import QuantConfig
@@ -46,14 +47,14 @@ SPLITS = ("train", "val")
 STALL_CHECK_BLOCKS = 2  # a rank's first trained blocks: none moved its loss -> a warning while it is early
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamSpec:
-    placement: str = "cpu"  # gpu | cpu | disk
-    dtype: torch.dtype = torch.float32
-    disk_dir: Path | None = None
-    prefix: str = "eqat"  # disk stores: file names of this run (stores.store_prefix), the same on resume
+    """This rank's activation stores: where the run puts them (its StreamsConfig as it is: placement, disk
+    folder, GiB of their first rows kept on the GPU) and what this process adds."""
+    where: StreamsConfig = field(default_factory=lambda: StreamsConfig(placement="cpu"))
+    dtype: torch.dtype = torch.float32  # the training precision
+    prefix: str = "eqat"  # disk stores: file names of this run (RunFolder.store_prefix), the same on resume
     remove_stale: bool = False  # disk stores: this rank removes the run's files a killed run left (one per node)
-    device_bytes: float = 0.0  # host/disk stores: bytes of their rows this rank keeps on the GPU (the first of each)
 
 
 @dataclass
@@ -114,12 +115,13 @@ class _Rank:
         # the same share of every store's rows on the GPU, as far as `device_bytes` goes
         row_bytes = seqlen * hidden * torch.tensor([], dtype=streams.dtype).element_size()
         all_rows = schedule.stores_per_split(self.groups) * sum(len(v) for v in self.splits.values())
-        on_device = min(1.0, streams.device_bytes / (all_rows * row_bytes)) if all_rows else 0.0
+        device_bytes = (streams.where.on_gpu_gib or 0.0) * 2**30
+        on_device = min(1.0, device_bytes / (all_rows * row_bytes)) if all_rows else 0.0
 
         def stores(role):
             label = schedule.store_label(role)
-            return {k: ActivationStore(len(v), seqlen, hidden, streams.dtype, streams.placement, self.device,
-                                       streams.disk_dir, f"{streams.prefix}-{label}-{k}-r{transport.rank}",
+            return {k: ActivationStore(len(v), seqlen, hidden, streams.dtype, streams.where.placement, self.device,
+                                       streams.where.folder, f"{streams.prefix}-{label}-{k}-r{transport.rank}",
                                        device_rows=int(on_device * len(v)))
                     for k, v in self.splits.items()}
 
@@ -401,10 +403,10 @@ def run_blockap(source: LazyModel, cfg: QuantConfig, train_ids: torch.Tensor, va
     ckpt_dir = Path(ckpt_dir)
     if transport.rank == 0:
         open_run(ckpt_dir, record)
-    if streams.placement == "disk" and streams.remove_stale:
-        stale = remove_stale_stores(streams.disk_dir, streams.prefix)
+    if streams.where.placement == "disk" and streams.remove_stale:
+        stale = remove_stale_stores(streams.where.folder, streams.prefix)
         if stale:
-            log(f"[resume] removed {len(stale)} activation store file(s) a stopped run left in {streams.disk_dir}")
+            log(f"[resume] removed {len(stale)} activation store file(s) a stopped run left in {streams.where.folder}")
     transport.barrier()
     if transport.rank != 0:
         open_run(ckpt_dir, record)  # checks the manifest rank 0 wrote or found

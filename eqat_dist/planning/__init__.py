@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from ..blockap.lanes import group_layout
 from .arch import PLANNING_MODELS, Arch, PlanError, load_arch
 from .estimate import GIB, ZERO_REDUCE_BUCKET, Settings, plan, resolved
 from .fit import Machine, render, report, to_json
@@ -32,28 +32,14 @@ def _ds_zero(ds_config: str) -> tuple[int, bool, int]:
 def settings_for(cfg, ranks: int, ranks_per_node: int, device: str, gpu: str = "a100",
                  tflops: float | None = None, link_gbs: float | None = None, network_gbs: float | None = None
                  ) -> Settings:
-    """The plan's settings for a run's RunConfig (config/run_config.py) on `ranks` ranks."""
+    """The plan's settings for a run's RunConfig (config/run_config.py) on `ranks` ranks: its parts as
+    they are, E2E-QP's epochs 0 where the run trains none, the DeepSpeed config read."""
     stage, offload, bucket = _ds_zero(cfg.e2e.ds_config)
-    if cfg.machine.dtype == "auto":
-        act_bytes = 2 if device == "gpu" else 4
-    else:
-        act_bytes = 4 if cfg.machine.dtype == "float32" else 2
-    b, e, ev = cfg.blockap, cfg.e2e, cfg.evaluation
-    d, sp = group_layout(ranks, ranks_per_node, b.batch_size, b.seqlen, b.data_parallel, b.sequence_parallel,
-                         b.student_input in (None, "student"))
     return Settings(
-        ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, bits=cfg.quant.bits,
-        group_size=cfg.quant.group_size, epochs=b.epochs, train_size=b.train_size, val_size=b.val_size,
-        seqlen=b.seqlen, batch_size=b.batch_size, activations=cfg.streams.placement or "cpu", act_bytes=act_bytes,
-        on_gpu=(cfg.streams.on_gpu_gib or 0.0) * GIB,
-        student_input=b.student_input, correction=b.correction_fraction or d * sp / ranks, data_parallel=d,
-        sequence_parallel=sp, weight_work=cfg.machine.weight_work, link_gbs=link_gbs, network_gbs=network_gbs,
-        e2e_epochs=e.epochs if cfg.trains_e2e else 0, e2e_train_size=e.train_size, e2e_seqlen=e.seqlen,
-        e2e_micro_batch=e.micro_batch, e2e_global_batch=e.global_batch, grad_checkpointing=e.grad_checkpointing,
-        zero_stage=stage, offload=offload, zero_bucket=bucket, keep_checkpoints=e.keep_checkpoints or 10,
-        eval_datasets=ev.datasets, eval_seqlen=ev.seqlen, eval_batch_size=ev.batch_size,
-        eval_max_windows=ev.max_windows, zeroshot_tasks=ev.zeroshot_tasks, zeroshot_limit=ev.zeroshot_limit,
-        skip_fp_eval=ev.skip_fp, tflops=tflops)
+        quant=cfg.quant, blockap=cfg.blockap, streams=replace(cfg.streams, placement=cfg.streams.placement or "cpu"),
+        e2e=cfg.e2e if cfg.trains_e2e else replace(cfg.e2e, epochs=0), evaluation=cfg.evaluation, machine=cfg.machine,
+        ranks=ranks, ranks_per_node=ranks_per_node, device=device, gpu=gpu, link_gbs=link_gbs,
+        network_gbs=network_gbs, zero_stage=stage, offload=offload, zero_bucket=bucket, tflops=tflops)
 
 
 def arch_at_hand(model_config: Path | None) -> Arch | None:

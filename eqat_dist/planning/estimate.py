@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..blockap.lanes import Lanes, group_layout, step_generator
+from ..config.run_config import BlockAPConfig, E2EConfig, EvalConfig, MachineConfig, StreamsConfig
+from ..quant import QuantConfig
 from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
 from .arch import Arch
 from .timeline import BlockTimes, blockap_seconds
@@ -65,54 +67,63 @@ ZEROSHOT_ITEMS = {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswa
 PHASES = ("block-ap", "e2e", "export", "eval")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """What a plan depends on; planning.settings_for reads it from a run's RunConfig."""
+    """What a plan depends on: the run's settings as its RunConfig parts hold them (config/run_config.py,
+    declared there once), and the machine planned for. planning.settings_for makes it from a RunConfig."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    blockap: BlockAPConfig = field(default_factory=BlockAPConfig)
+    streams: StreamsConfig = field(default_factory=lambda: StreamsConfig(placement="cpu"))
+    e2e: E2EConfig = field(default_factory=E2EConfig)  # epochs 0 where the run trains no E2E-QP
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)  # precision and weight work, as asked
     ranks: int = 1
     ranks_per_node: int = 8
-    device: str = "gpu"  # gpu | cpu
+    device: str = "gpu"  # gpu | cpu: what the plan is for (not this process's device)
     gpu: str = "a100"
-    bits: int = 2
-    group_size: int = 64
-    epochs: int = 2
-    train_size: int = 4096
-    val_size: int = 64
-    seqlen: int = 2048
-    batch_size: int = 2
-    activations: str = "cpu"
-    on_gpu: float = 0.0  # bytes per rank of the host/disk stores kept on the GPU (`activations_on_gpu`)
-    act_bytes: int = 2  # 16-bit AMP on a GPU, float32 on a CPU
-    student_input: str | None = None
-    correction: float = 0.5  # pipelined: share of each block's steps on the quantized stream
-    data_parallel: int | None = None  # D: group ranks splitting the windows; None: the run's default
-    sequence_parallel: int | None = None  # S: group ranks splitting each window's tokens; None: the run's default
-    weight_work: str = "auto"  # split | replicated | auto (split on CPUs), as the run's `weight_work`
     link_gbs: float | None = None  # bus bandwidth inside a node, GB/s (default BUS_BYTES_PER_S)
     network_gbs: float | None = None  # across nodes, GB/s (default NETWORK_BYTES_PER_S)
-    e2e_epochs: int = 1
-    e2e_train_size: int = 4096
-    e2e_seqlen: int = 4096
-    e2e_micro_batch: int = 1
-    e2e_global_batch: int = 32
-    grad_checkpointing: bool = True
-    zero_stage: int = 3
+    zero_stage: int = 3  # E2E-QP's DeepSpeed config, as read from `ds_config`
     offload: bool = True
     zero_bucket: int = ZERO_REDUCE_BUCKET  # elements: ZeRO's gradient bucket (`reduce_bucket_size`)
-    keep_checkpoints: int = 1
-    eval_datasets: tuple = ("wiki", "news")
-    eval_seqlen: int = 2048
-    eval_batch_size: int = 1
-    eval_max_windows: int | None = None
-    zeroshot_tasks: tuple = ()
-    zeroshot_limit: int | None = None
-    skip_fp_eval: bool = False
     tflops: float | None = None  # overrides PEAK_TFLOPS x EFFICIENCY
+
+    def changed(self, changes: dict) -> "Settings":
+        """These settings with `changes` applied: {"ranks": 1, "blockap.batch_size": 1, ...}."""
+        parts, own = {}, {}
+        for key, value in changes.items():
+            part, _, name = key.rpartition(".")
+            (parts.setdefault(part, {}) if part else own)[name] = value
+        return replace(self, **own, **{part: replace(getattr(self, part), **v) for part, v in parts.items()})
+
+    @property
+    def act_bytes(self) -> int:
+        """Bytes of an activation: 16-bit AMP on a GPU, float32 on a CPU (or as `dtype` asks)."""
+        if self.machine.dtype == "auto":
+            return 2 if self.device == "gpu" else 4
+        return 4 if self.machine.dtype == "float32" else 2
+
+    @property
+    def on_gpu(self) -> float:
+        """Bytes per rank of the host/disk stores kept on the GPU (`activations_on_gpu`)."""
+        return (self.streams.on_gpu_gib or 0.0) * GIB
+
+    @property
+    def correction(self) -> float:
+        """Pipelined: the share of each block's steps on the quantized stream (default 1/groups)."""
+        return self.blockap.correction_fraction or self.width / self.ranks
+
+    @property
+    def kept_checkpoints(self) -> int:
+        """E2E-QP checkpoints on disk at once (`e2e_keep_checkpoints` 0 keeps all: planned as 10)."""
+        return self.e2e.keep_checkpoints or 10
 
     @property
     def layout(self) -> tuple[int, int]:
         """(D, S) as the run chooses them (blockap/lanes.group_layout)."""
-        return group_layout(self.ranks, self.ranks_per_node, self.batch_size, self.seqlen, self.data_parallel,
-                            self.sequence_parallel, self.student_input in (None, "student"))
+        b = self.blockap
+        return group_layout(self.ranks, self.ranks_per_node, b.batch_size, b.seqlen, b.data_parallel,
+                            b.sequence_parallel, b.student_input in (None, "student"))
 
     @property
     def data_width(self) -> int:
@@ -132,7 +143,8 @@ class Settings:
 
     @property
     def splits_weight_work(self) -> bool:
-        return self.weight_work == "split" or (self.weight_work == "auto" and self.device == "cpu")
+        work = self.machine.weight_work
+        return work == "split" or (work == "auto" and self.device == "cpu")
 
     def bus(self, ranks: int) -> float:
         """Bytes per second of a collective over `ranks` consecutive ranks (inside a node or not)."""
@@ -147,7 +159,7 @@ class Settings:
 
     @property
     def mode(self) -> str:
-        return self.student_input or ("pipelined" if self.groups > 1 and self.split == 1 else "student")
+        return self.blockap.student_input or ("pipelined" if self.groups > 1 and self.split == 1 else "student")
 
     @property
     def schedule(self):
@@ -192,8 +204,8 @@ def _place(phase: Phase, device_terms: dict, host_terms: dict, s: Settings) -> P
 
 def packed_bytes(a: Arch, s: Settings, scale_bytes: int = 2) -> dict:
     """The quantized linears of the whole model: integer codes, zero points, scales, g_idx."""
-    groups = a.layers * a.groups(s.group_size)
-    return {"qweight": a.layers * a.block_linear_params * s.bits / 8, "qzeros": groups * s.bits / 8,
+    groups = a.layers * a.groups(s.quant.group_size)
+    return {"qweight": a.layers * a.block_linear_params * s.quant.bits / 8, "qzeros": groups * s.quant.bits / 8,
             "scales": groups * scale_bytes, "g_idx": a.layers * sum(i for _, i in a.linears.values()) * 4}
 
 
@@ -207,23 +219,23 @@ def pinned_staging(a: Arch, s: Settings) -> float:
     """Pinned staging buffers between host (or disk) stores and the GPU (blockap/feed.py, stores.py):
     two per store a batch reads (training reads input and target; a stream pass one), and two per
     store the GPU writes rows into (written behind), each of one batch's rows."""
-    batch = pinned_block(s.batch_size // s.data_width * s.seqlen // s.split * a.hidden * s.act_bytes)
+    batch = pinned_block(s.blockap.batch_size // s.data_width * s.blockap.seqlen // s.split * a.hidden * s.act_bytes)
     written = s.schedule.stores_per_split(s.groups) * 2  # stores per split x splits
     return batch * (2 * 2 + 2 * 1 + 2 * written)
 
 
 def block_ap(a: Arch, s: Settings) -> Phase:
-    block, linear, groups = a.block_params, a.block_linear_params, a.groups(s.group_size)
-    if s.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
+    block, linear, groups = a.block_params, a.block_linear_params, a.groups(s.quant.group_size)
+    if s.blockap.epochs == 0:  # round-to-nearest on rank 0, block by block on the host
         host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32)": a.embedding_params * 4,
                 "one block and its packed form": block * 8}
         return _place(Phase(seconds=a.layers * block * 4 / 2e9, note="round-to-nearest (`epochs` 0): no training"),
                       {}, host, s)
-    width, d, local = s.width, s.data_width, s.seqlen // s.split
-    tokens = s.batch_size // d * local  # this rank's share of a step: its windows' rows, its tokens of them
+    width, d, local = s.width, s.data_width, s.blockap.seqlen // s.split
+    tokens = s.blockap.batch_size // d * local  # this rank's share of a step: its windows' rows, its tokens of them
     # this rank's share of the windows (blockap/lanes.py: the largest share), in each of the schedule's
     # stores per split (fp in, fp out unless in place, quantized stream unless in the fp input's), train + val
-    train, val = lane_share(s.train_size, s.batch_size, d), lane_share(s.val_size, s.batch_size, d)
+    train, val = lane_share(s.blockap.train_size, s.blockap.batch_size, d), lane_share(s.blockap.val_size, s.blockap.batch_size, d)
     store = s.schedule.stores_per_split(s.groups) * (train + val) * local * a.hidden * s.act_bytes
     device = {
         "fp block (float32)": block * 4,
@@ -233,18 +245,18 @@ def block_ap(a: Arch, s: Settings) -> Phase:
         "batch and MSE in float32": tokens * a.hidden * (2 * s.act_bytes + 3 * 4),
     }
     if s.split > 1:  # the window's keys and values gathered, then repeated to every query head
-        device["gathered keys and values"] = s.batch_size // d * s.seqlen * (2 * a.kv_width + 2 * a.q_width) * s.act_bytes
+        device["gathered keys and values"] = s.blockap.batch_size // d * s.blockap.seqlen * (2 * a.kv_width + 2 * a.q_width) * s.act_bytes
     if width > 1 and s.splits_weight_work:  # every linear's quantized weight and its gradient (weight_shards.py)
         device["split weight work: gathered weights and their gradients"] = linear * 4 * 2
     host = {"base": HOST_BASE[s.device], "libraries, tokenizer, tokenized calibration text": BLOCKAP_PROCESS,
             "embeddings, lm_head (float32)": a.embedding_params * 4, "fp block read from the checkpoint": block * 4}
     phase = Phase()
-    if s.device == "gpu" and s.activations != "gpu":
+    if s.device == "gpu" and s.streams.placement != "gpu":
         host["pinned staging buffers"] = pinned_staging(a, s)
-    kept = min(store, s.on_gpu) if s.device == "gpu" and s.activations != "gpu" else 0.0  # rows on the GPU
-    if s.activations == "gpu":
+    kept = min(store, s.on_gpu) if s.device == "gpu" and s.streams.placement != "gpu" else 0.0  # rows on the GPU
+    if s.streams.placement == "gpu":
         device["activation stores"] = store
-    elif s.activations == "cpu":
+    elif s.streams.placement == "cpu":
         host["activation stores"] = store - kept
     else:
         phase.disk = (store - kept) * min(s.ranks, s.ranks_per_node)
@@ -259,15 +271,16 @@ def block_ap(a: Arch, s: Settings) -> Phase:
     layout = f" over {s.groups} group(s) of {layout_words(s)}{cost_words(times)}" if width > 1 else ""
     split = f" ({kept / GIB:.1f} GiB of them on the GPU)" if kept else ""
     phase.note = (f"{s.mode} mode{detail}{layout}: {alone / phase.seconds:.1f}x the paper's one-rank time; stores "
-                  f"{store / GIB:.1f} GiB per rank on {s.activations}{split}")
+                  f"{store / GIB:.1f} GiB per rank on {s.streams.placement}{split}")
     phase.terms_seconds = times.parts()
     return _place(phase, device, host, s)
 
 
 def one_rank_seconds(a: Arch, s: Settings) -> float:
     """The paper's scheme on one rank: student mode, every window and token."""
-    one = replace(s, ranks=1, ranks_per_node=1, data_parallel=1, sequence_parallel=1, student_input="student")
-    return blockap_seconds(a.layers, 1, "student", block_times(a, one, s.train_size, s.val_size))
+    one = s.changed({"ranks": 1, "ranks_per_node": 1, "blockap.data_parallel": 1, "blockap.sequence_parallel": 1,
+                     "blockap.student_input": "student"})
+    return blockap_seconds(a.layers, 1, "student", block_times(a, one, s.blockap.train_size, s.blockap.val_size))
 
 
 def layout_words(s: Settings) -> str:
@@ -313,22 +326,22 @@ def block_times(a: Arch, s: Settings, train: int, val: int, rate: float | None =
     that share on."""
     rate = rate or _flops_per_second(s, "block-ap")
     block, width, sp = a.block_params, s.width, s.split
-    local = s.seqlen // sp
-    per_token = 6 * block + 6 * 2 * a.hidden * s.seqlen  # + attention: this rank's queries, the window's keys
-    steps_tokens = s.epochs * train * local
-    eval_tokens = (s.epochs + 2) * val * local  # loss before, after each epoch, after (the streams: below)
-    steps_per_epoch = -(-s.train_size // s.batch_size)
-    steps = s.epochs * steps_per_epoch
+    local = s.blockap.seqlen // sp
+    per_token = 6 * block + 6 * 2 * a.hidden * s.blockap.seqlen  # + attention: this rank's queries, the window's keys
+    steps_tokens = s.blockap.epochs * train * local
+    eval_tokens = (s.blockap.epochs + 2) * val * local  # loss before, after each epoch, after (the streams: below)
+    steps_per_epoch = -(-s.blockap.train_size // s.blockap.batch_size)
+    steps = s.blockap.epochs * steps_per_epoch
     step_tokens = train * local / steps_per_epoch  # this rank's tokens of a step
     step_seconds = per_token * step_tokens / rate
     stream_windows = train + val
     t = BlockTimes(train=(per_token * steps_tokens + 2 * block * eval_tokens) / rate,
-                   forward=(2 * block + 2 * 2 * a.hidden * s.seqlen) * stream_windows * local / rate,
+                   forward=(2 * block + 2 * 2 * a.hidden * s.blockap.seqlen) * stream_windows * local / rate,
                    transfer=stream_windows * local * a.hidden * s.act_bytes / 2 / LINK_BYTES_PER_S[s.device])
     if width > 1:
         bus = s.bus(width)
         linear = a.block_linear_params
-        grads = (linear + 2 * a.groups(s.group_size) + 2 * a.hidden) * 4
+        grads = (linear + 2 * a.groups(s.quant.group_size) + 2 * a.hidden) * 4
         work = WEIGHT_WORK_S["cpu" if s.device == "cpu" else s.gpu] * linear  # one step's, on one rank
         if s.splits_weight_work:  # each rank its 1/W of the work, which the fitted rate already divides; the
             # owners broadcast their quantized weights (in the autocast dtype) before the step, and each
@@ -342,11 +355,11 @@ def block_times(a: Arch, s: Settings, train: int, val: int, rate: float | None =
             t.allreduce = steps * exposed_sum_seconds(grads, width, step_seconds, s.device, bus)
         if sp > 1:  # keys and values of the window to every rank of the S and their gradients back:
             # an all-reduce of the whole window's each way (models/sequence_split.py)
-            kv = 2 * s.batch_size // s.data_width * s.seqlen * a.kv_width * s.act_bytes
+            kv = 2 * s.blockap.batch_size // s.data_width * s.blockap.seqlen * a.kv_width * s.act_bytes
             per_pass = kv * 2 * (sp - 1) / sp / s.bus(sp)
-            evals = (s.epochs + 2) * -(-val // max(1, s.batch_size // s.data_width))
+            evals = (s.blockap.epochs + 2) * -(-val // max(1, s.blockap.batch_size // s.data_width))
             t.exchange = steps * 2 * per_pass + evals * per_pass
-            t.forward += -(-stream_windows // max(1, s.batch_size // s.data_width)) * per_pass
+            t.forward += -(-stream_windows // max(1, s.blockap.batch_size // s.data_width)) * per_pass
         t.train += t.weights + t.allreduce + t.exchange
     if s.schedule.keeps_quantized_stream and s.groups > 1:
         t.stream_lead = stream_lead(s, t, val)
@@ -357,29 +370,29 @@ def stream_lead(s: Settings, t: BlockTimes, val: int) -> float:
     """A block's wait for the rows of its quantized input (stream_order.receiver_lead), on this plan's
     lanes and steps from its switch (pipelined) or its first (student); the run's own order, drawn for
     block 1."""
-    lanes = Lanes(s.train_size, s.batch_size, s.data_width, 0)
-    total = s.epochs * lanes.steps_per_epoch
+    lanes = Lanes(s.blockap.train_size, s.blockap.batch_size, s.data_width, 0)
+    total = s.blockap.epochs * lanes.steps_per_epoch
     switch = s.schedule.switch_at(total) or 0
-    first = lanes.first_reads(step_generator(0, 1), s.epochs, switch)
+    first = lanes.first_reads(step_generator(0, 1), s.blockap.epochs, switch)
     rows = len(first)
-    return receiver_lead(first, s.batch_size // s.data_width * CHUNK_BATCHES, val, t.forward / (rows + val),
+    return receiver_lead(first, s.blockap.batch_size // s.data_width * CHUNK_BATCHES, val, t.forward / (rows + val),
                          t.train / total, range(switch, total))
 
 
 def e2e(a: Arch, s: Settings) -> Phase:
     w = s.act_bytes
     shards = s.ranks if s.zero_stage == 3 else 1
-    ints = (a.layers * a.block_linear_params + a.layers * a.groups(s.group_size)) * s.bits / 8
-    scales = a.layers * a.groups(s.group_size)
+    ints = (a.layers * a.block_linear_params + a.layers * a.groups(s.quant.group_size)) * s.quant.bits / 8
+    scales = a.layers * a.groups(s.quant.group_size)
     frozen = a.embedding_params * w + a.layers * 2 * a.hidden * w + ints
     optimizer = scales * ((4 if w == 2 else 0) + 8 + 4)  # fp32 master (16-bit training), Adam m and v, grads
-    mb, T = s.e2e_micro_batch, s.e2e_seqlen
+    mb, T = s.e2e.micro_batch, s.e2e.seqlen
     largest = a.largest_linear()
     working = {
-        "gathered layers: packed, unpacked codes, dequantized weight": largest * (s.bits / 8 + 4 + w) * 2,  # + prefetch
-        "activations (checkpointed layer inputs)": (a.layers if s.grad_checkpointing else 0) * mb * T * a.hidden * w,
-        "activations (one layer recomputed)" if s.grad_checkpointing else "activations (all layers)":
-            (1 if s.grad_checkpointing else a.layers) * mb * T * (ACT_H * a.hidden + ACT_I * a.intermediate) * w,
+        "gathered layers: packed, unpacked codes, dequantized weight": largest * (s.quant.bits / 8 + 4 + w) * 2,  # + prefetch
+        "activations (checkpointed layer inputs)": (a.layers if s.e2e.grad_checkpointing else 0) * mb * T * a.hidden * w,
+        "activations (one layer recomputed)" if s.e2e.grad_checkpointing else "activations (all layers)":
+            (1 if s.e2e.grad_checkpointing else a.layers) * mb * T * (ACT_H * a.hidden + ACT_I * a.intermediate) * w,
         "logits, float32 loss and its gradient": mb * T * a.vocab * (w + 8),
     }
     if s.zero_stage > 0:  # allocated whole on the GPU at the engine's start, whatever is trained (stage3.py)
@@ -398,9 +411,9 @@ def e2e(a: Arch, s: Settings) -> Phase:
     else:
         device = working | sharded | {"optimizer over scales": optimizer / shards}
     phase = Phase()
-    phase.disk = s.keep_checkpoints * (optimizer + frozen + scales * w)
-    tokens = s.e2e_epochs * s.e2e_train_size * s.e2e_seqlen
-    flops = (8 if s.grad_checkpointing else 6) * a.total_params * tokens
+    phase.disk = s.kept_checkpoints * (optimizer + frozen + scales * w)
+    tokens = s.e2e.epochs * s.e2e.train_size * s.e2e.seqlen
+    flops = (8 if s.e2e.grad_checkpointing else 6) * a.total_params * tokens
     phase.seconds = flops / s.ranks / _flops_per_second(s, "e2e")
     phase.note = f"ZeRO-{s.zero_stage}{' with CPU offload' if s.offload else ''} over {s.ranks} rank(s)"
     return _place(phase, device, host, s)
@@ -413,7 +426,7 @@ def export(a: Arch, s: Settings) -> Phase:
     written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
     host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32, and their 16-bit copy)": a.embedding_params * 6,
             "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers}
-    if s.e2e_epochs > 0:
+    if s.e2e.epochs > 0:
         after_e2e = {"base": HOST_BASE[s.device], "E2E-QP: embeddings, lm_head read (16-bit)": a.embedding_params * 2,
                      "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers}
         host = max(host, after_e2e, key=lambda terms: sum(terms.values()))
@@ -422,19 +435,19 @@ def export(a: Arch, s: Settings) -> Phase:
 
 
 def evaluate(a: Arch, s: Settings) -> Phase:
-    if not s.eval_datasets and not s.zeroshot_tasks:
+    if not s.evaluation.datasets and not s.evaluation.zeroshot_tasks:
         return Phase(note="skipped (no `eval_datasets`, no `zeroshot_tasks`)")
     tokens = 0
-    for name in s.eval_datasets:
+    for name in s.evaluation.datasets:
         cap = EVAL_TOKENS.get(name, 340_000)
-        tokens += min(cap, s.eval_max_windows * s.eval_seqlen) if s.eval_max_windows else cap
-    for t in s.zeroshot_tasks:
-        tokens += ZEROSHOT_TOKENS_PER_ITEM[t] * min(ZEROSHOT_ITEMS[t], s.zeroshot_limit or ZEROSHOT_ITEMS[t])
+        tokens += min(cap, s.evaluation.max_windows * s.evaluation.seqlen) if s.evaluation.max_windows else cap
+    for t in s.evaluation.zeroshot_tasks:
+        tokens += ZEROSHOT_TOKENS_PER_ITEM[t] * min(ZEROSHOT_ITEMS[t], s.evaluation.zeroshot_limit or ZEROSHOT_ITEMS[t])
     quantized = sum(packed_bytes(a, s, scale_bytes=4).values()) + a.embedding_params * 4
     device = {"packed model (float32 scales and embeddings)": quantized,
               "one layer unpacked and dequantized (float32)": a.largest_linear() * 8,
-              "logits and loss (float32)": s.eval_batch_size * s.eval_seqlen * a.vocab * 8}
-    if not s.skip_fp_eval:  # loaded after the packed model is freed: the larger of the two counts
+              "logits and loss (float32)": s.evaluation.batch_size * s.evaluation.seqlen * a.vocab * 8}
+    if not s.evaluation.skip_fp:  # loaded after the packed model is freed: the larger of the two counts
         # float32 on a CPU; on GPUs the training dtype, spread over the node's GPUs (accelerate's device map)
         gpus = min(s.ranks, s.ranks_per_node) if s.device == "gpu" else 1
         fp = a.total_params * (2 if s.device == "gpu" else 4) / gpus
@@ -443,7 +456,7 @@ def evaluate(a: Arch, s: Settings) -> Phase:
                 f"full-precision model (16-bit), 1/{gpus} of it per GPU" if gpus > 1 else "full-precision model (16-bit)"
             device = {what: fp, "logits and loss (float32)": device["logits and loss (float32)"]}
     host = {"base": HOST_BASE[s.device], "model read before moving to the device": max(device.values())}
-    models = 1 if s.skip_fp_eval else 2
+    models = 1 if s.evaluation.skip_fp else 2
     phase = Phase(seconds=models * 2 * a.total_params * tokens / _flops_per_second(s, "eval"),
                   note=f"rank 0 alone, {models} model(s), about {tokens / 1e6:.1f}M tokens each")
     return _place(phase, device, host, s)
@@ -452,14 +465,14 @@ def evaluate(a: Arch, s: Settings) -> Phase:
 def resolved(a: Arch, s: Settings) -> Settings:
     """`weight_work` auto made what the run does: split on CPUs; on GPUs, of split and replicated, the one
     this plan finds faster for the group (the run asks the same: phases/blockap.py)."""
-    if s.weight_work != "auto" or s.device == "cpu" or s.width == 1:
+    if s.machine.weight_work != "auto" or s.device == "cpu" or s.width == 1:
         return s
-    train, val = lane_share(s.train_size, s.batch_size, s.data_width), lane_share(s.val_size, s.batch_size, s.data_width)
-    options = [replace(s, weight_work=w) for w in ("replicated", "split")]
+    train, val = lane_share(s.blockap.train_size, s.blockap.batch_size, s.data_width), lane_share(s.blockap.val_size, s.blockap.batch_size, s.data_width)
+    options = [s.changed({"machine.weight_work": w}) for w in ("replicated", "split")]
     return min(options, key=lambda o: block_times(a, o, train, val).train)
 
 
 def plan(a: Arch, s: Settings) -> dict[str, Phase]:
     s = resolved(a, s)
-    return {"block-ap": block_ap(a, s), "e2e": e2e(a, s) if s.e2e_epochs > 0 else Phase(note="skipped"),
+    return {"block-ap": block_ap(a, s), "e2e": e2e(a, s) if s.e2e.epochs > 0 else Phase(note="skipped"),
             "export": export(a, s), "eval": evaluate(a, s)}

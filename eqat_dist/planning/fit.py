@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .arch import Arch
 from .estimate import (BUS_BYTES_PER_S, EFFICIENCY, GIB, HOST_BASE, NETWORK_BYTES_PER_S, PEAK_TFLOPS, PHASES,
@@ -48,9 +48,9 @@ GPU_USABLE, PEAK_MARGIN = 0.9, 1.2
 def stores_on_gpu_to_fit(arch: Arch, s: Settings, m: Machine) -> float | None:
     """Bytes per rank of the host stores to keep on the GPU so that Block-AP fits the node's host memory
     (a tenth more than it takes, whole GiB), or None when the GPU has not that much room to spare."""
-    if s.device != "gpu" or m.gpu_memory is None or s.activations == "gpu":
+    if s.device != "gpu" or m.gpu_memory is None or s.streams.placement == "gpu":
         return None
-    phase = block_ap(arch, replace(s, on_gpu=0.0))
+    phase = block_ap(arch, s.changed({"streams.on_gpu_gib": 0.0}))
     over = (node_host("block-ap", phase, s) - m.host_memory) / min(s.ranks, s.ranks_per_node)
     room = GPU_USABLE * m.gpu_memory - PEAK_MARGIN * phase.gpu_peak
     want = math.ceil(1.1 * over / GIB) * GIB
@@ -59,24 +59,24 @@ def stores_on_gpu_to_fit(arch: Arch, s: Settings, m: Machine) -> float | None:
 
 
 def _gpu_rows_fix(arch: Arch, s: Settings, m: Machine):
-    want = stores_on_gpu_to_fit(arch, s, m) if s.activations == "cpu" else None
-    return None if want is None else (f"`activations_on_gpu` {want / GIB:.0f}", dict(on_gpu=want))
+    want = stores_on_gpu_to_fit(arch, s, m) if s.streams.placement == "cpu" else None
+    return None if want is None else (f"`activations_on_gpu` {want / GIB:.0f}", {"streams.on_gpu_gib": want / GIB})
 
 
 # The settings that relieve each (phase, resource), tried in order: (setting text, change of settings),
 # or a function of (arch, settings, machine) that gives one or None; the command line shows each
 # setting as its flag (cli.flag_message).
 FIXES = {
-    ("block-ap", "host memory per node"): [_gpu_rows_fix, ("`activations` disk", dict(activations="disk"))],
-    ("block-ap", "GPU memory per rank"): [("`activations` cpu", dict(activations="cpu")), ("`batch_size` 1", dict(batch_size=1))],
-    ("e2e", "GPU memory per rank"): [("`ds_config` zero3-offload", dict(zero_stage=3, offload=True)),
-                                     ("`e2e_micro_batch` 1", dict(e2e_micro_batch=1))],
-    ("e2e", "host memory per node"): [("`ds_config` zero3", dict(zero_stage=3, offload=False))],
-    ("eval", "GPU memory per rank"): [("`skip_fp_eval`", dict(skip_fp_eval=True)),
+    ("block-ap", "host memory per node"): [_gpu_rows_fix, ("`activations` disk", {"streams.placement": "disk"})],
+    ("block-ap", "GPU memory per rank"): [("`activations` cpu", {"streams.placement": "cpu"}), ("`batch_size` 1", {"blockap.batch_size": 1})],
+    ("e2e", "GPU memory per rank"): [("`ds_config` zero3-offload", {"zero_stage": 3, "offload": True}),
+                                     ("`e2e_micro_batch` 1", {"e2e.micro_batch": 1})],
+    ("e2e", "host memory per node"): [("`ds_config` zero3", {"zero_stage": 3, "offload": False})],
+    ("eval", "GPU memory per rank"): [("`skip_fp_eval`", {"evaluation.skip_fp": True}),
                                       ("`eval_datasets` '' `zeroshot_tasks` '' (evaluate later with `phase` eval "
-                                       "on a larger machine)", dict(eval_datasets=(), zeroshot_tasks=()))],
-    ("eval", "host memory per node"): [("`skip_fp_eval`", dict(skip_fp_eval=True))],
-    ("all", "disk"): [("`activations` cpu", dict(activations="cpu")), ("`e2e_keep_checkpoints` 1", dict(keep_checkpoints=1))],
+                                       "on a larger machine)", {"evaluation.datasets": (), "evaluation.zeroshot_tasks": ()})],
+    ("eval", "host memory per node"): [("`skip_fp_eval`", {"evaluation.skip_fp": True})],
+    ("all", "disk"): [("`activations` cpu", {"streams.placement": "cpu"}), ("`e2e_keep_checkpoints` 1", {"e2e.keep_checkpoints": 1})],
 }
 
 
@@ -99,7 +99,7 @@ def advise(arch: Arch, s: Settings, m: Machine, phases=None) -> tuple[list[str],
             flag, change = fix
             if changed & set(change):
                 continue  # never undo an earlier fix (disk <-> host memory)
-            trial = replace(s, **change)
+            trial = s.changed(change)
             after = {(p, r): n for p, r, n, _ in problems(_planned(arch, trial, phases), trial, m)}
             if trial != s and after.get((name, resource), 0) < needed:  # relieves it, if not yet enough
                 advice.append(flag)
@@ -121,10 +121,10 @@ def report(arch: Arch, s: Settings, m: Machine, phases=None) -> dict:
     r = resolved(arch, s)
     return {"model": arch.name, "params_b": arch.total_params / 1e9, "settings": {
                 "ranks": s.ranks, "ranks_per_node": s.ranks_per_node, "device": s.device, "gpu": s.gpu,
-                "wbits": s.bits, "group_size": s.group_size, "student_input": s.mode,
+                "wbits": s.quant.bits, "group_size": s.quant.group_size, "student_input": s.mode,
                 "data_parallel": s.data_width, "sequence_parallel": s.split, "group_ranks": s.width,
                 "weight_work": "split" if r.splits_weight_work else "replicated", "groups": s.groups},
-            "layouts": layouts(arch, s) if s.ranks > 1 and s.epochs > 0 else [],
+            "layouts": layouts(arch, s) if s.ranks > 1 and s.blockap.epochs > 0 else [],
             "machine": {"gpu_memory_gib": None if m.gpu_memory is None else m.gpu_memory / GIB,
                         "host_memory_gib": m.host_memory / GIB, "disk_gib": None if m.disk is None else m.disk / GIB},
             "phases": {k: v.as_dict() for k, v in phases.items()}, "fits": not todo,
@@ -144,19 +144,21 @@ def _candidates(s: Settings):
     """Every layout the run could take on these ranks: student mode in groups of D x S (the paper's
     arithmetic), and the other schedules in groups of D as the run chooses them."""
     for width in (w for w in range(1, s.ranks + 1) if s.ranks % w == 0):
-        for d in (d for d in range(1, width + 1) if width % d == 0 and s.batch_size % d == 0):
+        for d in (d for d in range(1, width + 1) if width % d == 0 and s.blockap.batch_size % d == 0):
             sp = width // d
-            if sp > 1 and s.seqlen % (2 * sp):
+            if sp > 1 and s.blockap.seqlen % (2 * sp):
                 continue
             for work in (("replicated", "split") if width > 1 else ("replicated",)):
-                yield replace(s, student_input="student", data_parallel=d, sequence_parallel=sp, weight_work=work)
+                yield s.changed({"blockap.student_input": "student", "blockap.data_parallel": d,
+                                 "blockap.sequence_parallel": sp, "machine.weight_work": work})
     for mode in PRICES:
-        yield replace(s, student_input=mode, data_parallel=None, sequence_parallel=None, correction=0.0 if mode ==
-                      "teacher" else 1.0 / (s.ranks // layout_of(s, mode)[0]))
+        yield s.changed({"blockap.student_input": mode, "blockap.data_parallel": None, "blockap.sequence_parallel": None,
+                         "blockap.correction_fraction": 0.0 if mode == "teacher" else 1.0 / (s.ranks // layout_of(s, mode)[0])})
 
 
 def layout_of(s: Settings, mode: str) -> tuple[int, int]:
-    return replace(s, student_input=mode, data_parallel=None, sequence_parallel=None).layout
+    return s.changed({"blockap.student_input": mode, "blockap.data_parallel": None,
+                      "blockap.sequence_parallel": None}).layout
 
 
 def layouts(arch: Arch, s: Settings) -> list[dict]:
