@@ -27,7 +27,8 @@ from eqat_dist.eval import perplexity  # noqa: E402
 from eqat_dist.models import load_model  # noqa: E402
 from eqat_dist.models.quantize import quantize_rtn  # noqa: E402
 from eqat_dist.models.lazy import LazyModel  # noqa: E402
-from eqat_dist.pipelines.round_robin import StreamSpec, assemble, run_blockap  # noqa: E402
+from eqat_dist.blockap.steps import assemble  # noqa: E402
+from eqat_dist.pipelines.round_robin import StreamSpec, run_blockap  # noqa: E402
 from eqat_dist.quant import QuantConfig  # noqa: E402
 
 

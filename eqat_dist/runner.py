@@ -18,7 +18,7 @@ from .models.loading import ModelLoadError
 from .phases.blockap import blockap_phase
 from .phases.e2e import e2e_phase
 from .phases.evaluation import eval_phase
-from .pipelines.round_robin import Progress
+from .utils.progress import Progress
 from .config import RunConfig
 from .preflight import blockap_already_done
 from .run_folder import RunFolder

@@ -20,7 +20,8 @@ from eqat_dist.models import decoder_layers, embed, record_block_calls, run_bloc
 from eqat_dist.models.quantize import quant_linears
 from eqat_dist.models.lazy import LazyModel
 from eqat_dist.pipelines import round_robin as local
-from eqat_dist.pipelines.round_robin import StreamSpec, assemble, run_blockap
+from eqat_dist.blockap.steps import assemble
+from eqat_dist.pipelines.round_robin import StreamSpec, run_blockap
 from eqat_dist.quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]

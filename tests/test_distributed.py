@@ -529,7 +529,7 @@ def test_a_move_is_in_the_heartbeat_file_at_once_not_at_the_threads_next_look(tm
     import json
 
     from eqat_dist.cluster.heartbeat import Heartbeat
-    from eqat_dist.pipelines.round_robin import Progress
+    from eqat_dist.utils.progress import Progress
 
     progress = Progress()
     beat = Heartbeat(tmp_path, 1, 2, timeout=600, where=progress.where)

@@ -3,14 +3,16 @@ student of a block, finish (pack) a trained student, rebuild a finished block fr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..models.blocks import BlockCall, run_block
+from ..models.lazy import LazyModel
 from ..models.quantize import packed_skeleton, to_fake_quant, to_packed, weights_fixed
 from ..quant import QuantConfig
-from .checkpoint import load_block
+from .checkpoint import finished_blocks, load_block
 from .feed import Feed, batches_of
 
 
@@ -82,3 +84,28 @@ def gptq_start(student: nn.Module, fp_block: nn.Module, inputs, call: BlockCall,
         layer.weight.copy_(weight)
         layer.scale.copy_(scale)
         layer.zero.copy_(zero)
+
+
+def restored_blocks(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path, reports: list, keep: bool = False):
+    """Every finished block rebuilt from its checkpoint, in order, one at a time (its report appended to
+    `reports`). keep=False drops each from `source` once the consumer asks for the next: the export
+    writes a block and lets it go, so the whole model is never in memory."""
+    missing = sorted(set(range(source.num_blocks)) - finished_blocks(Path(ckpt_dir), source.num_blocks))
+    if missing:
+        raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
+    for i in range(source.num_blocks):
+        packed, report = restore_block(source.block(i), cfg, ckpt_dir, i)
+        reports.append(report)
+        if keep:
+            source.set_block(i, packed)
+        yield i, packed
+        if not keep:
+            source.release(i)
+
+
+def assemble(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path) -> tuple[torch.nn.Module, list[dict]]:
+    """The whole quantized model in memory (tests, benchmarks) and all blocks' reports."""
+    reports = []
+    for _ in restored_blocks(source, cfg, ckpt_dir, reports, keep=True):
+        pass
+    return source.model, reports

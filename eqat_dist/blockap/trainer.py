@@ -192,6 +192,88 @@ def group_has_windows(stores, group) -> bool:
     return count.item() > 0
 
 
+class _GroupSums:
+    """A step's loss and gradients made the group's (cluster/transport.SumGroup): each linear's weight work
+    done by its owner (weight_shards.py, `shard_weights`), or every gradient summed in buckets started
+    during the backward (grad_sum.py); alone, nothing to do."""
+
+    def __init__(self, block: nn.Module, trainable: list, group, device: torch.device, settings: BlockAPSettings):
+        split = group is not None and settings.splits_weight_work
+        self.shards = WeightShards(block, trainable, group, device, settings.amp_dtype) if split else None
+        self.summed = GroupGradSum(trainable, group, device) if group is not None and not split else None
+        self.trainable = trainable
+
+    def before_pass(self) -> None:
+        if self.shards is not None:
+            self.shards.sync()  # a pass reads every linear: their owners' weights first
+
+    def begin_step(self) -> None:
+        if self.shards is not None:
+            self.shards.begin_step()
+
+    def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """The group's loss of the step, every gradient summed where the step needs it."""
+        if self.shards is not None:
+            return self.shards.finish_step(loss)
+        return self.summed(loss) if self.summed is not None else loss
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        if self.shards is not None:
+            return self.shards.clip_grad_norm_(max_norm)
+        return torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
+
+    def close(self) -> None:
+        if self.summed is not None:
+            self.summed.close()
+        if self.shards is not None:
+            self.shards.close()  # every rank holds the whole trained block again
+
+
+@dataclass
+class _Streams:
+    """The block's stores as training sees them: the training inputs change at a pipelined switch."""
+    inputs: object
+    targets: object
+    val_inputs: object
+    val_targets: object
+    has_val: bool
+    rows_ready: object = None  # rows_ready(rows) waits for training-input rows still arriving
+
+    def check(self, wait: bool = True) -> tuple:
+        """The stores the loss before, at the switch and after is taken on: validation, else training
+        (`wait`: for every row of it, which the check reads; after training they are all in)."""
+        if self.has_val:
+            return self.val_inputs, self.val_targets
+        if wait and self.rows_ready is not None:
+            self.rows_ready(range(len(self.inputs)))
+        return self.inputs, self.targets
+
+    def feed(self, batches: list, device: torch.device) -> Feed:
+        """The training batches in order, the next copying during this one (empty steps left out)."""
+        return iter(Feed([self.inputs, self.targets], [b for b in batches if b], device, before_read=self.rows_ready))
+
+
+def _step_loss(block, forward, call: BlockCall, feed, this_step, settings: BlockAPSettings, device: torch.device,
+               group, split: TokenSplit, scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, int]:
+    """One step's forward and backward on this rank's rows: (its share of the step's loss, its tokens)."""
+    # a loss over the whole step (Huber's median) gets its statistics from the group's ranks
+    token_median = group_token_median(group, this_step, split.tokens, split.positions, device) \
+        if group is not None and settings.loss in STEP_WIDE else None
+    if not this_step.rows:  # the last, smaller step has no window of this rank's lanes: it adds nothing
+        if token_median is not None:
+            token_median(None)  # but the group's sums are taken by every rank
+        return torch.zeros((), device=device), 0
+    x, y = next(feed)
+    amp = settings.amp_dtype
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = forward(block, x, call)
+    loss = reconstruction_loss(settings.loss, out, y, token_median)
+    if group is not None:  # this rank's share of the step's mean: its windows, its tokens of them
+        loss = loss * (len(this_step.rows) / this_step.windows) * (split.local_tokens / split.tokens)
+    scaler.scale(loss).backward()
+    return loss, x.shape[0] * x.shape[1]
+
+
 def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_targets, call: BlockCall,
                 settings: BlockAPSettings, device: torch.device, log=None, progress=None,
                 on_step=None, switch_at: int | None = None, switch=None, lanes: Lanes | None = None,
@@ -219,8 +301,7 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     report = BlockReport(index)
     device = torch.device(device)
     amp = settings.amp_dtype
-    amp_on = amp is not None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_on and amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is not None and amp == torch.float16)
     groups = param_groups(block, settings)
     optimizer = adamw(groups)
     lanes = lanes or Lanes(len(inputs), settings.batch_size)
@@ -231,70 +312,42 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
     gen = step_generator(settings.seed, index)  # independent of resume point
     trainable = [p for g in groups for p in g["params"]]
     forward = block_forward(settings.compile)
-    shards = WeightShards(block, trainable, group, device, amp) \
-        if group is not None and settings.splits_weight_work else None
-    summed = GroupGradSum(trainable, group, device) if group is not None and shards is None else None
+    sums = _GroupSums(block, trainable, group, device, settings)
     eval_batch = len(lanes.own_lanes)  # this rank's share of a step
     has_val = len(val_inputs) > 0 if group is None else group_has_windows(val_inputs, group)
-    check_in, check_out = (val_inputs, val_targets) if has_val else (inputs, targets)
+    streams = _Streams(inputs, targets, val_inputs, val_targets, has_val, rows_ready)
+    max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
 
-    def loss_on(inputs, targets) -> float:
-        if shards is not None:
-            shards.sync()  # a pass reads every linear: their owners' weights first
-        return eval_loss(block, inputs, targets, call, eval_batch, amp, group, settings.compile)
+    def loss_on(stores) -> float:
+        sums.before_pass()
+        return eval_loss(block, *stores, call, eval_batch, amp, group, settings.compile)
 
-    if rows_ready is not None and not has_val:  # the check reads every training row
-        rows_ready(range(len(inputs)))
-    report.loss_before = loss_on(check_in, check_out)
+    report.loss_before = loss_on(streams.check())
     reset_peak_memory(device)  # this block's own peaks
     values = _StepValues(report, index, log, progress)
     start, tokens, step = time.perf_counter(), 0, 0
     block.train()
     for epoch in range(settings.epochs):
         epoch_steps = lanes.epoch(gen)
-        epoch_batches = [s.rows for s in epoch_steps]
-        feed = iter(Feed([inputs, targets], [b for b in epoch_batches if b], device,  # the next batch copies during this one
-                         before_read=rows_ready))
+        batches = [s.rows for s in epoch_steps]
+        feed = streams.feed(batches, device)
         for position, this_step in enumerate(epoch_steps):
-            if step == switch_at and switch is not None:
+            if step == switch_at and switch is not None:  # the pipelined schedule's switch of input stream
                 feed.close()  # no batch of the old inputs is read any more: the new may land in their store
                 waited = time.perf_counter()
-                inputs, val_inputs = switch()
+                streams.inputs, streams.val_inputs = switch()
                 report.switch_wait_s = time.perf_counter() - waited
-                check_in = val_inputs if has_val else inputs
-                if rows_ready is not None and not has_val:  # the check reads every training row
-                    rows_ready(range(len(inputs)))
-                report.loss_at_switch = loss_on(check_in, check_out)
-                feed = iter(Feed([inputs, targets], [b for b in epoch_batches[position:] if b], device,
-                                 before_read=rows_ready))
+                report.loss_at_switch = loss_on(streams.check())
+                feed = streams.feed(batches[position:], device)
             optimizer.zero_grad(set_to_none=True)
-            if shards is not None:
-                shards.begin_step()
-            # a loss over the whole step (Huber's median) gets its statistics from the group's ranks
-            token_median = group_token_median(group, this_step, split.tokens, split.positions, device) \
-                if group is not None and settings.loss in STEP_WIDE else None
-            if this_step.rows:
-                x, y = next(feed)
-                with torch.autocast(device.type, dtype=amp, enabled=amp_on):
-                    out = forward(block, x, call)
-                loss = reconstruction_loss(settings.loss, out, y, token_median)
-                if group is not None:  # this rank's share of the step's mean: its windows, its tokens of them
-                    loss = loss * (len(this_step.rows) / this_step.windows) * (split.local_tokens / split.tokens)
-                scaler.scale(loss).backward()
-                tokens += x.shape[0] * x.shape[1]
-            else:  # the last, smaller step has no window of this rank's lanes: it adds nothing to the sum
-                if token_median is not None:
-                    token_median(None)  # but the group's sums are taken by every rank
-                loss = torch.zeros((), device=device)
-            if shards is not None:
-                loss = shards.finish_step(loss)
-            elif summed is not None:
-                loss = summed(loss)
+            sums.begin_step()
+            loss, step_tokens = _step_loss(block, forward, call, feed, this_step, settings, device, group, split,
+                                           scaler)
+            loss = sums.finish_step(loss)
+            tokens += step_tokens
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}  # the rates this step uses
             scaler.unscale_(optimizer)
-            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-            grad_norm = shards.clip_grad_norm_(max_norm) if shards is not None else \
-                torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+            grad_norm = sums.clip_(max_norm)
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
@@ -306,24 +359,23 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
             step += 1
         values.read()
         if has_val:
-            val = loss_on(val_inputs, val_targets)
-            report.val_losses.append(val)
+            report.val_losses.append(loss_on((streams.val_inputs, streams.val_targets)))
             if log:
-                log("val_loss", val, epoch)
+                log("val_loss", report.val_losses[-1], epoch)
     block.eval()
-    if summed is not None:
-        summed.close()
-    if shards is not None:
-        shards.close()  # every rank holds the whole trained block again
-    report.steps = step
-    report.seconds = time.perf_counter() - start
-    report.tokens_per_s = tokens / report.seconds if report.seconds else 0.0
-    if has_val and report.val_losses:  # the last epoch's validation saw these weights already: not again
-        report.loss_after = report.val_losses[-1]
-    else:
-        report.loss_after = loss_on(check_in, check_out)
-    peaks = peak_memory_mib(device)
-    report.peak_mem_mib = peaks.get("device", peaks["host_rss"])  # GPU peak, else peak RSS (this block's)
+    sums.close()
+    _finish_report(report, step, tokens, time.perf_counter() - start, device,
+                   None if has_val and report.val_losses else lambda: loss_on(streams.check(wait=False)))
     for p in block.parameters():
         p.requires_grad_(False)
     return report
+
+
+def _finish_report(report: BlockReport, steps: int, tokens: int, seconds: float, device, check_loss) -> None:
+    """Steps, time, throughput, the loss after (the last validation's, which saw these weights, else
+    `check_loss()`) and this block's memory peak (the GPU's, else the process's resident set)."""
+    report.steps, report.seconds = steps, seconds
+    report.tokens_per_s = tokens / seconds if seconds else 0.0
+    report.loss_after = report.val_losses[-1] if check_loss is None else check_loss()
+    peaks = peak_memory_mib(device)
+    report.peak_mem_mib = peaks.get("device", peaks["host_rss"])

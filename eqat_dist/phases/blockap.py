@@ -15,7 +15,8 @@ from ..export.formats import NATIVE
 from ..export.staging import publish, staged
 from ..models.lazy import LazyModel
 from ..models.quantize import check_model, to_fake_quant, to_packed
-from ..pipelines.round_robin import StreamSpec, restored_blocks, run_blockap
+from ..blockap.steps import restored_blocks
+from ..pipelines.round_robin import StreamSpec, run_blockap
 from ..planning import splits_weight_work
 from ..run_folder import RunFolder
 from ..utils.monitor import Monitor, summary_table

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from ..config.run_config import StreamsConfig
 from ..models.lazy import LazyModel
 from ..models.sequence_split import TokenSplit, use_split_attention
 from ..quant import QuantConfig
+from ..utils.progress import Progress
 from ..utils.monitor import Monitor, block_line, stalled_warning
 from .schedules import Schedule, schedule_named
 from .stream_order import CHUNK_BATCHES, by_first_read, chunks
@@ -55,27 +55,6 @@ class StreamSpec:
     dtype: torch.dtype = torch.float32  # the training precision
     prefix: str = "eqat"  # disk stores: file names of this run (RunFolder.store_prefix), the same on resume
     remove_stale: bool = False  # disk stores: this rank removes the run's files a killed run left (one per node)
-
-
-@dataclass
-class Progress:
-    """Where this rank is: read by the error handler to name the block in its message, and handed to
-    `on_change` (the heartbeat) the moment it changes, so a rank killed or stopped right after a move is
-    reported where it really was, not where the heartbeat thread last looked."""
-    block: int | None = None
-    phase: str = "starting"
-    on_change: Callable[[], None] | None = None
-    share: str = ""  # this rank's part of its group's work ('group 0, tokens 0-511,1536-2047 of 2048')
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in ("block", "phase") and getattr(self, "on_change", None) is not None:
-            self.on_change()
-
-    def where(self) -> str:
-        """' at block 7 (training)' or ' (E2E-QP training)' when no block is in hand."""
-        share = f"; {self.share}" if self.share and self.block is not None else ""
-        return (f" at block {self.block}" if self.block is not None else "") + f" ({self.phase}{share})"
 
 
 def _tag(block: int, stream: int, split: int) -> int:
@@ -432,28 +411,3 @@ def _spans(positions: torch.Tensor) -> str:
             runs.append(f"{start}-{p}")
             start = None
     return ",".join(runs)
-
-
-def restored_blocks(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path, reports: list, keep: bool = False):
-    """Every finished block rebuilt from its checkpoint, in order, one at a time (its report appended to
-    `reports`). keep=False drops each from `source` once the consumer asks for the next: the export
-    writes a block and lets it go, so the whole model is never in memory."""
-    missing = sorted(set(range(source.num_blocks)) - finished_blocks(Path(ckpt_dir), source.num_blocks))
-    if missing:
-        raise RuntimeError(f"blocks {missing} are not finished in {ckpt_dir}")
-    for i in range(source.num_blocks):
-        packed, report = restore_block(source.block(i), cfg, ckpt_dir, i)
-        reports.append(report)
-        if keep:
-            source.set_block(i, packed)
-        yield i, packed
-        if not keep:
-            source.release(i)
-
-
-def assemble(source: LazyModel, cfg: QuantConfig, ckpt_dir: Path) -> tuple[torch.nn.Module, list[dict]]:
-    """The whole quantized model in memory (tests, benchmarks) and all blocks' reports."""
-    reports = []
-    for _ in restored_blocks(source, cfg, ckpt_dir, reports, keep=True):
-        pass
-    return source.model, reports
