@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,17 +25,42 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _stable(value, key: str = ""):
-    """results.json with every clock- or allocator-made figure replaced by a mark."""
+def command_words(line: str) -> list[str]:
+    """An `eqat-dist ...` command line as its flags and values, in flag order: the same command whatever
+    the order the parser lists its flags in (results.json's `run.command`, report.md's last line)."""
+    words = shlex.split(line)
+    pairs, k = [], 1
+    while k < len(words):
+        value = words[k + 1] if k + 1 < len(words) and not words[k + 1].startswith("--") else None
+        pairs.append(words[k] if value is None else f"{words[k]} {value}")
+        k += 1 if value is None else 2
+    return [words[0], *sorted(pairs)]
+
+
+def _stable(value, key: str = "", root: str = ""):
+    """results.json with every clock- or allocator-made figure replaced by a mark, the run's own folder by
+    <run>, and its command line as its flags in order."""
     if isinstance(value, dict):
-        return {k: _stable(v, k) for k, v in value.items()}
+        return {k: _stable(v, k, root) for k, v in value.items()}
     if isinstance(value, list):
-        return [_stable(v, key) for v in value]
+        return [_stable(v, key, root) for v in value]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and VOLATILE.search(key.lower()):
         return "<measured>"
     if key == "model_dir":
         return "<path>"
+    if key == "started":
+        return "<clock>"
+    if isinstance(value, str) and root:  # the run's folder, and the folder beside it (--from a sibling)
+        value = value.replace(root, "<run>").replace(str(Path(root).parent), "<beside>")
+    if key == "command" and value.startswith("eqat-dist"):
+        return command_words(value)
     return value
+
+
+def _report_text(path: Path, root: Path) -> str:
+    lines = [" ".join(command_words(line)) if line.startswith("eqat-dist ") else line
+             for line in path.read_text().replace(str(root), "<run>").replace(str(root.parent), "<beside>").splitlines()]
+    return REPORT_FIGURES.sub("#", "\n".join(lines))
 
 
 def _differences(a, b, where: str = "") -> list[str]:
@@ -60,12 +86,12 @@ def compare(before: Path, after: Path) -> list[str]:
             problems.append(f"{name}: only in {'before' if a.exists() else 'after'}")
             continue
         if name == "results.json":
-            diff = _differences(_stable(json.loads(a.read_text())), _stable(json.loads(b.read_text())))
+            diff = _differences(_stable(json.loads(a.read_text()), root=str(before)),
+                                _stable(json.loads(b.read_text()), root=str(after)))
             diff = [d for d in diff if not d.startswith(("settings.model_dir", "eval.model_dir"))]
             status = "same but for measured figures" if not diff else "DIFFERS: " + "; ".join(diff[:5])
         elif name == "report.md":
-            same = REPORT_FIGURES.sub("#", a.read_text().replace(str(before), "")) == \
-                REPORT_FIGURES.sub("#", b.read_text().replace(str(after), ""))
+            same = _report_text(a, before) == _report_text(b, after)
             status = "same but for measured figures" if same else "DIFFERS"
         else:
             status = "identical" if _digest(a) == _digest(b) else "DIFFERS"
