@@ -55,6 +55,11 @@ def llama():
     return tiny_model("llama")
 
 
+# Threads of a run a test starts on the whole machine: the suite's own (`-n 2` workers run at 1 thread each,
+# so that two runs side by side never oversubscribe the cores), else 2.
+THREADS = os.environ.get("OMP_NUM_THREADS", "2")
+
+
 def one_process_env() -> dict:
     """The environment of a run started by a test: one thread, DeepSpeed on CPU, a rendezvous on this
     machine at a port of its own (tests running side by side do not meet)."""

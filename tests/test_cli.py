@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sigint_as_default, tiny_model
+from conftest import THREADS, sigint_as_default, tiny_model
 from eqat_dist.cli import UsageError, build_parser, parse_args
 from eqat_dist.preflight import blockap_already_done
 
@@ -167,7 +167,7 @@ def test_a_log_file_shows_a_line_per_block_and_per_evaluation_step(tmp_path):
                         "--batch-size", "1", "--phase", "block-ap", "--output", str(tmp_path / "out"),
                         "--eval-datasets", "wiki", "--eval-seqlen", "128", "--eval-max-windows", "2",
                         "--zeroshot-tasks", "piqa", "--zeroshot-limit", "4", "--skip-fp-eval", "--no-tensorboard"],
-                       check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                       check=True, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     text = log.read_text()
     assert "\r" not in text
     blocks = re.findall(r"^\[block-ap\] block (\d+) of 30, rank 0: loss \S+ -> \S+ \([+-]\d+\.\d%\), [\d.]+ s, "
@@ -337,7 +337,7 @@ def test_ctrl_c_in_one_process_ends_with_one_line_naming_the_block_and_what_is_k
                              "1", "--phase", "block-ap", "--output", str(out), "--eval-datasets", "", "--zeroshot-tasks",
                              "", "--skip-fp-eval", "--no-tensorboard"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="2"), preexec_fn=sigint_as_default)
+                            env=dict(os.environ, OMP_NUM_THREADS=THREADS), preexec_fn=sigint_as_default)
     deadline = time.time() + 300
     while not (out / "blockap" / "block_0001.safetensors").exists():  # saved whole (not its .tmp): block 2 trains
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
@@ -365,11 +365,11 @@ def test_a_runtime_failure_with_nothing_saved_does_not_claim_finished_work(tmp_p
     cmd = [sys.executable, str(ROOT / "launch" / "run.py"), "--model", str(model), "--wbits", "2", "--group-size", "32",
            "--epochs", "0", "--output", str(tmp_path / "out"), "--eval-datasets", "", "--zeroshot-tasks", "",
            "--skip-fp-eval", "--no-tensorboard", "--phase", "block-ap"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     lines = [line for line in done.stderr.splitlines() if line.startswith("eqat-dist")]
     assert done.returncode == 1 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-3000:]
     assert "model.safetensors" in lines[0] and "Finished work" not in lines[0], lines
-    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import THREADS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ QUIET = ["--eval-datasets", "wiki", "--eval-seqlen", "256", "--eval-max-windows"
 
 
 def _run(out: Path, *flags: str) -> Path:
-    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, DS_ACCELERATOR="cpu")
     done = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--model", "smollm2-135m",
                            "--output", str(out), *QUIET, *flags], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import THREADS
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "bench" / "gpu_smoke.py")
 
@@ -19,7 +21,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_0():
 
 @pytest.mark.slow
 def test_its_kernel_weight_work_and_two_rank_sections_pass_at_toy_sizes_on_the_cpu(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS)
     done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--only", "kernels,weight_work,two_ranks", "--work",
                            str(tmp_path), "--out", str(tmp_path / "smoke.md")], capture_output=True, text=True,
                           timeout=900, env=env)
@@ -34,7 +36,7 @@ def test_its_kernel_weight_work_and_two_rank_sections_pass_at_toy_sizes_on_the_c
 def test_quick_pipeline_runs_the_bundled_model_once_with_its_row_printed_as_it_comes(tmp_path):
     """--quick (a short GPU loan): the pipeline section's run with kernels alone, its row printed when the
     run ends (before the section's table), so a loan that ends early still leaves the figures."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS)
     done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--quick", "--only", "pipeline", "--work",
                            str(tmp_path)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import THREADS
 import torch
 from safetensors.torch import save_file
 
@@ -52,7 +54,7 @@ def interop_python() -> str:
 
 def _env():
     import random
-    return dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+    return dict(os.environ, OMP_NUM_THREADS=THREADS, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(random.randint(20000, 40000)))
 
 
@@ -144,7 +146,7 @@ def test_gptqmodel_and_transformers_load_our_exports_with_our_logits(exports, in
     save_file(tensors, tmp_path / "reference.safetensors")
     result = subprocess.run([interop_python, LOADERS, str(tmp_path / "reference.safetensors"),
                              *(str(folders[n]) for n in names)], capture_output=True, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+                            env=dict(os.environ, OMP_NUM_THREADS=THREADS))
     lines = [line for line in result.stdout.splitlines() if line.startswith("INTEROP ")]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
     report = json.loads(lines[-1][len("INTEROP "):])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import THREADS, tiny_model
 from eqat_dist.export import load_packed_model, save_packed_model
 from eqat_dist.export.convert import convert
 from eqat_dist.models.quantize import quantize_rtn
@@ -185,7 +185,7 @@ def test_gguf_refuses_what_it_cannot_hold_in_one_line(tmp_path):
 # -- the bundled model, end to end through the command line
 
 def _cli(*args, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="2", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS, DS_ACCELERATOR="cpu")
     result = subprocess.run([sys.executable, RUN, *args], capture_output=True, text=True, env=env)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
