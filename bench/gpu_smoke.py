@@ -195,8 +195,8 @@ def _run(ctx, args: list[str], timeout: int, name: str) -> None:
 
 def section_pipeline(ctx) -> list[str]:
     needs("transformers", "datasets", "safetensors", "gguf")
-    e2e = ["--e2e-train-size", "16", "--e2e-seqlen", "256", "--e2e-global-batch", "4", "--e2e-micro-batch", "2",
-           "--e2e-lr", "2e-4"]
+    e2e = ["--e2e-train-size", "16" if not ctx.cpu else "8", "--e2e-seqlen", "256", "--e2e-global-batch", "4",
+           "--e2e-micro-batch", "2", "--e2e-lr", "2e-4"]
     try:
         needs("deepspeed")
     except Skip:
