@@ -79,6 +79,7 @@ def build(jobs: int = 2) -> Path:
         partial.mkdir(parents=True)
         for name in TOOLS:
             shutil.copy2(build_dir / "bin" / name, partial / name)
+        (partial / "convert").mkdir()
         for name in CONVERTER:  # llama.cpp's own HF -> GGUF converter and the gguf-py it is written for
             copy = shutil.copytree if (source / name).is_dir() else shutil.copy2
             copy(source / name, partial / "convert" / name)
