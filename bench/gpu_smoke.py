@@ -6,6 +6,10 @@
     python bench/gpu_smoke.py --quick         # a short loan: half the runs (see --help)
 
 Sections (each says PASS, FAIL or SKIP and its figures; the script goes on after a failure):
+- scale7b:    a Llama-2-7B-shaped model (random bf16 weights, all 32 blocks) through the whole --single-gpu
+              pipeline: Block-AP on 64 x 2048 tokens (1 epoch, batch 2), 4 E2E-QP steps of 2 x 2048 tokens on
+              ZeRO-3 with CPU offload, the export and a short evaluation; each phase's time and peaks
+              next to `eqat-dist plan`'s, a block's turn in parts, the Block-AP efficiency on this GPU;
 - kernels:    the Triton kernels on CUDA tensors at Llama-2-70B shapes (hidden 8192, intermediate 28672;
               g64/g128; 2/3/4 bits; 1/16/4096 tokens) against the PyTorch reference, with times, and one
               launch past 2^31 elements (80k tokens x 28672) that int32 offsets would get wrong;
@@ -39,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("kernels", "bench", "pipeline", "block70b", "weight_work", "two_ranks")
+SECTIONS = ("scale7b", "kernels", "bench", "pipeline", "block70b", "weight_work", "two_ranks")
 
 
 class Skip(Exception):
@@ -102,7 +106,8 @@ def section_kernels(ctx) -> list[str]:
                 got.backward(grad)
                 for a, b in zip(refs, mine):
                     worst["fq"] = max(worst["fq"], ((a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-12)).item())
-                ms = timed_ms(lambda: fused(*mine, cfg.qmax, group).backward(grad), repeat=3)
+                from kernel_timings import fresh_backward  # W.grad cleared: as in training, no accumulation
+                ms = timed_ms(lambda: fresh_backward(fused(*mine, cfg.qmax, group), grad, mine), repeat=3)
                 rows.append(f"| fake-quant fwd+bwd | w{bits}g{group} | {out_f} x {in_f} | | {ms:.2f} ms |")
                 layer = PackedLinear.from_int(torch.randint(0, 2**bits, (out_f, in_f), device=dev),
                                               torch.randint(0, 2**bits, (out_f, in_f // group), device=dev).float(),
@@ -237,29 +242,18 @@ def section_pipeline(ctx) -> list[str]:
 
 
 # -- one Llama-2-70B-shaped block ----------------------------------------------------------------------
-def _one_block_model(ctx, folder: Path, hidden: int, inter: int, heads: int, kv: int) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from eqat_dist.models.loading import BUNDLED, bundled_model_dir
-
-    # the synthetic models borrow the --model's tokenizer (a folder of a tokenizer alone will do)
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_model_dir(ctx.model) if ctx.model in BUNDLED else ctx.model))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(ctx.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def _shaped_model(ctx, folder: Path, shape, layers: int | None = None) -> Path:
+    """A random-weight bfloat16 model of that shape (bench/synthetic_models.py), built on the GPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from synthetic_models import shaped_model
+    return shaped_model(folder, shape, tokenizer_from=ctx.model, layers=layers, device=ctx.device.type)
 
 
 def section_block70b(ctx) -> list[str]:
     needs("transformers", "datasets", "safetensors", "gguf")
     shape = (8192, 28672, 64, 8) if not ctx.cpu else (64, 96, 4, 2)
     folder = ctx.work / "llama70b-1layer"
-    if not (folder / "config.json").exists():
-        _one_block_model(ctx, folder, *shape)
+    _shaped_model(ctx, folder, shape, layers=1)
     seqlen, windows = ("2048", "64") if not ctx.cpu else ("64", "8")
     flags = ["--model", str(folder), "--wbits", "2", "--group-size", "64" if not ctx.cpu else "32",
              "--epochs", "1", "--train-size", windows, "--val-size", "0", "--batch-size", "2", "--seqlen", seqlen,
@@ -301,6 +295,86 @@ def section_block70b(ctx) -> list[str]:
     return rows
 
 
+# -- a Llama-2-7B-shaped model through the whole --single-gpu pipeline --------------------------------------
+def section_scale7b(ctx) -> list[str]:
+    """All 32 blocks of a random Llama-2-7B-shaped model: Block-AP (64 x 2048 tokens, 1 epoch, batch 2),
+    4 E2E-QP steps of 2 x 2048 tokens on ZeRO-3 with CPU offload, the export and a short evaluation; each
+    phase's wall time and peaks next to `eqat-dist plan` for the same flags, and the Block-AP efficiency
+    the planner should use on this GPU."""
+    needs("transformers", "datasets", "safetensors", "gguf", "deepspeed")
+    import resource
+
+    t0 = time.time()
+    folder = _shaped_model(ctx, ctx.work / "llama-2-7b-shaped", "llama-2-7b" if not ctx.cpu else (64, 96, 4, 4),
+                           layers=None if not ctx.cpu else 4)
+    made_s = time.time() - t0
+    seqlen, windows, group = ("2048", "64", "64") if not ctx.cpu else ("64", "8", "32")
+    flags = ["--model", str(folder), "--wbits", "2", "--group-size", group, "--epochs", "1", "--train-size", windows,
+             "--val-size", "8" if not ctx.cpu else "2", "--batch-size", "2", "--seqlen", seqlen,
+             "--e2e-train-size", "8" if not ctx.cpu else "4", "--e2e-seqlen", seqlen, "--e2e-global-batch", "2",
+             "--e2e-micro-batch", "1", "--e2e-lr", "2e-5", "--eval-datasets", "wiki", "--eval-seqlen", seqlen,
+             "--eval-max-windows", "4" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--skip-fp-eval",
+             "--no-tensorboard", "--single-gpu"]
+    gpu = ["--gpu", _gpu_kind(), "--gpu-memory", f"{_gpu_gib():.0f}"] if not ctx.cpu else []
+    plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1", *gpu,
+                           "--json"], capture_output=True, text=True, env=ctx.env)
+    assert plan.returncode == 0, f"eqat-dist plan failed: {plan.stderr.strip()[-300:]}"
+    planned = json.loads(plan.stdout)["phases"]
+    t_run = time.time()
+    _run(ctx, [*flags, "--output", str(ctx.work / "scale7b"), "--overwrite", "--discard-unfinished"], 560, "scale7b")
+    run_s = time.time() - t_run
+    host_peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child: the run
+    r = json.loads((ctx.work / "scale7b" / "results.json").read_text())
+    blocks, e2e = r["blocks"], r["e2e"]
+    turns = {k: sum(b.get(k, 0.0) for b in blocks) for k in ("fp_stream_s", "start_s", "wall_s", "pack_s")}
+    block_peak = max(b["peak_mem_mib"] for b in blocks) / 1024  # the GPU's; on a CPU the process's
+    e2e_peaks = e2e["peak_memory_mib_per_rank"]
+    measured = {  # phase: (seconds, GPU peak GiB, host peak GiB); None where the run does not record it
+        "block-ap": (r["blockap_wall_s"], None if ctx.cpu else block_peak, block_peak if ctx.cpu else None),
+        "e2e": (e2e["seconds"], None if ctx.cpu else max(m.get("device", 0) for m in e2e_peaks) / 1024,
+                max(m["host_rss"] for m in e2e_peaks) / 1024),
+        "export": (r.get("export_s", 0.0) + e2e.get("export_s", 0.0), None, None),
+        "eval": (r["quantized"].get("seconds", 0.0) + r["quantized_e2e"].get("seconds", 0.0),
+                 None if ctx.cpu else r["quantized_e2e"]["peak_memory_mib"].get("device", 0) / 1024, None)}
+    rows = [f"| scale7b: the model | {len(blocks)} blocks, random bf16 | written in {made_s:.0f} s | | "
+            f"run {run_s:.0f} s in all, host peak {host_peak_gib:.1f} GiB (plan "
+            f"{max(p['host_peak_gib'] for p in planned.values()):.1f}) |"]
+    for phase, (seconds, gpu_gib, host_gib) in measured.items():
+        p = planned.get(phase, {})
+        peaks = ", ".join(f"{name} {got:.1f} GiB (plan {p.get(key, 0):.1f})" for name, got, key in
+                          (("GPU", gpu_gib, "gpu_peak_gib"), ("host", host_gib, "host_peak_gib")) if got is not None)
+        rows.append(f"| scale7b: {phase} | w2g{group} | {seqlen} tokens | | {seconds:.1f} s (plan "
+                    f"{3600 * p.get('hours', 0):.1f} s){', ' + peaks if peaks else ''} |")
+        print(rows[-1], flush=True)
+    n = len(blocks)
+    turn = r["blockap_wall_s"] / n
+    rest = turn - sum(turns.values()) / n
+    rows.append(f"| scale7b: a block's turn | mean of {n} | | | {turn:.2f} s: fp stream {turns['fp_stream_s'] / n:.2f} s, "
+                f"start {turns['start_s'] / n:.2f} s, training {turns['wall_s'] / n:.2f} s, packing "
+                f"{turns['pack_s'] / n:.2f} s, the rest (saving, the student stream, set-up) {rest:.2f} s |")
+    if not ctx.cpu:  # what the planner's fitted efficiency (28% on the paper's A100 times) is on this GPU
+        sys.path.insert(0, str(ROOT))
+        from eqat_dist.planning.estimate import EFFICIENCY, PEAK_TFLOPS
+        plan_s = 3600 * planned["block-ap"]["hours"]
+        measured_eff = EFFICIENCY["block-ap"] * plan_s / r["blockap_wall_s"]  # the plan's time is FLOPs / efficiency
+        rows.append(f"| scale7b: Block-AP efficiency | {_gpu_kind()} | | | measured {measured_eff:.0%} of bf16 peak, "
+                    f"{measured_eff * PEAK_TFLOPS[_gpu_kind()]:.0f} TFLOP/s (`plan --tflops`); the plan assumes "
+                    f"{EFFICIENCY['block-ap']:.0%} |")
+    return rows
+
+
+def _gpu_kind() -> str:
+    """The planner's name of this GPU (a100, h100, h200; h100 for others of its class)."""
+    import torch
+    name = torch.cuda.get_device_name(0).lower()
+    return next((k for k in ("h200", "h100", "a100") if k in name), "h100")
+
+
+def _gpu_gib() -> float:
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
 # -- the weight work of a step -------------------------------------------------------------------------
 def section_weight_work(ctx) -> list[str]:
     needs("transformers")
@@ -317,18 +391,8 @@ def section_weight_work(ctx) -> list[str]:
 # -- two ranks on one GPU ------------------------------------------------------------------------------
 def section_two_ranks(ctx) -> list[str]:
     needs("transformers", "datasets", "safetensors", "gguf")
-    import torch
-
-    from eqat_dist.export.gptq_v2 import LazyTensors
-
     folder = ctx.work / "tiny-4layer"
-    if not (folder / "config.json").exists():
-        _one_block_model(ctx, folder, 64, 128, 4, 2)
-        import transformers
-        config = transformers.AutoConfig.from_pretrained(folder)
-        config.num_hidden_layers = 4
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    _shaped_model(ctx, folder, (64, 128, 4, 2), layers=4)
     flags = ["--model", str(folder), "--wbits", "2", "--group-size", "32", "--epochs", "2", "--train-size", "8",
              "--val-size", "2", "--seqlen", "32", "--phase", "block-ap", "--student-input", "student",
              "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard"]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from eqat_dist.blockap.steps import make_student  # noqa: E402
-from eqat_dist.blockap.trainer import BlockAPSettings, adamw, param_groups  # noqa: E402
+from eqat_dist.blockap.trainer import clip_in_the_step, BlockAPSettings, adamw, param_groups  # noqa: E402
 from eqat_dist.models.blocks import run_block  # noqa: E402
 from eqat_dist.models.lazy import LazyModel  # noqa: E402
 from eqat_dist.models.quantize import quant_linears  # noqa: E402
@@ -97,9 +97,11 @@ def main() -> None:
         for lin in linears:
             lin.fixed_weight = None
 
-    def fake_quant() -> None:
-        weights = [lin.quantized_weight() for lin in linears]
-        torch.autograd.backward(weights, [torch.ones_like(w) for w in weights])
+    ones = [torch.ones_like(lin.weight) for lin in linears]
+
+    def fake_quant() -> None:  # as in a step: the gradients set to None first, so nothing is accumulated
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward([lin.quantized_weight() for lin in linears], ones)
 
     flat = torch.zeros(sum(p.numel() for p in params), device=a.device)
 
@@ -119,19 +121,26 @@ def main() -> None:
     g2, g1 = ms(lambda: step(2, True)), ms(lambda: step(1, True))
     print(f"forward + backward, batch 2: {b2:.1f} ms; batch 1: {b1:.1f} ms")
     print(f"  the same with the quantized weights given: batch 2 {g2:.1f} ms, batch 1 {g1:.1f} ms")
-    step(2)
     fq = ms(fake_quant)
+    step(2)  # every parameter's gradient, for the clipping, the step and the copies
     clip = ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
+    fused = bool(optimizer.defaults.get("fused"))
+    # the trainer's way with a fused AdamW: the norm alone, the multiply inside the step's own pass
+    norm = ms(lambda: clip_in_the_step(optimizer, params, 1.0)) if fused else clip
     adam, copies = ms(optimizer.step), ms(grad_copies)
     print(f"fake quantization forward + backward, all linears: {fq:.1f} ms")
-    print(f"clipping: {clip:.1f} ms; AdamW step: {adam:.1f} ms; gradient copies: {copies:.1f} ms")
+    print(f"clipping: {clip:.1f} ms (its norm alone, the multiply in the fused step: {norm:.1f} ms); AdamW step: "
+          f"{adam:.1f} ms; gradient copies (data-parallel groups only): {copies:.1f} ms")
+    print(f"a step (forward + backward, clipping, AdamW): {b2 + norm + adam:.1f} ms, {(b2 + norm + adam) / g2:.2f}x "
+          f"the forward + backward with the quantized weights given ({g2:.1f} ms)")
     # a rank of a group of 2 at per-rank batch 1: replicated, it does all the weight work; split, half
     # of it (the broadcast and reduce between the ranks not counted: they depend on the link)
-    weight = fq + clip + adam
+    weight = fq + norm + adam
     replicated, split = g1 + weight, g1 + weight / 2
-    print(f"weight work (fake quantization, clipping, AdamW): {weight:.1f} ms, {weight / (b2 + clip + adam):.0%} "
+    print(f"weight work (fake quantization, clipping, AdamW): {weight:.1f} ms, {weight / (b2 + norm + adam):.0%} "
           f"of a batch-2 step; a rank of a group of 2 at batch 1, without communication: replicated "
           f"{replicated:.1f} ms, split {split:.1f} ms ({1 - split / replicated:.0%} less)")
+
 
 if __name__ == "__main__":
     main()

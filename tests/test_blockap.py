@@ -616,3 +616,29 @@ def test_gptq_start_is_gptq_on_each_blocks_own_student_inputs(tmp_path, monkeypa
         xs = torch.cat(inputs[name])
         for got, want in zip(started[name], gptq_weight(before[name], xs.T @ xs, cfg)):
             assert torch.allclose(got, want, atol=1e-5), name
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 1e3, float("inf")])
+def test_the_clipping_inside_the_fused_step_is_clip_grad_norm_then_the_step(max_norm):
+    """trainer.clip_in_the_step: the norm read once and the multiply done by the fused AdamW's own pass;
+    the same parameters as clip_grad_norm_ then the step, up to float rounding, clipped or not."""
+    from eqat_dist.blockap.trainer import clip_in_the_step
+
+    torch.manual_seed(0)
+    ours = [torch.randn(64, 48, requires_grad=True), torch.randn(64, 3, requires_grad=True)]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    for step in range(3):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p) * (5.0 if step else 0.01)  # far above and below the bound
+            q.grad = p.grad.clone()
+        if step == 0:
+            opt_ours = torch.optim.AdamW(ours, lr=1e-2, weight_decay=0.0, fused=True)
+            opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.0, fused=True)
+        norm = clip_in_the_step(opt_ours, ours, max_norm)
+        want = torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        opt_ours.step()
+        opt_ref.step()
+        assert torch.allclose(norm, want)
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9)  # the clipped gradient, as before

@@ -44,3 +44,19 @@ def test_quick_pipeline_runs_the_bundled_model_once_with_its_row_printed_as_it_c
     assert len(rows) == 2 and rows[0] == rows[1] and "| kernels | ppl " in rows[0]  # as it came, then the table
     assert "no-kernels" not in done.stdout
     assert done.stdout.index(rows[0]) < done.stdout.index("| **pipeline** | | | | PASS")
+
+
+@pytest.mark.slow
+def test_scale7b_runs_the_whole_pipeline_and_sets_each_phase_beside_the_plan(tmp_path):
+    """The 7B section at toy size (4 blocks of width 64): Block-AP, E2E-QP on DeepSpeed, the export and an
+    evaluation in one --single-gpu run, each phase's time and peaks printed beside the plan's."""
+    env = dict(os.environ, OMP_NUM_THREADS=THREADS)
+    done = subprocess.run([sys.executable, SMOKE, "--cpu-check", "--only", "scale7b", "--work", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "| **scale7b** | | | | PASS" in done.stdout
+    for phase in ("block-ap", "e2e", "export", "eval"):
+        line = next(x for x in done.stdout.splitlines() if x.startswith(f"| scale7b: {phase} |"))
+        assert " s (plan " in line
+    turn = next(x for x in done.stdout.splitlines() if x.startswith("| scale7b: a block's turn |"))
+    assert "mean of 4" in turn and "training" in turn

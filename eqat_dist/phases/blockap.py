@@ -79,9 +79,11 @@ def blockap_phase(cfg: RunConfig, transport, progress, folder: RunFolder) -> int
         blocks = restored_blocks(source, qcfg, folder.blockap, results["blocks"])
     progress.phase = "export"
     with staged(folder) as stage:  # weights, config, results and report appear in the output together
+        t_export = time.time()
         writer_for(NATIVE).write_blocks(source, blocks, tokenizer, stage, qcfg, results["method"],
                                         DTYPES[cfg.export_dtype])
         write_serving_formats(stage, cfg.export_formats[1:], folder)  # converted from what was just written
+        results["export_s"] = time.time() - t_export
         if results.get("blocks"):
             print(summary_table(results["blocks"]))
         del source

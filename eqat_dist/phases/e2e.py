@@ -3,6 +3,7 @@ written one gathered block at a time by rank 0, evaluated, and published with it
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
@@ -68,9 +69,11 @@ def e2e_phase(cfg: RunConfig, transport, progress, folder: RunFolder, from_dir: 
     results = folder.read_results() or {}
     writer = writer_for(NATIVE)
     with staged(folder) as stage:  # the E2E-QP weights, results and report replace the earlier ones together
+        t_export = time.time()
         report |= writer.write_retrained(from_dir, gathered, blocks_name(engine.module), tokenizer, stage,
                                          writer.method_after_e2e(from_dir), DTYPES[cfg.export_dtype])
         write_serving_formats(stage, cfg.export_formats[1:], folder)  # converted from what was just written
+        report["export_s"] = time.time() - t_export
         if monitor:
             monitor.close()
         del engine, model

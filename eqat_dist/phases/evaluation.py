@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ def evaluate(model, tokenizer, settings: EvalConfig, amp: torch.dtype | None, de
     """Perplexity on each evaluation dataset and zero-shot accuracy on each task, under the training's
     autocast dtype `amp` (bf16 on a GPU by default), so that packed layers run 16-bit kernels."""
     out = {"perplexity": {}, "zero_shot": {}}
+    t_start = time.time()
     reset_peak_memory(device)
     spread = dispatched(model)
     if spread:
@@ -48,6 +50,7 @@ def evaluate(model, tokenizer, settings: EvalConfig, amp: torch.dtype | None, de
             out["zero_shot"] = zero_shot(model, tokenizer, list(settings.zeroshot_tasks), settings.zeroshot_limit,
                                          label, max_length=settings.seqlen)
     out["peak_memory_mib"] = peak_memory_mib(device)  # this evaluation's own (the model was loaded before)
+    out["seconds"] = time.time() - t_start
     if not spread:
         model.cpu()
     return out

@@ -300,7 +300,8 @@ class _Rank:
         t_pack = time.time()
         packed = finish_student(student, self.cfg)
         report = rep.to_dict() | {"wall_s": t_pack - t0, "rank": self.transport.rank, "group": self.group,
-                                  "wait_s": self.wait_s, "fp_stream_s": self.fp_stream_s, "start_s": start_s}
+                                  "wait_s": self.wait_s, "fp_stream_s": self.fp_stream_s, "start_s": start_s,
+                                  "pack_s": time.time() - t_pack}
         if self.member == 0:  # the group's ranks hold the same block: one writes it
             save_block(self.ckpt_dir, i, packed, report)
         report["pack_save_s"] = time.time() - t_pack
