@@ -102,3 +102,35 @@ def sigint_as_default() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# The bundled model's RTN w4g64 with every 4-bit serving format, read (never written) by
+# tests/test_interop.py and tests/test_serving_formats.py: one run for the whole suite.
+RTN_W4_WITH_FORMATS = ["--model", "smollm2-135m", "--wbits", "4", "--group-size", "64", "--epochs", "0",
+                       "--phase", "block-ap", "--export-format", "compressed-tensors,awq,gguf", "--eval-datasets", "",
+                       "--zeroshot-tasks", "", "--skip-fp-eval", "--no-tensorboard"]
+
+
+def shared_run(tmp_path_factory, name: str, argv: list[str]):
+    """The run `launch/run.py *argv --output <shared>/name`, made once per test session however many
+    pytest-xdist workers ask for it (pytest-xdist's recipe: the workers' common temporary root and a
+    file lock); a read-only input for the tests that take it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # every worker's basetemp sits in the session's one folder
+    out = root / "shared-runs" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "results.json").exists():
+            env = dict(os.environ, OMP_NUM_THREADS=THREADS, DS_ACCELERATOR="cpu")
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "launch" / "run.py"),
+                                   *argv, "--output", str(out), "--overwrite", "--discard-unfinished"],
+                                  capture_output=True, text=True, env=env)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return out

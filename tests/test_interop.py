@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import THREADS
+from conftest import RTN_W4_WITH_FORMATS, THREADS, shared_run
 import torch
 from safetensors.torch import save_file
 
@@ -71,10 +71,11 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     (export-FORMAT/ beside the GPTQ v2 files)."""
     base = tmp_path_factory.mktemp("interop")
     out = {}
-    for bits in (2, 3, 4):
+    for bits in (2, 3):
         _cli("--wbits", str(bits), "--group-size", "64", "--epochs", "0", "--phase", "block-ap",
              "--export-format", SERVING_AT[bits], "--output", str(base / f"rtn{bits}"))
         out[f"rtn-w{bits}g64"] = base / f"rtn{bits}"
+    out["rtn-w4g64"] = shared_run(tmp_path_factory, "rtn-w4-formats", RTN_W4_WITH_FORMATS)  # test_serving_formats' too
     for bits in (2, 4):
         small = ["--wbits", str(bits), "--group-size", "64", "--seqlen", "32", "--train-size", "2", "--val-size",
                  "1", "--batch-size", "1", "--export-format", SERVING_AT[bits]]
@@ -127,9 +128,11 @@ def test_gptqmodel_and_transformers_load_our_exports_with_our_logits(exports, in
 
     from eqat_dist.export.packed_source import PackedExport
 
-    # every GPTQ v2 export, then the AWQ exports of the 4-bit runs (same weights: the same reference logits)
-    folders = {n: f for n, f in exports.items()} | {f"{n} (awq)": f / "export-awq" for n, f in exports.items()
-                                                    if (f / "export-awq").exists()}
+    # each writer's GPTQ v2 files at each width (RTN at 2/3/4 bits and E2E-QP at 2/4; Block-AP's come from
+    # RTN's writer, the same code at the same widths, and are read by the tests above), then the AWQ
+    # exports of the 4-bit runs (same weights: the same reference logits); every load costs seconds
+    loaded = {n: f for n, f in exports.items() if not n.startswith("block-ap-w")}
+    folders = loaded | {f"{n} (awq)": f / "export-awq" for n, f in loaded.items() if (f / "export-awq").exists()}
     names = list(folders)
     tensors = {}
     for i, name in enumerate(names):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import THREADS, tiny_model
+from conftest import RTN_W4_WITH_FORMATS, THREADS, shared_run, tiny_model
 from eqat_dist.export import load_packed_model, save_packed_model
 from eqat_dist.export.convert import convert
 from eqat_dist.models.quantize import quantize_rtn
@@ -194,12 +194,8 @@ def _cli(*args, check=True):
 
 @pytest.fixture(scope="module")
 def bundled_w4(tmp_path_factory) -> Path:
-    """RTN w4g64 of the bundled SmolLM2, every format written by the run itself."""
-    out = tmp_path_factory.mktemp("serve") / "rtn4"
-    _cli("--model", "smollm2-135m", "--eval-datasets", "", "--zeroshot-tasks", "", "--skip-fp-eval",
-         "--no-tensorboard", "--wbits", "4", "--group-size", "64", "--epochs", "0", "--phase", "block-ap",
-         "--export-format", "gguf,compressed-tensors,awq", "--output", str(out))
-    return out
+    """RTN w4g64 of the bundled SmolLM2, every format written by the run itself (shared with test_interop)."""
+    return shared_run(tmp_path_factory, "rtn-w4-formats", RTN_W4_WITH_FORMATS)
 
 
 @pytest.mark.slow

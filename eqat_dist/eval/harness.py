@@ -9,6 +9,7 @@ scored when asked, through the harness's `samples` selection.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,6 +102,14 @@ def _logged_lm(model, tokenizer, batch_size: int, max_length: int, label: str):
     return LoggedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """The harness's index of its task YAMLs: built once a process (it scans them all: 5-6 s on 2 cores),
+    not once per evaluation (a run evaluates the full-precision and the quantized model)."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager()
+
+
 def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, label: str = "",
               max_length: int = 2048, batch_size: int = 16) -> dict:
     """{task: {acc, acc_stderr, acc_ci95, acc_norm, items, split_items}, "average": {acc, tasks}}, scored by
@@ -108,13 +117,11 @@ def zero_shot(model, tokenizer, tasks: list[str], limit: int | None = None, labe
     on one device, or dispatched over several by accelerate); the harness feeds it on `model.device`."""
     import datasets
     from lm_eval import evaluator
-    from lm_eval.tasks import TaskManager
 
     if not tasks:
         return {}
     model.eval()
-    manager = TaskManager()
-    configs = [task_config(t, manager) for t in tasks]
+    configs = [task_config(t, _task_manager()) for t in tasks]
     sizes = {t: sum(len(datasets.Dataset.from_file(f)) for f in _bundled_files(t)) for t in tasks}
     samples = {t: subset(sizes[t], limit) for t in tasks}
     lm = _logged_lm(model, tokenizer, batch_size, max_length, label)
