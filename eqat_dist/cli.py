@@ -20,7 +20,7 @@ from .blockap.losses import LOSSES
 from .pipelines.schedules import SCHEDULES
 from .config import ConfigError, RunConfig
 from .config.declare import add_flags
-from .config.run_config import SETTING_PARTS, SETTING_TITLES, Invocation
+from .config.run_config import MODEL_REQUIRED, SETTING_PARTS, SETTING_TITLES, Invocation
 from .preflight import PreflightError, check_plan, run_checks
 from .config.from_flags import settings_from_flags
 from .settle import for_plan, settled
@@ -147,8 +147,7 @@ def parse_flags(argv=None, parser: argparse.ArgumentParser | None = None) -> arg
     if later_phase and not flags.output:
         flags.output = flags.from_dir  # the phase's results go beside the model it starts from
     if not flags.model:
-        raise UsageError("--model is required (a hub id, a folder, a .gguf file or smollm2-135m)"
-                         + (f"; {flags.from_dir} has no results.json that names it" if later_phase else ""))
+        raise UsageError(MODEL_REQUIRED + (f"; {flags.from_dir} has no results.json that names it" if later_phase else ""))
     if not flags.output:
         raise UsageError("--output is required")
     return flags
@@ -219,8 +218,11 @@ def plan_main(argv) -> int:
     parser = build_plan_parser()
     args = parser.parse_args(argv)
     if not args.model:
-        print("eqat-dist plan: error: --model is required (a folder with config.json, a hub id, or one of "
-              "llama-2-7b, llama-2-70b, llama-3-8b, qwen2.5-72b, smollm2-135m)", file=sys.stderr)
+        from .models.loading import BUNDLED
+        from .planning.arch import PLANNING_MODELS
+        known = ", ".join(sorted([*PLANNING_MODELS, *BUNDLED]))  # a plan needs config.json alone
+        print(f"eqat-dist plan: error: --model is required (a folder with config.json, a hub id, or one of {known})",
+              file=sys.stderr)
         return 2
     try:
         arch = load_arch(args.model)

@@ -134,3 +134,15 @@ def shared_run(tmp_path_factory, name: str, argv: list[str]):
                                   capture_output=True, text=True, env=env)
             assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+# The files that start real runs, longest first (minutes each on 2 cores). `-n 2 --dist loadfile` hands
+# files to the two workers in collection order, so a long file collected last left one worker idle for
+# minutes at the end; longest first, the many short files fill the gaps.
+LONGEST_FIRST = ("test_distributed.py", "test_e2e.py", "test_cli.py", "test_interop.py", "test_gpu_smoke.py",
+                 "test_blockap.py", "test_engines.py", "test_serving_formats.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -678,3 +678,15 @@ def test_every_declared_setting_has_one_default_in_the_parser_the_run_config_and
         checked += 1
     assert checked >= 55
     assert flag_of(RunConfig, next(f for f in dataclasses.fields(RunConfig) if f.name == "invocation")) is None
+
+
+def test_a_run_or_a_plan_without_a_model_is_refused_in_one_line_naming_what_model_takes(capsys):
+    from eqat_dist.cli import main
+
+    assert main(["--wbits", "2", "--output", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "eqat-dist: error: --model is required (hub id, local folder, .gguf file, or bundled name (smollm2-135m))"
+    assert main(["plan", "--wbits", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("eqat-dist plan: error: --model is required (a folder with config.json, a hub id, or one of ")
+    assert "llama-2-70b" in err[-1] and "smollm2-135m" in err[-1]

@@ -10,15 +10,15 @@ from ..quant import QuantConfig, QuantConfigError
 from ..utils.stop import parse_signals
 from .declare import RangeError, check_ranges, comma_list, part_from_flags
 from .recipes import recipe_choice
-from .run_config import (SETTING_PARTS, BlockAPConfig, ConfigError, E2EConfig, EvalConfig, MachineConfig, RunConfig,
-                         StreamsConfig, per_width_lr)
+from .run_config import (MODEL_REQUIRED, SETTING_PARTS, BlockAPConfig, ConfigError, E2EConfig, EvalConfig,
+                         MachineConfig, RunConfig, StreamsConfig, per_width_lr)
 
 
 def settings_from_flags(flags) -> RunConfig:
     """The flags as typed settings, values checked; what is left to the world, the model or the plan is
     None (the layout, student input, correction, activation placement)."""
     if not flags.model:
-        raise ConfigError("`model` is required (a hub id, a folder, a .gguf file or smollm2-135m)")
+        raise ConfigError(MODEL_REQUIRED)
     try:
         quant = part_from_flags(QuantConfig, flags, init=recipe_choice(flags.recipe, flags.wbits, "init", flags.init))
         check_ranges(SETTING_PARTS, flags)

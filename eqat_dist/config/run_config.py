@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names it in backquotes and says the fix."""
 
 
+# What --model takes (its help) and the one line a run without it gets (the CLI, the config builder).
+MODEL_FORMS = "hub id, local folder, .gguf file, or bundled name (smollm2-135m)"
+MODEL_REQUIRED = f"--model is required ({MODEL_FORMS})"
+
 @dataclass(frozen=True)
 class BlockAPConfig:
     """Block-AP: the official code's settings, plus how the student's input stream is scheduled."""
@@ -214,7 +218,7 @@ class Invocation:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = setting(help="hub id, local folder, .gguf file, or bundled name (smollm2-135m)")
+    model: str = setting(help=MODEL_FORMS)
     output: Path = setting(to_value=Path, help="output folder (the exported model, results.json, checkpoints, logs)")
     quant: QuantConfig = field(default_factory=QuantConfig)  # its settings are declared in quant/config.py
     blockap: BlockAPConfig = field(default_factory=BlockAPConfig)
