@@ -85,7 +85,7 @@ def section_kernels(ctx) -> list[str]:
     from eqat_dist.quant.packed_linear import PackedLinear
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from kernel_timings import packed_way
+    from kernel_timings import fresh_backward, packed_way
 
     dev, rows = ctx.device, []
     hidden, inter = (8192, 28672) if not ctx.cpu else (64, 96)
@@ -106,7 +106,7 @@ def section_kernels(ctx) -> list[str]:
                 got.backward(grad)
                 for a, b in zip(refs, mine):
                     worst["fq"] = max(worst["fq"], ((a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-12)).item())
-                from kernel_timings import fresh_backward  # W.grad cleared: as in training, no accumulation
+                # W.grad cleared before each call: as in training, no accumulation timed
                 ms = timed_ms(lambda: fresh_backward(fused(*mine, cfg.qmax, group), grad, mine), repeat=3)
                 rows.append(f"| fake-quant fwd+bwd | w{bits}g{group} | {out_f} x {in_f} | | {ms:.2f} ms |")
                 layer = PackedLinear.from_int(torch.randint(0, 2**bits, (out_f, in_f), device=dev),
@@ -302,8 +302,6 @@ def section_scale7b(ctx) -> list[str]:
     phase's wall time and peaks next to `eqat-dist plan` for the same flags, and the Block-AP efficiency
     the planner should use on this GPU."""
     needs("transformers", "datasets", "safetensors", "gguf", "deepspeed")
-    import resource
-
     t0 = time.time()
     folder = _shaped_model(ctx, ctx.work / "llama-2-7b-shaped", "llama-2-7b" if not ctx.cpu else (64, 96, 4, 4),
                            layers=None if not ctx.cpu else 4)
@@ -315,27 +313,30 @@ def section_scale7b(ctx) -> list[str]:
              "--e2e-micro-batch", "1", "--e2e-lr", "2e-5", "--eval-datasets", "wiki", "--eval-seqlen", seqlen,
              "--eval-max-windows", "4" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--skip-fp-eval",
              "--no-tensorboard", "--single-gpu"]
-    gpu = ["--gpu", _gpu_kind(), "--gpu-memory", f"{_gpu_gib():.0f}"] if not ctx.cpu else []
-    plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1", *gpu,
-                           "--json"], capture_output=True, text=True, env=ctx.env)
+    # on a GPU machine the plan is for its GPU and memory (`eqat-dist plan` finds them itself)
+    plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1", "--json"],
+                          capture_output=True, text=True, env=ctx.env)
     assert plan.returncode == 0, f"eqat-dist plan failed: {plan.stderr.strip()[-300:]}"
-    planned = json.loads(plan.stdout)["phases"]
+    plan_json = json.loads(plan.stdout)
+    planned = plan_json["phases"]
     t_run = time.time()
     _run(ctx, [*flags, "--output", str(ctx.work / "scale7b"), "--overwrite", "--discard-unfinished"], 560, "scale7b")
     run_s = time.time() - t_run
-    host_peak_gib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest child: the run
     r = json.loads((ctx.work / "scale7b" / "results.json").read_text())
     blocks, e2e = r["blocks"], r["e2e"]
     turns = {k: sum(b.get(k, 0.0) for b in blocks) for k in ("fp_stream_s", "start_s", "wall_s", "pack_s")}
-    block_peak = max(b["peak_mem_mib"] for b in blocks) / 1024  # the GPU's; on a CPU the process's
     e2e_peaks = e2e["peak_memory_mib_per_rank"]
-    measured = {  # phase: (seconds, GPU peak GiB, host peak GiB); None where the run does not record it
-        "block-ap": (r["blockap_wall_s"], None if ctx.cpu else block_peak, block_peak if ctx.cpu else None),
-        "e2e": (e2e["seconds"], None if ctx.cpu else max(m.get("device", 0) for m in e2e_peaks) / 1024,
+    evals = [r["quantized"]["peak_memory_mib"], r["quantized_e2e"]["peak_memory_mib"]]
+    gib = lambda mib: None if ctx.cpu else mib / 1024  # noqa: E731  a GPU's peak; a CPU run has none
+    measured = {  # phase: (seconds, GPU peak GiB, host peak GiB), as the run recorded them; None where it did not
+        "block-ap": (r["blockap_wall_s"], gib(max(b["peak_mem_mib"] for b in blocks)),
+                     max(b["host_peak_mib"] for b in blocks) / 1024),
+        "e2e": (e2e["seconds"], gib(max(m.get("device", 0) for m in e2e_peaks)),
                 max(m["host_rss"] for m in e2e_peaks) / 1024),
         "export": (r.get("export_s", 0.0) + e2e.get("export_s", 0.0), None, None),
-        "eval": (r["quantized"].get("seconds", 0.0) + r["quantized_e2e"].get("seconds", 0.0),
-                 None if ctx.cpu else r["quantized_e2e"]["peak_memory_mib"].get("device", 0) / 1024, None)}
+        "eval": (sum(e["seconds"] for e in (r["quantized"], r["quantized_e2e"])),
+                 gib(max(e.get("device", 0) for e in evals)), max(e["host_rss"] for e in evals) / 1024)}
+    host_peak_gib = max(m[2] for m in measured.values() if m[2] is not None)
     rows = [f"| scale7b: the model | {len(blocks)} blocks, random bf16 | written in {made_s:.0f} s | | "
             f"run {run_s:.0f} s in all, host peak {host_peak_gib:.1f} GiB (plan "
             f"{max(p['host_peak_gib'] for p in planned.values()):.1f}) |"]
@@ -353,26 +354,14 @@ def section_scale7b(ctx) -> list[str]:
                 f"start {turns['start_s'] / n:.2f} s, training {turns['wall_s'] / n:.2f} s, packing "
                 f"{turns['pack_s'] / n:.2f} s, the rest (saving, the student stream, set-up) {rest:.2f} s |")
     if not ctx.cpu:  # what the planner's fitted efficiency (28% on the paper's A100 times) is on this GPU
-        sys.path.insert(0, str(ROOT))
         from eqat_dist.planning.estimate import EFFICIENCY, PEAK_TFLOPS
+        kind = plan_json["settings"]["gpu"]
         plan_s = 3600 * planned["block-ap"]["hours"]
         measured_eff = EFFICIENCY["block-ap"] * plan_s / r["blockap_wall_s"]  # the plan's time is FLOPs / efficiency
-        rows.append(f"| scale7b: Block-AP efficiency | {_gpu_kind()} | | | measured {measured_eff:.0%} of bf16 peak, "
-                    f"{measured_eff * PEAK_TFLOPS[_gpu_kind()]:.0f} TFLOP/s (`plan --tflops`); the plan assumes "
+        rows.append(f"| scale7b: Block-AP efficiency | {kind} | | | measured {measured_eff:.0%} of bf16 peak, "
+                    f"{measured_eff * PEAK_TFLOPS[kind]:.0f} TFLOP/s (`plan --tflops`); the plan assumes "
                     f"{EFFICIENCY['block-ap']:.0%} |")
     return rows
-
-
-def _gpu_kind() -> str:
-    """The planner's name of this GPU (a100, h100, h200; h100 for others of its class)."""
-    import torch
-    name = torch.cuda.get_device_name(0).lower()
-    return next((k for k in ("h200", "h100", "a100") if k in name), "h100")
-
-
-def _gpu_gib() -> float:
-    import torch
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 # -- the weight work of a step -------------------------------------------------------------------------

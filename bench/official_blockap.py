@@ -84,12 +84,7 @@ def model_folder(a) -> str:
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic_models import shaped_model
     folder = a.work / f"{a.shape}-{a.layers or 'all'}layers"
-    return str(shaped_model(folder, a.shape, tokenizer_from=a.model, layers=a.layers,
-                            device="cuda" if a.device == "cuda" else "cpu"))
-
-
-def tokens_trained(a, blocks: int) -> int:
-    return a.train_size * a.seqlen * a.epochs * blocks
+    return str(shaped_model(folder, a.shape, tokenizer_from=a.model, layers=a.layers, device=a.device))
 
 
 def ours(a, bits: int, work: Path, model: str) -> dict:
@@ -202,7 +197,7 @@ def official(a, bits: int, model_dir: str) -> dict:
 
 def row(name: str, a, r: dict) -> str:
     """One line of the table: tokens per second per block, over its training and over its whole wall."""
-    tokens = tokens_trained(a, 1) * r["blocks"]
+    tokens = a.train_size * a.seqlen * a.epochs * r["blocks"]  # trained on, over every block
     training = f"{tokens / r['training_s']:.0f}" if r.get("training_s") else "?"
     util = (f"{r['gpu_util_mean']:.0f}% mean, {r['gpu_util_median']}% median, {100 * r['gpu_util_idle_share']:.0f}% "
             f"of samples under 10%" if "gpu_util_mean" in r else "")

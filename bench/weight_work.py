@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from eqat_dist.blockap.steps import make_student  # noqa: E402
-from eqat_dist.blockap.trainer import clip_in_the_step, BlockAPSettings, adamw, param_groups  # noqa: E402
+from eqat_dist.blockap.trainer import BlockAPSettings, adamw, clip_in_the_step, param_groups  # noqa: E402
 from eqat_dist.models.blocks import run_block  # noqa: E402
 from eqat_dist.models.lazy import LazyModel  # noqa: E402
 from eqat_dist.models.quantize import quant_linears  # noqa: E402

@@ -260,9 +260,10 @@ def _plan_gpu(args) -> str | None:
 
     asked = args.gpu is not None and args.gpu_memory is not None
     if torch.cuda.is_available() and not asked:
+        from .planning import gpu_kind
         props = torch.cuda.get_device_properties(0)
         name = props.name.lower()
-        args.gpu = args.gpu or next((g for g in ("h200", "h100") if g in name), "a100")
+        args.gpu = args.gpu or gpu_kind(0)
         args.gpu_memory = props.total_memory / 2**30 if args.gpu_memory is None else args.gpu_memory
         return f"this machine's {props.name}" if args.gpu in name else f"this machine's {props.name}, timed as {args.gpu}"
     note = None if args.gpu is not None else ("assumed: this machine has no GPU; --gpu and --gpu-memory set yours, "

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import RTN_W4_WITH_FORMATS, THREADS, shared_run
 import torch
 from safetensors.torch import save_file
+
+from conftest import RTN_W4_WITH_FORMATS, THREADS, shared_run
 
 pytestmark = pytest.mark.slow  # a venv of GPTQModel and runs on the real model
 ROOT = Path(__file__).resolve().parents[1]

@@ -71,7 +71,8 @@ class BlockReport:
     steps: int = 0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
-    peak_mem_mib: float = 0.0
+    peak_mem_mib: float = 0.0  # the GPU's, else the process's resident set
+    host_peak_mib: float = 0.0  # the process's resident set (host memory) during this block
     loss_at_switch: float | None = None  # pipelined: loss on the quantized stream when training switched to it
     switch_wait_s: float = 0.0  # pipelined: time spent waiting for that stream (in `seconds`, not training)
 
@@ -386,9 +387,10 @@ def train_block(block: nn.Module, index: int, inputs, targets, val_inputs, val_t
 
 def _finish_report(report: BlockReport, steps: int, tokens: int, seconds: float, device, check_loss) -> None:
     """Steps, time, throughput, the loss after (the last validation's, which saw these weights, else
-    `check_loss()`) and this block's memory peak (the GPU's, else the process's resident set)."""
+    `check_loss()`) and this block's memory peaks (the GPU's, else the process's resident set; the host's)."""
     report.steps, report.seconds = steps, seconds
     report.tokens_per_s = tokens / seconds if seconds else 0.0
     report.loss_after = report.val_losses[-1] if check_loss is None else check_loss()
     peaks = peak_memory_mib(device)
     report.peak_mem_mib = peaks.get("device", peaks["host_rss"])
+    report.host_peak_mib = peaks["host_rss"]

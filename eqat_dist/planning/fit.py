@@ -191,8 +191,9 @@ def assumptions(s: Settings) -> str:
     elif s.device == "cpu":
         speed = f"{PEAK_TFLOPS['cpu']} TFLOP/s (2 CPU cores, measured)"
     else:
-        speed = (f"{s.gpu.upper()} {PEAK_TFLOPS[s.gpu]:.0f} TFLOP/s bf16 x efficiency " +
-                 ", ".join(f"{k} {v:.0%}" for k, v in EFFICIENCY.items()) + " (fitted to the paper's A100 times for Llama-2-7B, not measured by us on a GPU; "
+        speed = (f"{s.gpu.upper()} {PEAK_TFLOPS[s.gpu]:.0f} TFLOP/s bf16 x efficiency "
+                 + ", ".join(f"{k} {v:.0%}" for k, v in EFFICIENCY.items())
+                 + " (fitted to the paper's A100 times for Llama-2-7B, not measured by us on a GPU; "
                  "`python bench/gpu_smoke.py --only scale7b` measures Block-AP's on yours, `--tflops` takes it)")
     text = (f"peaks per rank (the largest rank); host memory and disk per node of {min(s.ranks, s.ranks_per_node)} "
             f"rank(s); time from FLOPs at {speed}; activations {s.act_bytes * 8}-bit")
