@@ -208,7 +208,9 @@ def section_pipeline(ctx) -> list[str]:
         e2e = ["--e2e-epochs", "0"]
     budget = (["--train-size", "32", "--val-size", "4", "--epochs", "2"] if not ctx.cpu else
               ["--train-size", "4", "--val-size", "1", "--epochs", "1"])
-    flags = ["--model", ctx.model, "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
+    # on the CPU a 4-block model of width 64 stands in for the bundled one: the same run, flags and rows
+    model = ctx.model if not ctx.cpu else str(_shaped_model(ctx, ctx.work / "tiny-pipeline", (64, 128, 4, 2), layers=4))
+    flags = ["--model", model, "--wbits", "2", "--group-size", "64", "--seqlen", "256", "--quant-lr", "2e-2",
              "--weight-lr", "2e-3", *budget, *e2e, "--eval-datasets", "wiki", "--eval-seqlen", "512",
              "--eval-max-windows", "8" if not ctx.cpu else "1", "--zeroshot-tasks", "", "--no-tensorboard"]
     plan = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "plan", *flags, "--ranks", "1",

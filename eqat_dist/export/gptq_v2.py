@@ -198,15 +198,19 @@ def read_quant_config(path: str | os.PathLike, config=None) -> QuantConfig:
 
 def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(model with PackedLinear blocks, tokenizer) from a GPTQ-v2 folder this module wrote."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..models.lazy import empty_block, model_shell
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     cfg = read_quant_config(path, config)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for block in decoder_layers(model):
-        packed_skeleton(block, cfg, dtype)
+    # built block by block with empty weights (a whole float model built first would need 4 bytes a
+    # weight and a random initialisation: minutes and 280 GB at 70B), each block's linears packed
+    model, layers, _ = model_shell(config, dtype)
+    for i in range(len(layers)):
+        layers[i] = packed_skeleton(empty_block(layers, i, config, dtype), cfg, dtype)
     state = dict(LazyTensors(path))
     prefix = blocks_name(model)
     for i, block in enumerate(decoder_layers(model)):
