@@ -84,7 +84,7 @@ def test_corrupt_checkpoint_is_reported(exported):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypatch, arch):
-    """The streamed export (one shard per block, the model never assembled) holds the same tensors,
+    """The streamed export (shards of whole blocks, the model never assembled) holds the same tensors,
     names, dtypes and config as the whole-model export, and loads back to the same outputs."""
     from eqat_dist.export.gptq_v2 import LazyTensors
     from eqat_dist.export import writer_for
@@ -103,7 +103,7 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
     assert set(a) == set(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-    assert len(list((tmp_path / "streamed").glob("model-*-of-00004.safetensors"))) == 4  # shell + 3 blocks
+    assert sorted(p.name for p in (tmp_path / "streamed").glob("model*")) == ["model.safetensors"]  # fits one file
     qc = lambda p: json.loads((p / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert qc(tmp_path / "whole") == qc(tmp_path / "streamed")
     ids = torch.randint(0, 256, (1, 12))
@@ -111,6 +111,26 @@ def test_block_by_block_export_equals_the_whole_model_export(tmp_path, monkeypat
         want = load_packed_model(tmp_path / "whole")[0](input_ids=ids).logits
         got = load_packed_model(tmp_path / "streamed")[0](input_ids=ids).logits
     assert torch.equal(want, got)
+
+    # a model larger than a shard: whole blocks gathered up to the limit, the shell in the first, the index
+    from eqat_dist.export import shards
+    block_bytes = sum(t.numel() * t.element_size() for k, t in a.items() if ".layers.1." in k)
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", int(1.5 * block_bytes))
+    source = LazyModel(str(tmp_path / "fp"))
+    write_packed_blocks(source, rtn_blocks(source, cfg), None, tmp_path / "sharded", cfg, "rtn", torch.float16)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("model*"))
+    assert files == [f"model-0000{k}-of-00004.safetensors" for k in (1, 2, 3, 4)] + ["model.safetensors.index.json"]
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    held = {}
+    for name, file in index.items():
+        block = name.split(".layers.")[1].split(".")[0] if ".layers." in name else "shell"
+        held.setdefault(file, set()).add(block)
+    # the shell is over half a block here, so each block goes whole into a file of its own
+    assert [held[f] for f in files[:4]] == [{"shell"}, {"0"}, {"1"}, {"2"}]
+    c = LazyTensors(tmp_path / "sharded")
+    assert set(c) == set(a) == set(index) and all(torch.equal(a[k], c[k]) for k in a)
+    with torch.no_grad():
+        assert torch.equal(load_packed_model(tmp_path / "sharded")[0](input_ids=ids).logits, want)
 
 
 def test_an_export_replaces_the_weights_of_the_one_before_it(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 from ..blockap.lanes import Lanes, group_layout, step_generator
 from ..config.run_config import BlockAPConfig, E2EConfig, EvalConfig, MachineConfig, StreamsConfig
+from ..export.shards import MAX_SHARD_BYTES
 from ..quant import QuantConfig
 from ..pipelines.stream_order import CHUNK_BATCHES, receiver_lead
 from .arch import Arch
@@ -421,14 +422,17 @@ def e2e(a: Arch, s: Settings) -> Phase:
 
 def export(a: Arch, s: Settings) -> Phase:
     """Written block by block, also after E2E-QP (each block's partitions gathered in turn, the block's
-    integers read from the checkpoint E2E-QP started from): about one block in memory, never the model."""
+    integers read from the checkpoint E2E-QP started from): about one block in memory and the shard being
+    gathered (export/shards.py), never the model."""
     packed = sum(packed_bytes(a, s, scale_bytes=4).values())
     written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
     host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32, and their 16-bit copy)": a.embedding_params * 6,
-            "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers}
+            "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers,
+            "the shard being gathered": min(MAX_SHARD_BYTES, written)}
     if s.e2e.epochs > 0:
         after_e2e = {"base": HOST_BASE[s.device], "E2E-QP: embeddings, lm_head read (16-bit)": a.embedding_params * 2,
-                     "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers}
+                     "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers,
+                     "the shard being gathered": min(MAX_SHARD_BYTES, written)}
         host = max(host, after_e2e, key=lambda terms: sum(terms.values()))
     phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9, note="block by block")
     return _place(phase, {}, host, s)

@@ -9,8 +9,10 @@ REFERENCE holds `input_ids` and, per export i, `logits_i`: what eqat-dist's own 
 float32 (and for an AWQ export `weight_i:NAME`: block 0's de-quantized weights in fp16). Prints one JSON
 object: {export: {loader: {"max_abs": .., "rel_max": .., "rel_l2": ..}}}.
 """
+import collections
 import json
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -49,7 +51,9 @@ def awq(folder: str, i: int, reference: dict, ids: torch.Tensor) -> dict:
 
     ref = reference[f"logits_{i}"]
     qc = json.load(open(f"{folder}/config.json"))["quantization_config"]
-    index = json.load(open(f"{folder}/model.safetensors.index.json"))["weight_map"]
+    index_file = Path(folder) / "model.safetensors.index.json"  # several shards, else one model.safetensors
+    index = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else \
+        collections.defaultdict(lambda: "model.safetensors")
     exact = []
     for key in (k for k in reference if k.startswith(f"weight_{i}:")):
         name = key.split(":", 1)[1]
