@@ -35,3 +35,19 @@ def test_every_keyword_argument_is_captured():
         assert call.kwargs["use_cache"] is False
     # sliding and full attention layers get different rotary tables in Gemma3
     assert not torch.equal(calls[0].kwargs["position_embeddings"][0], calls[1].kwargs["position_embeddings"][0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_shell_and_an_empty_block_compute_their_buffers_as_a_normally_built_model(arch):
+    """models/lazy.py builds the shell and every block without the random initialisation (their weights
+    are loaded next); what is not loaded, the rotary tables and Gemma's embedding scale, must still be
+    what transformers' own construction computes, for every family we support."""
+    from eqat_dist.models.lazy import empty_block, model_shell
+
+    reference = tiny_model(arch, layers=2)
+    shell, layers, prefix = model_shell(reference.config, torch.float32)
+    want = dict(reference.named_buffers())
+    got = {**dict(shell.named_buffers()),
+           **{f"{prefix}.{i}.{k}": v for i in range(2) for k, v in empty_block(layers, i, reference.config,
+                                                                                torch.float32).named_buffers()}}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -208,12 +208,11 @@ def load_packed_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     del config.quantization_config
     # built block by block with empty weights (a whole float model built first would need 4 bytes a
     # weight and a random initialisation: minutes and 280 GB at 70B), each block's linears packed
-    model, layers, _ = model_shell(config, dtype)
+    model, layers, prefix = model_shell(config, dtype)
     for i in range(len(layers)):
         layers[i] = packed_skeleton(empty_block(layers, i, config, dtype), cfg, dtype)
     state = dict(LazyTensors(path))
-    prefix = blocks_name(model)
-    for i, block in enumerate(decoder_layers(model)):
+    for i, block in enumerate(layers):
         for name, layer in packed_linears(block).items():
             found = state.pop(f"{prefix}.{i}.{name}.g_idx", None)
             if found is not None and not torch.equal(found.to(torch.int32), g_idx(layer)):

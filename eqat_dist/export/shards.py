@@ -62,7 +62,6 @@ def write_model_files(folder: Path, shell: dict[str, torch.Tensor],
         pending |= tensors
         pending_bytes += block_bytes
         size += block_bytes
-        del tensors
     if expected != num_blocks:
         raise RuntimeError(f"{expected} blocks written of {num_blocks}")
     flush()

@@ -426,13 +426,12 @@ def export(a: Arch, s: Settings) -> Phase:
     gathered (export/shards.py), never the model."""
     packed = sum(packed_bytes(a, s, scale_bytes=4).values())
     written = sum(packed_bytes(a, s).values()) + a.embedding_params * 2 + a.layers * 2 * a.hidden * 2
+    shard = {"the shard being gathered": min(MAX_SHARD_BYTES, written)}
     host = {"base": HOST_BASE[s.device], "embeddings, lm_head (float32, and their 16-bit copy)": a.embedding_params * 6,
-            "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers,
-            "the shard being gathered": min(MAX_SHARD_BYTES, written)}
+            "one block: float32 weights twice, packed form": a.block_params * 8 + packed / a.layers} | shard
     if s.e2e.epochs > 0:
         after_e2e = {"base": HOST_BASE[s.device], "E2E-QP: embeddings, lm_head read (16-bit)": a.embedding_params * 2,
-                     "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers,
-                     "the shard being gathered": min(MAX_SHARD_BYTES, written)}
+                     "E2E-QP: one block gathered and the same block read": 2 * packed / a.layers} | shard
         host = max(host, after_e2e, key=lambda terms: sum(terms.values()))
     phase = Phase(disk=written, seconds=written / 1e9 + a.layers * a.block_params * 4 / 2e9, note="block by block")
     return _place(phase, {}, host, s)
