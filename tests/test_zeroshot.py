@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from eqat_dist.eval.harness import PAPER_TASKS, _bundled_files, _wilson, subset, task_config, zero_shot
+from eqat_dist.eval.harness import (PAPER_TASKS, _bundled_files, _task_manager, _wilson, subset, task_config,
+                                   zero_shot)
 from eqat_dist.models.loading import bundled_model_dir
 
 
@@ -32,6 +33,12 @@ def test_tasks_are_the_harness_definitions_reading_the_bundled_validation_splits
     assert arc["doc_to_text"] == "Question: {{question}}\nAnswer:" and arc["test_split"] is None
     assert callable(task_config("hellaswag", manager)["process_docs"])  # the harness's own preprocessing
     sizes = {t: len(datasets.Dataset.from_file(_bundled_files(t)[0])) for t in PAPER_TASKS}
+    # the index a run uses holds only our tasks' folders: the same YAMLs, the same configs
+    narrow = _task_manager()
+    assert len(narrow.all_tasks) < len(manager.all_tasks) / 100
+    for t in PAPER_TASKS:
+        assert narrow.task_index[t].yaml_path == manager.task_index[t].yaml_path, t
+        assert repr(task_config(t, narrow)) == repr(task_config(t, manager)), t
     assert sizes == {"piqa": 1838, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "winogrande": 1267}
 
 
