@@ -75,17 +75,11 @@ BUNDLED_EVAL = ["--eval-datasets", "news", "--zeroshot-tasks", "", "--eval-seqle
 
 @pytest.fixture(scope="session")
 def bundled_rtn_w2(tmp_path_factory):
-    """Round-to-nearest w2g64 of the bundled SmolLM2-135M, exported once for every test that starts
-    E2E-QP from the real model (a read-only start: tests write their runs elsewhere)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path_factory.mktemp("bundled") / "rtn"
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "launch" / "run.py"), "--model",
-                    "smollm2-135m", "--wbits", "2", "--group-size", "64", "--output", str(out), "--epochs", "0",
-                    "--phase", "block-ap", *BUNDLED_EVAL], check=True, env=one_process_env(), capture_output=True)
-    return out
+    """Round-to-nearest w2g64 of the bundled SmolLM2-135M, exported once for the whole test session
+    (both xdist workers) for every test that starts E2E-QP from the real model (a read-only start:
+    tests write their runs elsewhere)."""
+    return shared_run(tmp_path_factory, "rtn-w2", ["--model", "smollm2-135m", "--wbits", "2", "--group-size", "64",
+                                                   "--epochs", "0", "--phase", "block-ap", *BUNDLED_EVAL])
 
 
 def export_tensors(folder) -> dict:

@@ -154,3 +154,15 @@ def test_no_bench_script_shadows_an_installed_module():
 
     shadowing = [p.name for p in sorted((PACKAGE.parent / "bench").glob("*.py")) if importlib.util.find_spec(p.stem) is not None]
     assert not shadowing, f"bench scripts named like installed modules (rename them): {shadowing}"
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    """`--help`, `plan` and every pre-flight refusal answer before transformers, DeepSpeed or the
+    harness are imported (each costs seconds a process); the phases import them when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, eqat_dist.cli; "
+            "print(sorted(m for m in ('transformers', 'deepspeed', 'lm_eval', 'mpi4py') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

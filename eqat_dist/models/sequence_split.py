@@ -16,6 +16,7 @@ a call without a split.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -164,12 +165,12 @@ def split_attention(module: nn.Module, query, key, value, attention_mask, dropou
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def _register() -> None:
+    """Make SPLIT_ATTENTION a name HF attention modules look up; done on first use, not at import, so
+    that a command that loads no model (`--help`, `plan`, a refusal) does not import transformers."""
     from transformers import AttentionInterface
     AttentionInterface.register(SPLIT_ATTENTION, split_attention)
-
-
-_register()
 
 
 def attention_modules(block: nn.Module) -> list[nn.Module]:
@@ -180,6 +181,7 @@ def attention_modules(block: nn.Module) -> list[nn.Module]:
 def use_split_attention(block: nn.Module) -> nn.Module:
     """`block` (in place) with its attention modules calling split_attention: each gets a copy of the
     config that names it (the model's own config, which the export writes, is untouched)."""
+    _register()
     for module in attention_modules(block):
         if module.config._attn_implementation != SPLIT_ATTENTION:
             module.config = copy.copy(module.config)
