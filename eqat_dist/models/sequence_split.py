@@ -16,9 +16,8 @@ a call without a split.
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 from torch import nn
@@ -165,7 +164,7 @@ def split_attention(module: nn.Module, query, key, value, attention_mask, dropou
     return out.transpose(1, 2).contiguous(), None
 
 
-@functools.cache
+@cache
 def _register() -> None:
     """Make SPLIT_ATTENTION a name HF attention modules look up; done on first use, not at import, so
     that a command that loads no model (`--help`, `plan`, a refusal) does not import transformers."""
