@@ -24,14 +24,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eqat_dist.eval import harness
-    from eqat_dist.models.loading import bundled_model_dir
+    from eqat_dist.models.loading import load_model
 
-    folder = bundled_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_model("smollm2-135m")
     tasks = harness.parse_tasks(args.tasks)
     start = time.perf_counter()
     index = harness._task_manager()
